@@ -1,0 +1,86 @@
+//! The gateway's settings: every one a flag that can also come from the environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use offload_common::{BrokerArgs, LogArgs};
+
+/// offload HTTP gateway: accepts tasks on POST /tasks and publishes them to RabbitMQ,
+/// answering 202 only once the broker has confirmed each one.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "offload-api", version)]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port.
+    #[arg(long, env = "BIND", default_value_t = SocketAddr::from(([127, 0, 0, 1], 8080)))]
+    pub bind: SocketAddr,
+
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+
+    /// How long to wait for the broker to confirm a publish before answering 503.
+    #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub confirm_timeout: Duration,
+
+    /// Seconds a client is told to wait (`Retry-After`) when the gateway answers 503.
+    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = DEFAULT_RETRY_AFTER_SECS)]
+    pub retry_after_secs: u32,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+/// Default for `--max-body-bytes`: 256 KiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+/// Default for `--confirm-timeout`.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for `--retry-after-secs`.
+pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
+
+impl Config {
+    /// Settings for a gateway on a free local port, talking to `amqp_url` and publishing to
+    /// `queue`, every other setting at its default. For tests and embedding; reads no
+    /// environment variables.
+    pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+            broker: BrokerArgs::new(amqp_url, queue),
+            log: LogArgs {
+                log_format: offload_common::LogFormat::Text,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_constructor() {
+        let parsed = Config::try_parse_from(["offload-api", "--bind", "127.0.0.1:0"])
+            .expect("defaults parse");
+        let built = Config::new(parsed.broker.amqp_url.clone(), parsed.broker.queue.clone());
+        assert_eq!(parsed.max_body_bytes, built.max_body_bytes);
+        assert_eq!(parsed.confirm_timeout, built.confirm_timeout);
+        assert_eq!(parsed.retry_after_secs, built.retry_after_secs);
+        assert_eq!(parsed.broker.delivery_limit, built.broker.delivery_limit);
+        assert_eq!(parsed.broker.heartbeat, built.broker.heartbeat);
+        assert_eq!(parsed.broker.connect_timeout, built.broker.connect_timeout);
+    }
+}

@@ -1,0 +1,50 @@
+//! `POST /tasks`: accept a task, publish it, answer 202 once the broker has confirmed it.
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use offload_common::{TaskEnvelope, TaskKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Json;
+use crate::{AppState, error::Result};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/tasks", post(submit))
+}
+
+/// What a client sends.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTask {
+    kind: TaskKind,
+    #[serde(default)]
+    payload: serde_json::Value,
+}
+
+/// What a client gets back.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    id: Uuid,
+    kind: &'a str,
+    status: &'static str,
+}
+
+async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Result<Response> {
+    let task = TaskEnvelope::new(new.kind, new.payload);
+    state.publisher.publish(&task).await?;
+    tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
+    let location = HeaderValue::try_from(format!("/tasks/{}", task.id))
+        .expect("a UUID path is a valid header value");
+    let body = Json(Accepted {
+        id: task.id,
+        kind: task.kind.as_str(),
+        status: "queued",
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], body).into_response())
+}

@@ -1,0 +1,246 @@
+//! The task envelope: what the gateway publishes and a worker receives.
+//!
+//! The body of every message is this envelope as JSON. It carries a version number so that a
+//! worker can refuse (and dead-letter) an envelope it does not understand instead of guessing.
+
+use std::{fmt, time::SystemTime};
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, ShortString},
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The envelope version this build writes and reads.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// The AMQP `delivery_mode` that makes a message persistent.
+const PERSISTENT: u8 = 2;
+
+/// A task as it travels on the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEnvelope {
+    /// Envelope format version, [`ENVELOPE_VERSION`].
+    pub v: u32,
+    /// Unique id, assigned by the gateway and returned to the client.
+    pub id: Uuid,
+    /// Which handler runs the task.
+    pub kind: TaskKind,
+    /// Handler-specific input, any JSON value.
+    pub payload: serde_json::Value,
+    /// When the gateway accepted the task.
+    #[serde(with = "rfc3339")]
+    pub submitted_at: SystemTime,
+}
+
+impl TaskEnvelope {
+    /// A new task with a fresh id, submitted now.
+    pub fn new(kind: TaskKind, payload: serde_json::Value) -> Self {
+        Self {
+            v: ENVELOPE_VERSION,
+            id: Uuid::new_v4(),
+            kind,
+            payload,
+            submitted_at: SystemTime::now(),
+        }
+    }
+
+    /// The message body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope of a JSON value always serialises")
+    }
+
+    /// Reads a message body, refusing anything that is not a version-1 envelope.
+    pub fn from_bytes(body: &[u8]) -> Result<Self, DecodeError> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u32,
+        }
+        let version: Version = serde_json::from_slice(body).map_err(DecodeError::Json)?;
+        if version.v != ENVELOPE_VERSION {
+            return Err(DecodeError::Version(version.v));
+        }
+        serde_json::from_slice(body).map_err(DecodeError::Json)
+    }
+
+    /// The AMQP properties the message is published with: persistent, JSON, with the task id
+    /// as `message_id`, the kind as `type` and the submission time as `timestamp`.
+    pub fn properties(&self) -> BasicProperties {
+        let timestamp = self
+            .submitted_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(self.id.to_string().into())
+            .with_type(self.kind.as_str().into())
+            .with_timestamp(timestamp)
+            .with_app_id("offload".into())
+    }
+}
+
+/// Why a message body is not a task this worker can run.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, or not shaped like an envelope.
+    #[error("message body is not a task envelope: {0}")]
+    Json(#[source] serde_json::Error),
+    /// An envelope from a newer (or older) offload.
+    #[error(
+        "task envelope version {0} is not supported (this worker reads version {ENVELOPE_VERSION})"
+    )]
+    Version(u32),
+}
+
+/// A task kind: 1 to 64 characters of `a-z 0-9 _ . -`. Names the handler that runs the task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskKind(String);
+
+impl TaskKind {
+    /// Longest kind accepted.
+    pub const MAX_LEN: usize = 64;
+
+    /// The kind as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a kind was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`kind` must be 1 to 64 characters of a-z, 0-9, '_', '.' and '-' (got {0:?})")]
+pub struct InvalidKind(String);
+
+impl TryFrom<String> for TaskKind {
+    type Error = InvalidKind;
+
+    fn try_from(kind: String) -> Result<Self, Self::Error> {
+        let valid_char = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '_' | '.' | '-');
+        if (1..=Self::MAX_LEN).contains(&kind.len()) && kind.chars().all(valid_char) {
+            Ok(Self(kind))
+        } else {
+            // Keep the echo short: the offending value may be huge.
+            let shown: String = kind.chars().take(Self::MAX_LEN + 1).collect();
+            Err(InvalidKind(shown))
+        }
+    }
+}
+
+impl TryFrom<&str> for TaskKind {
+    type Error = InvalidKind;
+
+    fn try_from(kind: &str) -> Result<Self, Self::Error> {
+        Self::try_from(kind.to_owned())
+    }
+}
+
+impl From<TaskKind> for String {
+    fn from(kind: TaskKind) -> Self {
+        kind.0
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How many times the broker has delivered a message before, from the quorum queue's
+/// `x-delivery-count` header (absent on a first delivery).
+pub fn delivery_count(properties: &BasicProperties) -> u64 {
+    let Some(headers) = properties.headers() else {
+        return 0;
+    };
+    let key: ShortString = "x-delivery-count".into();
+    match headers.inner().get(&key) {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// RFC 3339 timestamps with millisecond precision, in UTC.
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        humantime::parse_rfc3339_weak(&text).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_documented_alphabet() {
+        for good in ["sleep", "a", "send-email.v2", "x_y", &"k".repeat(64)] {
+            assert!(TaskKind::try_from(good).is_ok(), "{good} should be valid");
+        }
+        for bad in ["", "Sleep", "has space", "ünï", "a/b", &"k".repeat(65)] {
+            assert!(TaskKind::try_from(bad).is_err(), "{bad} should be invalid");
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_through_bytes() {
+        let kind = TaskKind::try_from("sleep").expect("valid kind");
+        let task = TaskEnvelope::new(kind, serde_json::json!({"message": "a.b"}));
+        let decoded = TaskEnvelope::from_bytes(&task.to_bytes()).expect("decodes");
+        // Timestamps are written at millisecond precision.
+        assert_eq!(decoded.id, task.id);
+        assert_eq!(decoded.kind, task.kind);
+        assert_eq!(decoded.payload, task.payload);
+        let drift = task
+            .submitted_at
+            .duration_since(decoded.submitted_at)
+            .expect("decoded time is not later");
+        assert!(drift.as_millis() < 1);
+    }
+
+    #[test]
+    fn refuses_other_versions_and_garbage() {
+        let body = br#"{"v":2,"id":"00000000-0000-0000-0000-000000000000","kind":"sleep","payload":null,"submitted_at":"2026-01-01T00:00:00Z"}"#;
+        assert!(matches!(
+            TaskEnvelope::from_bytes(body),
+            Err(DecodeError::Version(2))
+        ));
+        assert!(matches!(
+            TaskEnvelope::from_bytes(b"\xff\x00not json"),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            TaskEnvelope::from_bytes(br#"{"v":1,"kind":"BAD"}"#),
+            Err(DecodeError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn properties_make_the_message_persistent_and_identifiable() {
+        let kind = TaskKind::try_from("sleep").expect("valid kind");
+        let task = TaskEnvelope::new(kind, serde_json::Value::Null);
+        let props = task.properties();
+        assert_eq!(*props.delivery_mode(), Some(2));
+        assert_eq!(
+            props.message_id().as_ref().map(ShortString::as_str),
+            Some(task.id.to_string().as_str())
+        );
+        assert_eq!(
+            props.kind().as_ref().map(ShortString::as_str),
+            Some("sleep")
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! What the offload gateway and workers share: the task envelope that travels on the queue,
+//! the broker topology both sides declare, broker settings, and logging setup.
+//!
+//! Both binaries and the integration tests go through this crate, so there is exactly one
+//! definition of what a task looks like on the wire and of how the queues are declared.
+
+pub mod broker;
+pub mod envelope;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use broker::{BrokerArgs, BrokerError, redact_url};
+pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
+pub use telemetry::{LogArgs, LogFormat};
+pub use topology::{Topology, TopologyError};

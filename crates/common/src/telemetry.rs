@@ -1,0 +1,37 @@
+//! Logging setup shared by both binaries.
+
+use clap::{Args, ValueEnum};
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for containers and log shippers.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log line format. Verbosity is set with `RUST_LOG` (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber, writing to stdout. Call once, from `main`.
+    pub fn init(&self) {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let builder = fmt().with_env_filter(filter).with_target(false);
+        match self.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_span_list(false)
+                .init(),
+        }
+    }
+}

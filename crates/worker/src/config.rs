@@ -1,0 +1,85 @@
+//! The worker's settings: every one a flag that can also come from the environment.
+
+use std::time::Duration;
+
+use clap::Parser;
+use offload_common::{BrokerArgs, LogArgs, LogFormat};
+
+/// offload worker: consumes tasks from RabbitMQ with fair dispatch and manual acks, and runs
+/// each with the handler registered for its kind.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "offload-worker", version)]
+pub struct Config {
+    /// How many tasks this worker holds unacknowledged, and so runs at once (`basic.qos`).
+    /// 1 is the tutorial's fair dispatch: a busy worker is sent nothing more.
+    #[arg(long, env = "PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Duration of one unit of work in the built-in `sleep` kind (one unit per `.` in
+    /// `payload.message`), e.g. `1s`, `50ms`.
+    #[arg(long, env = "SLEEP_UNIT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sleep_unit: Duration,
+
+    /// On SIGTERM/SIGINT, how long tasks in hand may take to finish before the worker exits
+    /// anyway; unfinished tasks go back to the queue. Keep it below the container's stop
+    /// grace period.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+/// Default for `--prefetch`.
+pub const DEFAULT_PREFETCH: u16 = 1;
+/// Default for `--sleep-unit`.
+pub const DEFAULT_SLEEP_UNIT: Duration = Duration::from_secs(1);
+/// Default for `--shutdown-grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+impl Config {
+    /// Settings for a worker on `amqp_url` consuming `queue`, every other setting at its
+    /// default. For tests and embedding; reads no environment variables.
+    pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            prefetch: DEFAULT_PREFETCH,
+            sleep_unit: DEFAULT_SLEEP_UNIT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            broker: BrokerArgs::new(amqp_url, queue),
+            log: LogArgs {
+                log_format: LogFormat::Text,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_constructor() {
+        let parsed = Config::try_parse_from(["offload-worker"]).expect("defaults parse");
+        let built = Config::new(parsed.broker.amqp_url.clone(), parsed.broker.queue.clone());
+        assert_eq!(parsed.prefetch, built.prefetch);
+        assert_eq!(parsed.sleep_unit, built.sleep_unit);
+        assert_eq!(parsed.shutdown_grace, built.shutdown_grace);
+    }
+
+    #[test]
+    fn prefetch_zero_is_refused() {
+        assert!(Config::try_parse_from(["offload-worker", "--prefetch", "0"]).is_err());
+    }
+}

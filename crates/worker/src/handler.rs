@@ -1,0 +1,174 @@
+//! The `Handler` trait and the registry that maps task kinds to handlers.
+
+use std::{collections::HashMap, fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
+
+use offload_common::TaskEnvelope;
+use uuid::Uuid;
+
+/// Any error a handler wants to report.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One delivery of a task, as a handler sees it.
+///
+/// Delivery is at least once: after a worker crash or a lost connection the same task (same
+/// [`Task::id`]) can run again. A handler whose effects must not repeat should record the ids
+/// it has completed, or make its effect idempotent.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The task id the gateway returned to the client. Stable across redeliveries.
+    pub id: Uuid,
+    /// The task kind.
+    pub kind: String,
+    /// The client's payload.
+    pub payload: serde_json::Value,
+    /// When the gateway accepted the task.
+    pub submitted_at: SystemTime,
+    /// How many times the broker delivered this task before (0 on the first delivery).
+    pub previous_deliveries: u64,
+}
+
+impl Task {
+    pub(crate) fn new(envelope: TaskEnvelope, previous_deliveries: u64) -> Self {
+        Self {
+            id: envelope.id,
+            kind: envelope.kind.into(),
+            payload: envelope.payload,
+            submitted_at: envelope.submitted_at,
+            previous_deliveries,
+        }
+    }
+}
+
+/// Runs tasks of one kind. Implement it in one file, register it with one line.
+///
+/// ```
+/// use offload_worker::{Handler, HandlerError, Task};
+///
+/// struct Resize;
+///
+/// impl Handler for Resize {
+///     const KIND: &'static str = "resize";
+///
+///     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
+///         let Some(url) = task.payload.get("url").and_then(|v| v.as_str()) else {
+///             return Err(HandlerError::permanent("payload.url must be a string"));
+///         };
+///         // ... fetch and resize `url`; `?` on any error retries the task ...
+///         Ok(())
+///     }
+/// }
+///
+/// let registry = offload_worker::Registry::default().register(Resize);
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// The task kind this handler runs (1-64 characters of `a-z 0-9 _ . -`).
+    const KIND: &'static str;
+
+    /// Runs one task. `Ok` acks it. An error, or a panic, counts as a failed attempt: a
+    /// [retryable](HandlerError::from) failure is redelivered until the queue's delivery limit
+    /// and then dead-lettered; a [permanent](HandlerError::permanent) one is dead-lettered at
+    /// once.
+    fn handle(&self, task: Task) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Why a handler failed, and whether trying again could help.
+pub struct HandlerError {
+    source: BoxError,
+    retry: bool,
+}
+
+impl HandlerError {
+    /// A failure that a retry cannot fix (bad input): the task is dead-lettered at once.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self {
+            source: error.into(),
+            retry: false,
+        }
+    }
+
+    /// Whether the task should be redelivered.
+    pub fn is_retryable(&self) -> bool {
+        self.retry
+    }
+}
+
+/// Any error converts into a retryable failure, so `?` works in handlers.
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self {
+            source: error.into(),
+            retry: true,
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("source", &self.source)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// Object-safe face of [`Handler`], so handlers of different types share one map.
+trait ErasedHandler: Send + Sync {
+    fn call(self: Arc<Self>, task: Task) -> BoxFuture;
+}
+
+impl<H: Handler> ErasedHandler for H {
+    fn call(self: Arc<Self>, task: Task) -> BoxFuture {
+        Box::pin(async move { self.handle(task).await })
+    }
+}
+
+/// The handlers a worker knows, by kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+}
+
+impl Registry {
+    /// Adds `handler` for its [`Handler::KIND`], replacing any handler of that kind.
+    #[must_use]
+    pub fn register<H: Handler>(mut self, handler: H) -> Self {
+        debug_assert!(
+            offload_common::TaskKind::try_from(H::KIND).is_ok(),
+            "handler kind {:?} is not a valid task kind",
+            H::KIND
+        );
+        self.handlers.insert(H::KIND, Arc::new(handler));
+        self
+    }
+
+    /// The kinds this registry can run, sorted.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self.handlers.keys().copied().collect();
+        kinds.sort_unstable();
+        kinds
+    }
+
+    /// Starts the handler for `task`'s kind, or gives the task back if there is none.
+    pub(crate) fn dispatch(&self, task: Task) -> Result<BoxFuture, Task> {
+        match self.handlers.get(task.kind.as_str()) {
+            Some(handler) => Ok(Arc::clone(handler).call(task)),
+            None => Err(task),
+        }
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}

@@ -1,0 +1,74 @@
+//! `sleep`: the RabbitMQ tutorial's task. One unit of work per `.` in `payload.message`.
+
+use std::time::Duration;
+
+use crate::{Handler, HandlerError, Task};
+
+/// Sleeps one unit per `.` in `payload.message`; a task without a message is zero work.
+#[derive(Debug, Clone)]
+pub struct Sleep {
+    unit: Duration,
+}
+
+impl Sleep {
+    /// A sleep handler whose unit of work lasts `unit`.
+    pub fn new(unit: Duration) -> Self {
+        Self { unit }
+    }
+
+    /// How long `payload` takes.
+    fn work(&self, payload: &serde_json::Value) -> Result<Duration, HandlerError> {
+        let dots = match payload.get("message") {
+            None | Some(serde_json::Value::Null) => 0,
+            Some(serde_json::Value::String(message)) => message.matches('.').count(),
+            Some(_) => {
+                return Err(HandlerError::permanent(
+                    "payload.message must be a string (one unit of work per '.')",
+                ));
+            }
+        };
+        let dots = u32::try_from(dots)
+            .map_err(|_| HandlerError::permanent("payload.message has too many dots"))?;
+        Ok(self.unit * dots)
+    }
+}
+
+impl Handler for Sleep {
+    const KIND: &'static str = "sleep";
+
+    async fn handle(&self, task: Task) -> Result<(), HandlerError> {
+        let work = self.work(&task.payload)?;
+        tracing::debug!(task_id = %task.id, work = %humantime::format_duration(work), "sleeping");
+        tokio::time::sleep(work).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn one_unit_per_dot() {
+        let sleep = Sleep::new(Duration::from_millis(10));
+        let work = |payload| sleep.work(&payload).map_err(|e| e.to_string());
+        assert_eq!(
+            work(json!({"message": "Hello..."})),
+            Ok(Duration::from_millis(30))
+        );
+        assert_eq!(work(json!({"message": "no dots"})), Ok(Duration::ZERO));
+        assert_eq!(work(json!(null)), Ok(Duration::ZERO));
+        assert_eq!(work(json!({})), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_message_that_is_not_text_is_a_permanent_failure() {
+        let sleep = Sleep::new(Duration::from_millis(10));
+        let error = sleep
+            .work(&json!({"message": 3}))
+            .expect_err("numbers are refused");
+        assert!(!error.is_retryable());
+    }
+}

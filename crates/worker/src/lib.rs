@@ -1,0 +1,28 @@
+//! The offload worker as a library: consume tasks from the work queue with fair dispatch and
+//! manual acks, run each with the [`Handler`] registered for its kind, drain on shutdown.
+//!
+//! The `offload-worker` binary runs [`run`] with the built-in [`handlers`]. To run your own
+//! kinds, write a binary that registers them:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), offload_worker::WorkerError> {
+//! # struct MyHandler;
+//! # impl offload_worker::Handler for MyHandler {
+//! #     const KIND: &'static str = "mine";
+//! #     async fn handle(&self, _: offload_worker::Task) -> Result<(), offload_worker::HandlerError> { Ok(()) }
+//! # }
+//! use clap::Parser;
+//! let config = offload_worker::Config::parse();
+//! let registry = offload_worker::handlers::builtin(&config).register(MyHandler);
+//! offload_worker::run(config, registry, offload_common::shutdown::signal()).await
+//! # }
+//! ```
+
+mod config;
+mod consumer;
+mod handler;
+pub mod handlers;
+
+pub use config::{Config, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLEEP_UNIT};
+pub use consumer::{WorkerError, run};
+pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
