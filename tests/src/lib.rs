@@ -1,1 +1,40 @@
-//! x
+//! Test support for offload's integration tests: everything here starts or inspects real
+//! things (a RabbitMQ connection, the gateway on port 0, worker processes, a private RabbitMQ
+//! node). Nothing is mocked.
+
+pub mod broker;
+pub mod gateway;
+pub mod queue;
+pub mod wait;
+pub mod worker;
+
+pub use broker::PrivateBroker;
+pub use gateway::TestGateway;
+pub use queue::TestQueue;
+pub use wait::eventually;
+pub use worker::{WorkerOptions, WorkerProcess};
+
+/// The broker the tests use: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The path of a binary built by this package.
+///
+/// Cargo builds a package's binaries before running its integration tests, into
+/// `target/<profile>/`; test executables run from `target/<profile>/deps/`, other binaries of
+/// this package from `target/<profile>/` itself.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("path of the running executable");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}; run the tests with `cargo test --workspace`",
+                exe.display()
+            )
+        })
+}

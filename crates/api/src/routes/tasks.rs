@@ -18,13 +18,32 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/tasks", post(submit))
 }
 
-/// What a client sends.
+/// What a client sends: a JSON object, nothing else.
+#[derive(Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+struct NewTask {
+    kind: TaskKind,
+    payload: serde_json::Value,
+}
+
+/// The object's fields. Read through [`NewTask`] because serde's derived deserializer would
+/// also take an array (`["sleep"]`) for a struct, and a task is only ever an object.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NewTask {
+struct NewTaskFields {
     kind: TaskKind,
     #[serde(default)]
     payload: serde_json::Value,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
+    type Error = serde_json::Error;
+
+    fn try_from(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+        let NewTaskFields { kind, payload } =
+            serde_json::from_value(serde_json::Value::Object(object))?;
+        Ok(Self { kind, payload })
+    }
 }
 
 /// What a client gets back.

@@ -1,0 +1,109 @@
+//! The gateway, started in-process on port 0, with a client that speaks to it.
+
+use offload_api::{Application, Config};
+use reqwest::{Response, header::CONTENT_TYPE};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// A running gateway. Stopped on [`TestGateway::stop`] or when dropped.
+pub struct TestGateway {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway with `config` (its `bind` should be port 0).
+    pub async fn spawn(config: Config) -> Self {
+        let app = Application::build(config).await.expect("gateway starts");
+        let base = format!("http://{}", app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            app.run_until_stopped(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("gateway runs");
+        });
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Starts a gateway on port 0 publishing to `queue` on the broker at `url`.
+    pub async fn start(url: &str, queue: &str) -> Self {
+        Self::spawn(Config::new(url, queue)).await
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The HTTP client.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `POST /tasks` with `body` as JSON.
+    pub async fn post_task(&self, body: &serde_json::Value) -> Response {
+        self.post_raw(body.to_string(), Some("application/json"))
+            .await
+    }
+
+    /// `POST /tasks` with the given body and content type.
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        content_type: Option<&str>,
+    ) -> Response {
+        let mut request = self.client.post(self.url("/tasks")).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
+        request.send().await.expect("gateway answers")
+    }
+
+    /// Posts a `sleep` task with `message` and returns its id, asserting a 202.
+    pub async fn submit_sleep(&self, message: &str) -> uuid::Uuid {
+        let response = self
+            .post_task(&serde_json::json!({"kind": "sleep", "payload": {"message": message}}))
+            .await;
+        assert_eq!(response.status(), 202, "task accepted");
+        let body: serde_json::Value = response.json().await.expect("JSON body");
+        body["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("the 202 body has a task id")
+    }
+
+    /// `GET /health`.
+    pub async fn health(&self) -> Response {
+        self.client
+            .get(self.url("/health"))
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// Stops the gateway gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("gateway task ends");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

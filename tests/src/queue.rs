@@ -1,0 +1,170 @@
+//! A work queue of the test's own, declared with offload's topology and deleted afterwards.
+
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use offload_common::Topology;
+
+/// A uniquely named queue (and its dead-letter queue and exchange). Deleted on drop, so
+/// tests can run in parallel against the shared broker and leave nothing behind.
+pub struct TestQueue {
+    url: String,
+    topology: Topology,
+    connection: Connection,
+}
+
+impl TestQueue {
+    /// Declares a fresh queue named `offload-test-<label>-<random>` on the broker at `url`.
+    pub async fn declare(url: &str, label: &str, delivery_limit: u32) -> Self {
+        let name = format!(
+            "offload-test-{label}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let topology = Topology::new(name, delivery_limit);
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect(
+                "tests need RabbitMQ at AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f)",
+            );
+        topology
+            .declare(&connection)
+            .await
+            .expect("declare test topology");
+        Self {
+            url: url.to_owned(),
+            topology,
+            connection,
+        }
+    }
+
+    /// The work queue's name.
+    pub fn name(&self) -> &str {
+        self.topology.queue()
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The test's own connection to the broker.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    async fn counts(&self, queue: &str) -> (u32, u32) {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("open channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = channel.close(200, "done".into()).await;
+        (declared.message_count(), declared.consumer_count())
+    }
+
+    /// Messages ready on the work queue (not counting those delivered and not yet acked).
+    pub async fn ready(&self) -> u32 {
+        self.counts(self.topology.queue()).await.0
+    }
+
+    /// Consumers subscribed to the work queue.
+    pub async fn consumers(&self) -> u32 {
+        self.counts(self.topology.queue()).await.1
+    }
+
+    /// Messages in the dead-letter queue.
+    pub async fn dead(&self) -> u32 {
+        self.counts(&self.topology.dead_letter_queue()).await.0
+    }
+
+    /// Takes one message off the dead-letter queue (acked), if there is one.
+    pub async fn take_dead(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.get(&self.topology.dead_letter_queue()).await
+    }
+
+    /// Takes one message off the work queue (acked), if there is one.
+    pub async fn take_ready(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.get(self.topology.queue()).await
+    }
+
+    async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("open channel");
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        let _ = channel.close(200, "done".into()).await;
+        message
+    }
+
+    /// Publishes raw bytes straight onto the work queue, bypassing the gateway: what a buggy
+    /// or foreign producer might send.
+    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("open channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                self.name().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "raw publish confirmed");
+        let _ = channel.close(200, "done".into()).await;
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        // Async clean-up from a synchronous drop: a thread of its own with its own runtime,
+        // so it works whether or not the test's runtime is still running.
+        let url = self.url.clone();
+        let topology = self.topology.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for clean-up");
+            runtime.block_on(async {
+                if let Ok(connection) =
+                    Connection::connect(&url, ConnectionProperties::default()).await
+                {
+                    if let Err(error) = topology.delete(&connection).await {
+                        eprintln!("could not delete test queue {}: {error}", topology.queue());
+                    }
+                    let _ = connection.close(200, "done".into()).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}

@@ -1,0 +1,156 @@
+//! `offload-worker` as a real child process, with its JSON log read back as events.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::eventually;
+
+/// How a test worker is started.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `PREFETCH`.
+    pub prefetch: u16,
+    /// `SLEEP_UNIT`, e.g. `"20ms"`.
+    pub sleep_unit: &'static str,
+    /// `SHUTDOWN_GRACE`.
+    pub shutdown_grace: &'static str,
+    /// `DELIVERY_LIMIT`; must match the queue's.
+    pub delivery_limit: u32,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: 1,
+            sleep_unit: "20ms",
+            shutdown_grace: "25s",
+            delivery_limit: 5,
+        }
+    }
+}
+
+/// A running worker process. Killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<Value>>>,
+}
+
+impl WorkerProcess {
+    /// Starts a worker on `queue` at `url` and waits until it is consuming.
+    pub async fn start(url: &str, queue: &str, options: &WorkerOptions) -> Self {
+        let mut child = Command::new(crate::binary("offload-worker-under-test"))
+            .env("AMQP_URL", url)
+            .env("QUEUE", queue)
+            .env("PREFETCH", options.prefetch.to_string())
+            .env("SLEEP_UNIT", options.sleep_unit)
+            .env("SHUTDOWN_GRACE", options.shutdown_grace)
+            .env("DELIVERY_LIMIT", options.delivery_limit.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start offload-worker");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("worker log line is not JSON: {line}"));
+                sink.lock().expect("log lock").push(event);
+            }
+        });
+        let worker = Self { child, log };
+        worker
+            .wait_for_message("consuming", Duration::from_secs(20))
+            .await;
+        worker
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    fn ids_with_message(&self, message: &str) -> Vec<Uuid> {
+        self.events()
+            .iter()
+            .filter(|event| event["message"] == message)
+            .filter_map(|event| event["span"]["task_id"].as_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Ids of the tasks this worker logged as started, in order.
+    pub fn started(&self) -> Vec<Uuid> {
+        self.ids_with_message("task started")
+    }
+
+    /// Ids of the tasks this worker logged as completed, in order.
+    pub fn completed(&self) -> Vec<Uuid> {
+        self.ids_with_message("task completed")
+    }
+
+    /// The "task started" event for `id`, if logged.
+    pub fn start_event(&self, id: Uuid) -> Option<Value> {
+        let id = id.to_string();
+        self.events().into_iter().find(|event| {
+            event["message"] == "task started" && event["span"]["task_id"] == id.as_str()
+        })
+    }
+
+    /// Waits until the worker logs an event whose message is `message`.
+    pub async fn wait_for_message(&self, message: &str, deadline: Duration) -> Value {
+        eventually(deadline, &format!("worker to log {message:?}"), || async {
+            self.events()
+                .into_iter()
+                .find(|event| event["message"] == message)
+        })
+        .await
+    }
+
+    /// Sends SIGKILL: the process dies at once, acking nothing.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM, as `docker stop` does.
+    pub fn terminate(&self) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
+        kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        eventually(deadline, "worker to exit", || {
+            let status = child.try_wait().expect("query child");
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,104 @@
+//! Round-robin and fair dispatch between workers.
+
+use std::time::Duration;
+
+use offload_tests::{TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn wait_all_completed(workers: &[&WorkerProcess], ids: &[Uuid]) {
+    eventually(DEADLINE, "every task to complete", || async {
+        let done: Vec<Uuid> = workers.iter().flat_map(|w| w.completed()).collect();
+        ids.iter().all(|id| done.contains(id)).then_some(())
+    })
+    .await;
+}
+
+/// Tutorial 2, "Round-robin dispatching": with two consumers subscribed and no prefetch
+/// pressure, the broker hands tasks out in turn, so each worker gets half.
+#[tokio::test]
+async fn two_workers_share_six_tasks_three_each() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "round-robin", 5).await;
+    // A prefetch above the number of tasks, so no worker is ever skipped for being busy: what
+    // remains is the broker's turn-taking.
+    let options = WorkerOptions {
+        prefetch: 10,
+        ..WorkerOptions::default()
+    };
+    let first = WorkerProcess::start(&url, queue.name(), &options).await;
+    let second = WorkerProcess::start(&url, queue.name(), &options).await;
+    eventually(DEADLINE, "both workers to be subscribed", || async {
+        (queue.consumers().await == 2).then_some(())
+    })
+    .await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(gateway.submit_sleep("task..").await);
+    }
+    wait_all_completed(&[&first, &second], &ids).await;
+
+    assert_eq!(
+        first.completed().len(),
+        3,
+        "first worker: {:?}",
+        first.completed()
+    );
+    assert_eq!(
+        second.completed().len(),
+        3,
+        "second worker: {:?}",
+        second.completed()
+    );
+    gateway.stop().await;
+}
+
+/// Tutorial 2, "Fair dispatch": with prefetch 1 a worker busy on a long task is sent nothing
+/// more, so every short task goes to the free worker instead of queueing behind the long one.
+#[tokio::test]
+async fn short_tasks_go_to_the_free_worker_not_behind_a_long_one() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "fair", 5).await;
+    let options = WorkerOptions {
+        prefetch: 1,
+        sleep_unit: "50ms",
+        ..WorkerOptions::default()
+    };
+    let workers = [
+        WorkerProcess::start(&url, queue.name(), &options).await,
+        WorkerProcess::start(&url, queue.name(), &options).await,
+    ];
+    eventually(DEADLINE, "both workers to be subscribed", || async {
+        (queue.consumers().await == 2).then_some(())
+    })
+    .await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    // 600 units of 50 ms: the test never waits for it, it only has to outlast the short ones.
+    let long = gateway.submit_sleep(&".".repeat(600)).await;
+    let busy = eventually(DEADLINE, "a worker to start the long task", || async {
+        workers.iter().position(|w| w.started().contains(&long))
+    })
+    .await;
+    let free = 1 - busy;
+
+    let mut short = Vec::new();
+    for _ in 0..5 {
+        short.push(gateway.submit_sleep("quick.").await);
+    }
+    wait_all_completed(&[&workers[free]], &short).await;
+
+    assert!(
+        workers[busy].started().iter().all(|id| *id == long),
+        "the busy worker was sent nothing but the long task: {:?}",
+        workers[busy].started()
+    );
+    assert!(
+        !workers[busy].completed().contains(&long),
+        "the long task was still running while the short ones finished"
+    );
+    gateway.stop().await;
+}

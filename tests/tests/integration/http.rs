@@ -1,0 +1,275 @@
+//! The gateway's HTTP contract: every status, its content type and its body.
+
+use std::net::TcpListener;
+
+use lapin::options::QueueDeleteOptions;
+use offload_api::Config;
+use offload_tests::{TestGateway, TestQueue, amqp_url};
+use reqwest::{Response, StatusCode, header};
+use serde_json::{Value, json};
+
+/// Asserts `response` is a JSON error with `status`, and returns its message.
+async fn assert_json_error(response: Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/json",
+        "errors are JSON"
+    );
+    let body: Value = response.json().await.expect("a JSON body");
+    let message = body["error"]
+        .as_str()
+        .expect("an `error` string")
+        .to_owned();
+    assert!(!message.is_empty());
+    assert_eq!(
+        body.as_object().map(serde_json::Map::len),
+        Some(1),
+        "only `error`: {body}"
+    );
+    message
+}
+
+#[tokio::test]
+async fn an_accepted_task_is_on_the_queue_persistent_with_its_id_and_kind() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "accept", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    let response = gateway
+        .post_task(&json!({"kind": "sleep", "payload": {"message": "Hello world..."}}))
+        .await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()[header::LOCATION]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    let body: Value = response.json().await.expect("JSON");
+    let id = body["id"].as_str().expect("an id").to_owned();
+    assert_eq!(body, json!({"id": id, "kind": "sleep", "status": "queued"}));
+    assert_eq!(location, format!("/tasks/{id}"));
+
+    let message = queue.take_ready().await.expect("the task is on the queue");
+    let properties = &message.delivery.properties;
+    assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+    assert_eq!(
+        properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.as_str())
+    );
+    assert_eq!(
+        properties.kind().as_ref().map(|s| s.as_str()),
+        Some("sleep")
+    );
+    assert_eq!(
+        properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert!(properties.timestamp().is_some_and(|t| t > 0));
+    let envelope: Value = serde_json::from_slice(&message.delivery.data).expect("JSON body");
+    assert_eq!(envelope["v"], 1);
+    assert_eq!(envelope["id"], id.as_str());
+    assert_eq!(envelope["kind"], "sleep");
+    assert_eq!(envelope["payload"], json!({"message": "Hello world..."}));
+    assert!(
+        envelope["submitted_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn payload_is_optional_and_defaults_to_null() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "no-payload", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    let response = gateway.post_task(&json!({"kind": "report.daily"})).await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let message = queue.take_ready().await.expect("queued");
+    let envelope: Value = serde_json::from_slice(&message.delivery.data).expect("JSON");
+    assert_eq!(envelope["payload"], Value::Null);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "errors", 5).await;
+    let mut config = Config::new(&url, queue.name());
+    config.max_body_bytes = 1024;
+    let gateway = TestGateway::spawn(config).await;
+    let json_type = Some("application/json");
+
+    // 400: not JSON at all, or cut short.
+    let message = assert_json_error(
+        gateway.post_raw("{\"kind\": ", json_type).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(message.contains("not valid JSON"), "{message}");
+    assert_json_error(
+        gateway.post_raw("kind=sleep", json_type).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+
+    // 415: no content type, or the wrong one.
+    let body = json!({"kind": "sleep"}).to_string();
+    let message = assert_json_error(
+        gateway.post_raw(body.clone(), None).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    )
+    .await;
+    assert!(
+        message.contains("Content-Type: application/json"),
+        "{message}"
+    );
+    assert_json_error(
+        gateway.post_raw(body, Some("text/plain")).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    )
+    .await;
+
+    // 413: over the configured limit.
+    let big = json!({"kind": "sleep", "payload": "x".repeat(2048)}).to_string();
+    let message = assert_json_error(
+        gateway.post_raw(big, json_type).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert!(message.contains("MAX_BODY_BYTES"), "{message}");
+
+    // 422: JSON that is not a task.
+    for (body, hint) in [
+        (json!({"payload": {}}), "missing field `kind`"),
+        (json!({"kind": ""}), "1 to 64 characters"),
+        (json!({"kind": "Send Email"}), "1 to 64 characters"),
+        (json!({"kind": "k".repeat(65)}), "1 to 64 characters"),
+        (json!({"kind": 7}), "invalid type"),
+        (
+            json!({"kind": "sleep", "priority": 1}),
+            "unknown field `priority`",
+        ),
+        (json!(["sleep"]), "invalid type"),
+    ] {
+        let message = assert_json_error(
+            gateway.post_task(&body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(message.contains(hint), "{body} -> {message}");
+    }
+
+    // 404 and 405.
+    let response = gateway
+        .client()
+        .get(gateway.url("/nope"))
+        .send()
+        .await
+        .expect("answer");
+    assert_json_error(response, StatusCode::NOT_FOUND).await;
+    let response = gateway
+        .client()
+        .get(gateway.url("/tasks"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.headers()[header::ALLOW], "POST");
+    assert_json_error(response, StatusCode::METHOD_NOT_ALLOWED).await;
+    let response = gateway
+        .client()
+        .delete(gateway.url("/health"))
+        .send()
+        .await
+        .expect("answer");
+    assert_json_error(response, StatusCode::METHOD_NOT_ALLOWED).await;
+
+    assert_eq!(queue.ready().await, 0, "no bad request queued anything");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn health_is_ok_while_connected() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "health", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    let response = gateway.health().await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body, json!({"status": "ok", "broker": "connected"}));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn broker_unreachable_means_503_with_retry_after_never_202() {
+    // A port nobody listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let gateway = TestGateway::start(
+        &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        "unreachable",
+    )
+    .await;
+
+    let health = gateway.health().await;
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(health.headers().contains_key(header::RETRY_AFTER));
+    let body: Value = health.json().await.expect("JSON");
+    assert_eq!(body["broker"], "disconnected");
+
+    let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    let message = assert_json_error(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(message.contains("not queued"), "{message}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_queue_means_503_not_202() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "vanished", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    // Someone deletes the queue behind the gateway's back: the mandatory publish comes back
+    // unrouted, and the client must not be told it was queued.
+    let channel = queue.connection().create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.name().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the work queue");
+
+    let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+
+    assert!(response.headers().contains_key(header::RETRY_AFTER));
+    let message = assert_json_error(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(message.contains("does not exist"), "{message}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_stops_startup_with_a_clear_error() {
+    let url = amqp_url();
+    // The same name with another delivery limit.
+    let queue = TestQueue::declare(&url, "mismatch", 5).await;
+    let mut config = Config::new(&url, queue.name());
+    config.broker.delivery_limit = 9;
+
+    let error = match offload_api::Application::build(config).await {
+        Ok(_) => panic!("the gateway must not start on a mismatched queue"),
+        Err(error) => error.to_string(),
+    };
+
+    assert!(error.contains(queue.name()), "{error}");
+    assert!(
+        error.contains("x-delivery-limit"),
+        "names the argument: {error}"
+    );
+    assert!(error.contains("--queue"), "says what to do: {error}");
+    assert!(!error.contains('\n'), "one line: {error}");
+}

@@ -1,0 +1,10 @@
+//! offload's integration tests: the RabbitMQ tutorial's experiments, each a test that fails if
+//! the property it names breaks, run against a real broker, a real gateway and real worker
+//! processes. Each test uses queues of its own and deletes them.
+
+mod dispatch;
+mod durability;
+mod http;
+mod poison;
+mod redelivery;
+mod shutdown;

@@ -1,0 +1,169 @@
+//! Messages a worker cannot run are dead-lettered, and the worker carries on.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use lapin::BasicProperties;
+use offload_api::Config as GatewayConfig;
+use offload_tests::{TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually};
+use offload_worker::{Handler, HandlerError, Registry, Task};
+use serde_json::json;
+
+#[tokio::test]
+async fn undecodable_and_unknown_kind_messages_are_dead_lettered_and_the_worker_carries_on() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "poison", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    queue
+        .publish_raw(b"\x00\xffnot an envelope", BasicProperties::default())
+        .await;
+    let unknown = gateway.post_task(&json!({"kind": "no-such-kind"})).await;
+    assert_eq!(unknown.status(), 202);
+    let good = gateway.submit_sleep("after the poison.").await;
+
+    eventually(
+        Duration::from_secs(30),
+        "the good task to complete",
+        || async { worker.completed().contains(&good).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "both bad messages in the dead-letter queue",
+        || async { (queue.dead().await == 2).then_some(()) },
+    )
+    .await;
+    let dead = queue.take_dead().await.expect("a dead message");
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("x-death headers");
+    assert!(
+        headers.inner().contains_key("x-first-death-reason"),
+        "the broker records why: {headers:?}"
+    );
+    let warnings: Vec<String> = worker
+        .events()
+        .iter()
+        .filter(|e| e["level"] == "WARN")
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        warnings.iter().any(|m| m.contains("not a task envelope")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|m| m.contains("no handler for kind 'no-such-kind'")),
+        "{warnings:?}"
+    );
+    assert_eq!(queue.ready().await, 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_dead_lettered_at_once() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "permanent", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    // `sleep` treats a message that is not text as input no retry can fix.
+    let response = gateway
+        .post_task(&json!({"kind": "sleep", "payload": {"message": 42}}))
+        .await;
+    assert_eq!(response.status(), 202);
+
+    eventually(
+        Duration::from_secs(30),
+        "the task in the dead-letter queue",
+        || async { (queue.dead().await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(worker.started().len(), 1, "tried once, not retried");
+    assert!(worker.completed().is_empty());
+    gateway.stop().await;
+}
+
+/// Panics on every task, counting attempts.
+struct AlwaysPanics(Arc<AtomicUsize>);
+
+impl Handler for AlwaysPanics {
+    const KIND: &'static str = "explode";
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("this handler always panics");
+    }
+}
+
+/// Counts completed tasks.
+struct Counts(Arc<AtomicUsize>);
+
+impl Handler for Counts {
+    const KIND: &'static str = "count";
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and_the_worker_lives_on()
+ {
+    const LIMIT: u32 = 2;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "panics", LIMIT).await;
+    let mut gateway_config = GatewayConfig::new(&url, queue.name());
+    gateway_config.broker.delivery_limit = LIMIT;
+    let gateway = TestGateway::spawn(gateway_config).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let mut worker_config = offload_worker::Config::new(&url, queue.name());
+    worker_config.broker.delivery_limit = LIMIT;
+    let registry = Registry::default()
+        .register(AlwaysPanics(Arc::clone(&attempts)))
+        .register(Counts(Arc::clone(&completed)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(offload_worker::run(worker_config, registry, async {
+        let _ = stopped.await;
+    }));
+
+    let response = gateway.post_task(&json!({"kind": "explode"})).await;
+    assert_eq!(response.status(), 202);
+    eventually(
+        Duration::from_secs(30),
+        "the task in the dead-letter queue",
+        || async { (queue.dead().await == 1).then_some(()) },
+    )
+    .await;
+    // The first delivery plus LIMIT redeliveries, then the broker gives up on it.
+    assert_eq!(attempts.load(Ordering::SeqCst), 1 + LIMIT as usize);
+
+    let response = gateway.post_task(&json!({"kind": "count"})).await;
+    assert_eq!(response.status(), 202);
+    eventually(
+        Duration::from_secs(30),
+        "the worker to run a good task after the panics",
+        || async { (completed.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+
+    let _ = stop.send(());
+    worker
+        .await
+        .expect("worker task")
+        .expect("worker stops cleanly");
+    gateway.stop().await;
+}
