@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 
-use lapin::options::QueueDeleteOptions;
+use lapin::{options::QueueDeleteOptions, types::ShortString};
 use offload_api::Config;
 use offload_tests::{TestGateway, TestQueue, amqp_url};
 use reqwest::{Response, StatusCode, header};
@@ -54,15 +54,15 @@ async fn an_accepted_task_is_on_the_queue_persistent_with_its_id_and_kind() {
     let properties = &message.delivery.properties;
     assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
     assert_eq!(
-        properties.message_id().as_ref().map(|s| s.as_str()),
+        properties.message_id().as_ref().map(ShortString::as_str),
         Some(id.as_str())
     );
     assert_eq!(
-        properties.kind().as_ref().map(|s| s.as_str()),
+        properties.kind().as_ref().map(ShortString::as_str),
         Some("sleep")
     );
     assert_eq!(
-        properties.content_type().as_ref().map(|s| s.as_str()),
+        properties.content_type().as_ref().map(ShortString::as_str),
         Some("application/json")
     );
     assert!(properties.timestamp().is_some_and(|t| t > 0));
