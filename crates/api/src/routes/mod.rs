@@ -11,6 +11,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
+use tower_http::catch_panic::CatchPanicLayer;
+
 use crate::{AppState, error::ApiError};
 
 /// The whole HTTP surface.
@@ -26,6 +28,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         // Runs first: turn axum's bodyless 405 into our JSON error, keeping its Allow header.
         .layer(middleware::from_fn(json_method_not_allowed))
+        // Outermost: a bug that panics in a handler answers this one request with a JSON 500
+        // instead of dropping the connection without a word.
+        .layer(CatchPanicLayer::custom(internal_error))
+}
+
+fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked; answering 500");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({
+            "error": "internal error in the gateway; the task may not have been queued, retry it"
+        })),
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
