@@ -22,6 +22,11 @@ pub struct Config {
     #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub confirm_timeout: Duration,
 
+    /// Most publishes this gateway lets await the broker's confirm at once; past it requests
+    /// get 503 at once, so memory stays bounded however fast requests arrive.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
     /// Seconds a client is told to wait (`Retry-After`) when the gateway answers 503.
     #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = DEFAULT_RETRY_AFTER_SECS)]
     pub retry_after_secs: u32,
@@ -39,6 +44,8 @@ pub struct Config {
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default for `--confirm-timeout`.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for `--max-in-flight`.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1024;
 /// Default for `--retry-after-secs`.
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
 
@@ -52,6 +59,7 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
                 log_format: offload_common::LogFormat::Text,
@@ -79,6 +87,7 @@ mod tests {
         assert_eq!(parsed.max_body_bytes, built.max_body_bytes);
         assert_eq!(parsed.confirm_timeout, built.confirm_timeout);
         assert_eq!(parsed.retry_after_secs, built.retry_after_secs);
+        assert_eq!(parsed.max_in_flight, built.max_in_flight);
         assert_eq!(parsed.broker.delivery_limit, built.broker.delivery_limit);
         assert_eq!(parsed.broker.heartbeat, built.broker.heartbeat);
         assert_eq!(parsed.broker.connect_timeout, built.broker.connect_timeout);

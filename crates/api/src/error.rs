@@ -56,6 +56,12 @@ impl ApiError {
     fn message(&self) -> String {
         match self {
             Self::Json(rejection) => json_advice(rejection),
+            // Without a confirm nobody knows whether the broker kept the task; say so, since a
+            // retry may then run it twice (delivery is at least once anyway).
+            Self::Unavailable(error @ PublishError::Timeout(_)) => format!(
+                "the task may not have been queued: {error}. Retry after the Retry-After delay; \
+                 if it was queued after all it runs twice, so handlers should be idempotent"
+            ),
             other => other.to_string(),
         }
     }

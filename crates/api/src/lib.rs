@@ -14,10 +14,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    Config, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_RETRY_AFTER_SECS,
+    Config, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RETRY_AFTER_SECS,
 };
 pub use error::ApiError;
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{BrokerState, PublishError, Publisher};
 
 /// What every request handler can reach.
 #[derive(Clone)]
@@ -64,8 +65,13 @@ impl Application {
                 source,
             })?;
         let shutdown = CancellationToken::new();
-        let (publisher, supervisor) =
-            Publisher::start(config.broker, config.confirm_timeout, shutdown.clone()).await?;
+        let (publisher, supervisor) = Publisher::start(
+            config.broker,
+            config.confirm_timeout,
+            config.max_in_flight,
+            shutdown.clone(),
+        )
+        .await?;
         let state = AppState {
             publisher,
             retry_after_secs: config.retry_after_secs,

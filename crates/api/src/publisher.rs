@@ -8,7 +8,7 @@
 //! Each request publishes on the shared channel and awaits its own confirm: many publishes
 //! are in flight at once, none waits behind another's confirm.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -17,31 +17,58 @@ use lapin::{
     types::ShortString,
 };
 use offload_common::{BrokerArgs, BrokerError, TaskEnvelope, Topology, TopologyError};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Shortest and longest wait between reconnection attempts.
+/// Shortest and longest wait between reconnection attempts. The cap is short so that the
+/// gateway is publishing again within about a second of the broker's return.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often the supervisor looks at the channel's state, as a backstop to connection events.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 
 /// Publishes tasks. Cheap to clone; all clones share one connection.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: watch::Receiver<Option<Channel>>,
+    link: watch::Receiver<Option<Link>>,
     queue: ShortString,
     confirm_timeout: Duration,
+    in_flight: Arc<Semaphore>,
 }
 
-/// Why a task was not accepted by the broker. Every variant means "not queued, try again".
+/// The live connection and its confirm-mode channel.
+#[derive(Clone)]
+struct Link {
+    connection: Arc<Connection>,
+    channel: Channel,
+}
+
+/// What `/health` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerState {
+    /// Publishing works.
+    Connected,
+    /// Connected, but the broker refuses publishes for now (memory or disk alarm).
+    Blocked,
+    /// No connection.
+    Disconnected,
+}
+
+/// Why a task was not accepted by the broker. Every variant means "not confirmed, try again";
+/// all but [`PublishError::Timeout`] also mean the task is certainly not on the queue.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// No live connection to the broker right now.
     #[error("not connected to RabbitMQ")]
     Disconnected,
-    /// The broker refused the message (for instance the queue is full).
-    #[error("RabbitMQ refused the task (nack)")]
+    /// The broker has blocked publishers because it is short of memory or disk.
+    #[error("RabbitMQ is blocking publishers (memory or disk alarm)")]
+    Blocked,
+    /// This gateway already has its maximum of publishes awaiting a confirm.
+    #[error("this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT)")]
+    Overloaded,
+    /// The broker refused the message (for instance the queue is at its length limit).
+    #[error("RabbitMQ refused the task (nack; the queue may be full)")]
     Nacked,
     /// The message could not be routed to the queue: it does not exist.
     #[error("RabbitMQ returned the task unrouted ({0}): the queue does not exist")]
@@ -64,6 +91,7 @@ impl Publisher {
     pub async fn start(
         broker: BrokerArgs,
         confirm_timeout: Duration,
+        max_in_flight: u32,
         shutdown: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), TopologyError> {
         let (sender, receiver) = watch::channel(None);
@@ -84,30 +112,44 @@ impl Publisher {
             }
         };
         let publisher = Self {
-            channel: receiver,
+            link: receiver,
             queue: supervisor.topology.queue().into(),
             confirm_timeout,
+            in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
         };
         let handle = tokio::spawn(supervisor.run(first));
         Ok((publisher, handle))
     }
 
-    /// Whether a publish could be attempted now.
-    pub fn is_connected(&self) -> bool {
-        self.channel
-            .borrow()
-            .as_ref()
-            .is_some_and(|channel| channel.status().connected())
+    /// Whether a publish could succeed now.
+    pub fn state(&self) -> BrokerState {
+        match self.link.borrow().as_ref() {
+            Some(link) if !link.channel.status().connected() => BrokerState::Disconnected,
+            Some(link) if link.connection.status().blocked() => BrokerState::Blocked,
+            Some(_) => BrokerState::Connected,
+            None => BrokerState::Disconnected,
+        }
     }
 
     /// Publishes `task` persistent and mandatory, and waits for the broker's confirm.
     /// `Ok` means the broker has the task on the queue; nothing else does.
+    ///
+    /// Fails at once, without touching the broker, when the gateway is disconnected, the
+    /// broker is blocking publishers, or `max_in_flight` publishes already await a confirm;
+    /// otherwise within the confirm timeout.
     pub async fn publish(&self, task: &TaskEnvelope) -> Result<(), PublishError> {
-        let channel = self
-            .channel
-            .borrow()
-            .clone()
-            .ok_or(PublishError::Disconnected)?;
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| PublishError::Overloaded)?;
+        let channel = {
+            let link = self.link.borrow();
+            let link = link.as_ref().ok_or(PublishError::Disconnected)?;
+            if link.connection.status().blocked() {
+                return Err(PublishError::Blocked);
+            }
+            link.channel.clone()
+        };
         let body = task.to_bytes();
         let publish_and_confirm = async {
             let confirm = channel
@@ -141,7 +183,7 @@ impl Publisher {
 struct Supervisor {
     broker: BrokerArgs,
     topology: Topology,
-    sender: watch::Sender<Option<Channel>>,
+    sender: watch::Sender<Option<Link>>,
     shutdown: CancellationToken,
 }
 
@@ -161,13 +203,17 @@ impl Supervisor {
         let mut backoff = BACKOFF_MIN;
         loop {
             if let Some((connection, channel)) = current.take() {
+                let connection = Arc::new(connection);
                 tracing::info!(
                     broker = %self.broker.redacted_url(),
                     queue = self.topology.queue(),
                     "connected to RabbitMQ"
                 );
                 backoff = BACKOFF_MIN;
-                self.sender.send_replace(Some(channel.clone()));
+                self.sender.send_replace(Some(Link {
+                    connection: Arc::clone(&connection),
+                    channel: channel.clone(),
+                }));
                 let reason = self.watch(&connection, &channel).await;
                 self.sender.send_replace(None);
                 match reason {
@@ -206,6 +252,10 @@ impl Supervisor {
                 () = self.shutdown.cancelled() => return None,
                 event = events.next() => match event {
                     Some(Event::Error(error)) => return Some(error.to_string()),
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "RabbitMQ blocked publishing; answering 503 until it unblocks");
+                    }
+                    Some(Event::ConnectionUnblocked) => tracing::info!("RabbitMQ unblocked publishing"),
                     Some(_) => {}
                     None => return Some("connection closed".into()),
                 },

@@ -30,6 +30,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
 
+    /// Most tasks the work queue holds ready (`x-max-length`); past it new tasks are refused
+    /// with 503 instead of piling up. Unset: no limit. Changing it means re-creating the
+    /// queue.
+    #[arg(long, env = "QUEUE_MAX_LENGTH")]
+    pub queue_max_length: Option<u32>,
+
     /// AMQP heartbeat interval in seconds; a connection that stays silent for two intervals
     /// is treated as dead. 0 disables heartbeats (not recommended).
     #[arg(long, env = "HEARTBEAT", default_value_t = 10)]
@@ -48,6 +54,7 @@ impl BrokerArgs {
             amqp_url: amqp_url.into(),
             queue: queue.into(),
             delivery_limit: 5,
+            queue_max_length: None,
             heartbeat: 10,
             connect_timeout: Duration::from_secs(5),
         }
@@ -56,6 +63,7 @@ impl BrokerArgs {
     /// The topology these settings describe.
     pub fn topology(&self) -> Topology {
         Topology::new(self.queue.clone(), self.delivery_limit)
+            .with_max_length(self.queue_max_length)
     }
 
     /// The broker URL with its password replaced by `***`, fit for a log line.

@@ -23,6 +23,7 @@ use lapin::{
 pub struct Topology {
     queue: String,
     delivery_limit: u32,
+    max_length: Option<u32>,
 }
 
 impl Topology {
@@ -32,7 +33,16 @@ impl Topology {
         Self {
             queue: queue.into(),
             delivery_limit,
+            max_length: None,
         }
+    }
+
+    /// Caps the work queue at `max_length` ready tasks (`x-max-length`); past it the broker
+    /// refuses publishes with a nack, which the gateway turns into 503. `None`: no cap.
+    #[must_use]
+    pub fn with_max_length(mut self, max_length: Option<u32>) -> Self {
+        self.max_length = max_length;
+        self
     }
 
     /// The work queue the gateway publishes to and workers consume from.
@@ -68,6 +78,12 @@ impl Topology {
         // reject-publish overflow for it.
         args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         args.insert("x-overflow".into(), text("reject-publish"));
+        if let Some(max_length) = self.max_length {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(max_length)),
+            );
+        }
         args
     }
 

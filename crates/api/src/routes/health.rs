@@ -4,7 +4,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use serde::Serialize;
 
 use super::Json;
-use crate::AppState;
+use crate::{AppState, publisher::BrokerState};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health))
@@ -17,21 +17,18 @@ struct Health {
 }
 
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    if state.publisher.is_connected() {
-        (
-            StatusCode::OK,
-            Json(Health {
-                status: "ok",
-                broker: "connected",
-            }),
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "unavailable",
-                broker: "disconnected",
-            }),
-        )
-    }
+    let (status, broker) = match state.publisher.state() {
+        BrokerState::Connected => (StatusCode::OK, "connected"),
+        BrokerState::Blocked => (StatusCode::SERVICE_UNAVAILABLE, "blocked"),
+        BrokerState::Disconnected => (StatusCode::SERVICE_UNAVAILABLE, "disconnected"),
+    };
+    let body = Health {
+        status: if status == StatusCode::OK {
+            "ok"
+        } else {
+            "unavailable"
+        },
+        broker,
+    };
+    (status, Json(body))
 }
