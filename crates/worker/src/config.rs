@@ -20,6 +20,12 @@ pub struct Config {
     #[arg(long, env = "SLEEP_UNIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sleep_unit: Duration,
 
+    /// Longest a handler may run one task; past it the attempt counts as failed and the task
+    /// is redelivered (or dead-lettered at the delivery limit). Keep it below the broker's
+    /// `consumer_timeout` (30 min by default), which would otherwise close the channel.
+    #[arg(long, env = "HANDLER_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub handler_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long tasks in hand may take to finish before the worker exits
     /// anyway; unfinished tasks go back to the queue. Keep it below the container's stop
     /// grace period.
@@ -39,6 +45,8 @@ pub struct Config {
 pub const DEFAULT_PREFETCH: u16 = 1;
 /// Default for `--sleep-unit`.
 pub const DEFAULT_SLEEP_UNIT: Duration = Duration::from_secs(1);
+/// Default for `--handler-timeout`.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default for `--shutdown-grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
@@ -49,6 +57,7 @@ impl Config {
         Self {
             prefetch: DEFAULT_PREFETCH,
             sleep_unit: DEFAULT_SLEEP_UNIT,
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
@@ -76,6 +85,7 @@ mod tests {
         assert_eq!(parsed.prefetch, built.prefetch);
         assert_eq!(parsed.sleep_unit, built.sleep_unit);
         assert_eq!(parsed.shutdown_grace, built.shutdown_grace);
+        assert_eq!(parsed.handler_timeout, built.handler_timeout);
     }
 
     #[test]

@@ -19,10 +19,12 @@ use offload_common::{
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{Config, Registry, Task};
+use crate::{Config, Registry, Task, handler::HandlerFuture};
 
+/// Shortest and longest wait between reconnection attempts; the short cap means consuming
+/// again within about a second of the broker's return.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +166,8 @@ impl Worker {
     /// Runs one delivery in the background; `basic.qos` bounds how many run at once.
     fn start(&self, delivery: Delivery) {
         let registry = Arc::clone(&self.registry);
-        self.tasks.spawn(process(delivery, registry));
+        self.tasks
+            .spawn(process(delivery, registry, self.config.handler_timeout));
     }
 
     async fn drain(&self, connection: &Connection, channel: &Channel, consumer: &Consumer) {
@@ -199,7 +202,7 @@ impl Worker {
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
-async fn process(delivery: Delivery, registry: Arc<Registry>) {
+async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
         Err(error) => {
@@ -233,32 +236,44 @@ async fn process(delivery: Delivery, registry: Arc<Registry>) {
             redelivered = delivery.redelivered,
             "task started"
         );
-        // A task of its own, so a panicking handler is caught here instead of unwinding
-        // through the worker.
-        let outcome = match tokio::spawn(running).await {
-            Ok(Ok(())) => {
-                tracing::info!("task completed");
-                Outcome::Ack
-            }
-            Ok(Err(error)) if error.is_retryable() => {
-                tracing::warn!(
-                    "task failed: {error}; returning it to the queue for another attempt"
-                );
-                Outcome::Requeue
-            }
-            Ok(Err(error)) => {
-                tracing::warn!("task failed permanently: {error}; dead-lettering it");
-                Outcome::Reject
-            }
-            Err(join_error) => {
-                tracing::error!("handler panicked: {join_error}; returning the task to the queue");
-                Outcome::Requeue
-            }
-        };
+        let outcome = run_handler(running, deadline).await;
         settle(&delivery, outcome).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Runs a handler to its end, its failure, its panic or its deadline.
+async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
+    // A task of its own, so a panicking handler is caught here instead of unwinding through
+    // the worker, and can be aborted at the deadline.
+    let mut handle = tokio::spawn(running);
+    let Ok(joined) = tokio::time::timeout(deadline, &mut handle).await else {
+        handle.abort();
+        tracing::warn!(
+            deadline = %humantime::format_duration(deadline),
+            "task ran past HANDLER_TIMEOUT; returning it to the queue for another attempt"
+        );
+        return Outcome::Requeue;
+    };
+    match joined {
+        Ok(Ok(())) => {
+            tracing::info!("task completed");
+            Outcome::Ack
+        }
+        Ok(Err(error)) if error.is_retryable() => {
+            tracing::warn!("task failed: {error}; returning it to the queue for another attempt");
+            Outcome::Requeue
+        }
+        Ok(Err(error)) => {
+            tracing::warn!("task failed permanently: {error}; dead-lettering it");
+            Outcome::Reject
+        }
+        Err(join_error) => {
+            tracing::error!("handler panicked: {join_error}; returning the task to the queue");
+            Outcome::Requeue
+        }
+    }
 }
 
 enum Outcome {

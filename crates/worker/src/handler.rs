@@ -117,15 +117,16 @@ impl fmt::Debug for HandlerError {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+/// A handler's run, boxed so handlers of different types share one map.
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 
 /// Object-safe face of [`Handler`], so handlers of different types share one map.
 trait ErasedHandler: Send + Sync {
-    fn call(self: Arc<Self>, task: Task) -> BoxFuture;
+    fn call(self: Arc<Self>, task: Task) -> HandlerFuture;
 }
 
 impl<H: Handler> ErasedHandler for H {
-    fn call(self: Arc<Self>, task: Task) -> BoxFuture {
+    fn call(self: Arc<Self>, task: Task) -> HandlerFuture {
         Box::pin(async move { self.handle(task).await })
     }
 }
@@ -157,7 +158,7 @@ impl Registry {
     }
 
     /// Starts the handler for `task`'s kind, or gives the task back if there is none.
-    pub(crate) fn dispatch(&self, task: Task) -> Result<BoxFuture, Task> {
+    pub(crate) fn dispatch(&self, task: Task) -> Result<HandlerFuture, Task> {
         match self.handlers.get(task.kind.as_str()) {
             Some(handler) => Ok(Arc::clone(handler).call(task)),
             None => Err(task),

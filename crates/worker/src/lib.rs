@@ -23,6 +23,8 @@ mod consumer;
 mod handler;
 pub mod handlers;
 
-pub use config::{Config, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLEEP_UNIT};
+pub use config::{
+    Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLEEP_UNIT,
+};
 pub use consumer::{WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
