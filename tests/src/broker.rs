@@ -124,6 +124,82 @@ impl PrivateBroker {
         }
     }
 
+    /// Kills the node with SIGKILL, as a crash or an OOM kill would, and waits until it is gone.
+    pub async fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Some(mut server) = self.server.take() {
+            let _ = tokio::task::spawn_blocking(move || server.wait()).await;
+        }
+    }
+
+    /// Freezes the node (SIGSTOP): sockets stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Thaws a paused node (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// Raises (`true`) or clears the memory alarm, by moving the memory high watermark below
+    /// or back above what the node uses.
+    pub fn memory_alarm(&self, raised: bool) {
+        let watermark = if raised { "0.000001" } else { "0.4" };
+        assert!(
+            self.ctl(&["set_vm_memory_high_watermark", watermark]),
+            "rabbitmqctl set_vm_memory_high_watermark {watermark}"
+        );
+    }
+
+    /// Stops the application but not the Erlang node (`rabbitmqctl stop_app`): every client
+    /// connection is closed by the broker.
+    pub fn stop_app(&self) {
+        assert!(self.ctl(&["stop_app"]), "rabbitmqctl stop_app");
+    }
+
+    /// Starts the application again (`rabbitmqctl start_app`), waiting until it is up.
+    pub fn start_app(&self) {
+        assert!(self.ctl(&["start_app"]), "rabbitmqctl start_app");
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.os_pid().expect("the node wrote its pid file");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .unwrap_or_else(|error| panic!("send {signal} to the broker: {error}"));
+    }
+
+    /// Waits until the node has written its quorum queues' Raft metadata to disk after
+    /// `since`. Call it with a time taken after the queue has confirmed its first message.
+    ///
+    /// RabbitMQ 3.10 writes that metadata (term, vote, last applied index) a few seconds
+    /// after the fact. A quorum queue killed (`kill -9`) in that window comes back without a
+    /// leader and never confirms a publish again (offload answers 503, never 202) until an
+    /// operator deletes and re-creates it. Crash tests wait for this, so they model a queue
+    /// that has been alive for a moment rather than that broker defect; the file is created
+    /// when the queue is declared, so `since` must be later than that. See
+    /// docs/RELIABILITY.md.
+    pub async fn await_raft_metadata_synced(&self, since: std::time::SystemTime) {
+        let meta = self
+            .path()
+            .join("mnesia")
+            .join(&self.node)
+            .join("quorum")
+            .join(&self.node)
+            .join("meta.dets");
+        eventually(
+            Duration::from_secs(30),
+            "RabbitMQ to sync its Raft metadata",
+            || {
+                let synced = std::fs::metadata(&meta)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|modified| modified > since);
+                async move { synced.then_some(()) }
+            },
+        )
+        .await;
+    }
+
     /// Runs `rabbitmqctl -n <node> <args>`; true on success.
     pub fn ctl(&self, args: &[&str]) -> bool {
         Command::new("rabbitmqctl")
@@ -153,6 +229,13 @@ impl PrivateBroker {
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         if self.server.is_some() {
+            // A paused node cannot be stopped politely.
+            if let Some(pid) = self.os_pid() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
             if !self.ctl(&["stop"])
                 && let Some(pid) = self.os_pid()
             {

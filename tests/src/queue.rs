@@ -18,11 +18,21 @@ pub struct TestQueue {
 impl TestQueue {
     /// Declares a fresh queue named `offload-test-<label>-<random>` on the broker at `url`.
     pub async fn declare(url: &str, label: &str, delivery_limit: u32) -> Self {
+        Self::declare_with(url, label, delivery_limit, None).await
+    }
+
+    /// Like [`TestQueue::declare`], with a length limit.
+    pub async fn declare_with(
+        url: &str,
+        label: &str,
+        delivery_limit: u32,
+        max_length: Option<u32>,
+    ) -> Self {
         let name = format!(
             "offload-test-{label}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let topology = Topology::new(name, delivery_limit);
+        let topology = Topology::new(name, delivery_limit).with_max_length(max_length);
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect(

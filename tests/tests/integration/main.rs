@@ -7,4 +7,5 @@ mod durability;
 mod http;
 mod poison;
 mod redelivery;
+mod resilience;
 mod shutdown;

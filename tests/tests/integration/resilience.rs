@@ -1,0 +1,231 @@
+//! Backpressure and recovery: the gateway answers quickly and truthfully when the broker
+//! cannot take tasks, and everything resumes by itself when it can again.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use offload_api::Config as GatewayConfig;
+use offload_tests::{
+    PrivateBroker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually,
+};
+use offload_worker::{Handler, HandlerError, Registry, Task};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn error_of(response: reqwest::Response) -> (StatusCode, String) {
+    let status = response.status();
+    let body: Value = response.json().await.expect("JSON body");
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn private_queue_name(label: &str) -> String {
+    format!("offload-test-{label}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn a_full_queue_turns_into_503_through_the_brokers_nack() {
+    let url = amqp_url();
+    let queue = TestQueue::declare_with(&url, "full", 5, Some(2)).await;
+    let mut config = GatewayConfig::new(&url, queue.name());
+    config.broker.queue_max_length = Some(2);
+    let gateway = TestGateway::spawn(config).await;
+
+    gateway.submit_sleep("one").await;
+    gateway.submit_sleep("two").await;
+    // RabbitMQ's quorum queues refuse once the length is over the limit, so one more may
+    // get in; the one after that must not.
+    let mut accepted = 2;
+    let response = loop {
+        let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+        if response.status() != StatusCode::ACCEPTED {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted <= 3, "the queue took more than its limit plus one");
+    };
+
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, message) = error_of(response).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("nack"), "{message}");
+    assert_eq!(
+        queue.ready().await,
+        accepted,
+        "refused tasks were not queued"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn past_max_in_flight_requests_are_refused_at_once_and_none_hangs() {
+    let broker = PrivateBroker::start().await;
+    let mut config = GatewayConfig::new(broker.url(), private_queue_name("in-flight"));
+    config.max_in_flight = 1;
+    config.confirm_timeout = Duration::from_secs(3);
+    let gateway = Arc::new(TestGateway::spawn(config).await);
+
+    // Frozen broker: the socket stays open, no confirm ever comes.
+    broker.pause();
+    let stuck = tokio::spawn({
+        let gateway = Arc::clone(&gateway);
+        async move { gateway.post_task(&json!({"kind": "sleep"})).await }
+    });
+    // While that one holds the only slot, the next is refused without waiting.
+    let (status, message) = eventually(DEADLINE, "a request refused for MAX_IN_FLIGHT", || async {
+        let (status, message) = error_of(gateway.post_task(&json!({"kind": "sleep"})).await).await;
+        message
+            .contains("MAX_IN_FLIGHT")
+            .then_some((status, message))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{message}");
+
+    // The stuck one is answered at the confirm timeout, never 202.
+    let (status, message) = error_of(stuck.await.expect("request task")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("did not confirm"), "{message}");
+    broker.resume();
+}
+
+#[tokio::test]
+async fn a_memory_alarm_blocks_publishing_and_clearing_it_resumes() {
+    let broker = PrivateBroker::start().await;
+    let mut config = GatewayConfig::new(broker.url(), private_queue_name("alarm"));
+    config.confirm_timeout = Duration::from_secs(2);
+    let gateway = TestGateway::spawn(config).await;
+    gateway.submit_sleep("before the alarm").await;
+
+    broker.memory_alarm(true);
+    let message = eventually(DEADLINE, "publishes refused as blocked", || async {
+        let (status, message) = error_of(gateway.post_task(&json!({"kind": "sleep"})).await).await;
+        assert_ne!(
+            status,
+            StatusCode::ACCEPTED,
+            "no 202 while the broker blocks publishers"
+        );
+        message.contains("blocking publishers").then_some(message)
+    })
+    .await;
+    assert!(message.contains("memory or disk alarm"), "{message}");
+    let health = gateway.health().await;
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        health.json::<Value>().await.expect("JSON")["broker"],
+        "blocked"
+    );
+
+    broker.memory_alarm(false);
+    eventually(
+        DEADLINE,
+        "202s to resume after the alarm clears",
+        || async {
+            let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+            (response.status() == StatusCode::ACCEPTED).then_some(())
+        },
+    )
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn gateway_and_worker_recover_by_themselves_after_the_broker_is_killed() {
+    let mut broker = PrivateBroker::start().await;
+    let queue = private_queue_name("crash");
+    let gateway = TestGateway::start(&broker.url(), &queue).await;
+    let worker = WorkerProcess::start(&broker.url(), &queue, &WorkerOptions::default()).await;
+    let before = gateway.submit_sleep("before the crash").await;
+    let first_confirmed = std::time::SystemTime::now();
+    eventually(DEADLINE, "the first task to complete", || async {
+        worker.completed().contains(&before).then_some(())
+    })
+    .await;
+
+    broker.await_raft_metadata_synced(first_confirmed).await;
+    broker.kill9().await;
+    eventually(DEADLINE, "health to report the broker gone", || async {
+        let response = gateway.health().await;
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let (status, _) = error_of(gateway.post_task(&json!({"kind": "sleep"})).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    broker.start_again().await;
+    let after = eventually(DEADLINE, "202s to resume", || async {
+        let response = gateway
+            .post_task(&json!({"kind": "sleep", "payload": {"message": "after the crash."}}))
+            .await;
+        if response.status() != StatusCode::ACCEPTED {
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        body["id"].as_str()?.parse::<uuid::Uuid>().ok()
+    })
+    .await;
+    eventually(
+        DEADLINE,
+        "the same worker process to run a task again",
+        || async { worker.completed().contains(&after).then_some(()) },
+    )
+    .await;
+    let health = gateway.health().await;
+    assert_eq!(health.status(), StatusCode::OK);
+    gateway.stop().await;
+}
+
+/// Never finishes.
+struct Hangs(Arc<AtomicUsize>);
+
+impl Handler for Hangs {
+    const KIND: &'static str = "hang";
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_past_its_deadline_fails_the_attempt_and_ends_dead_lettered() {
+    const LIMIT: u32 = 1;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "deadline", LIMIT).await;
+    let mut gateway_config = GatewayConfig::new(&url, queue.name());
+    gateway_config.broker.delivery_limit = LIMIT;
+    let gateway = TestGateway::spawn(gateway_config).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let mut config = offload_worker::Config::new(&url, queue.name());
+    config.broker.delivery_limit = LIMIT;
+    config.handler_timeout = Duration::from_millis(100);
+    let registry = Registry::default().register(Hangs(Arc::clone(&attempts)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(offload_worker::run(config, registry, async {
+        let _ = stopped.await;
+    }));
+
+    let response = gateway.post_task(&json!({"kind": "hang"})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    eventually(DEADLINE, "the task in the dead-letter queue", || async {
+        (queue.dead().await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 1 + LIMIT as usize);
+
+    let _ = stop.send(());
+    worker
+        .await
+        .expect("worker task")
+        .expect("worker stops cleanly");
+    gateway.stop().await;
+}
