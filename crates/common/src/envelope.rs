@@ -243,4 +243,61 @@ mod tests {
             Some("sleep")
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Any JSON value, nested a few levels.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                ".{0,16}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 32, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(".{0,8}", inner, 0..4)
+                        .prop_map(|map| { serde_json::Value::Object(map.into_iter().collect()) }),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_decode_to_an_envelope_or_an_error_never_a_panic(
+                body in prop::collection::vec(any::<u8>(), 0..512)
+            ) {
+                let _ = TaskEnvelope::from_bytes(&body);
+            }
+
+            #[test]
+            fn any_json_decodes_to_an_envelope_or_an_error_never_a_panic(value in json()) {
+                let _ = TaskEnvelope::from_bytes(value.to_string().as_bytes());
+            }
+
+            #[test]
+            fn every_valid_task_round_trips(kind in "[a-z0-9_.-]{1,64}", payload in json()) {
+                let kind = TaskKind::try_from(kind).expect("the regex draws valid kinds");
+                let task = TaskEnvelope::new(kind, payload);
+                let decoded = TaskEnvelope::from_bytes(&task.to_bytes()).expect("decodes");
+                prop_assert_eq!(decoded.id, task.id);
+                prop_assert_eq!(decoded.kind, task.kind);
+                prop_assert_eq!(decoded.payload, task.payload);
+            }
+
+            #[test]
+            fn a_kind_is_accepted_exactly_when_it_fits_the_alphabet(kind in "\\PC{0,70}") {
+                let fits = (1..=TaskKind::MAX_LEN).contains(&kind.len())
+                    && kind.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
+                prop_assert_eq!(TaskKind::try_from(kind.as_str()).is_ok(), fits);
+            }
+        }
+    }
 }

@@ -80,6 +80,31 @@ async fn an_accepted_task_is_on_the_queue_persistent_with_its_id_and_kind() {
 }
 
 #[tokio::test]
+async fn numbers_in_the_payload_reach_the_queue_exactly_as_sent() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "numbers", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    // Beyond u64, beyond f64's precision, and a decimal that binary floats cannot hold.
+    let numbers = "[123456789012345678901234567890,0.1,1e+400,-4.2269348438353843e-196]";
+
+    let response = gateway
+        .post_raw(
+            format!(r#"{{"kind":"sum","payload":{numbers}}}"#),
+            Some("application/json"),
+        )
+        .await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let message = queue.take_ready().await.expect("queued");
+    let body = String::from_utf8(message.delivery.data).expect("UTF-8 JSON");
+    assert!(
+        body.contains(&format!(r#""payload":{numbers}"#)),
+        "the payload's numbers changed on the way: {body}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn payload_is_optional_and_defaults_to_null() {
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "no-payload", 5).await;
