@@ -21,8 +21,20 @@ pub struct LogArgs {
 }
 
 impl LogArgs {
-    /// Installs the global subscriber, writing to stdout. Call once, from `main`.
+    /// Installs the global subscriber, writing to stdout, and routes panics through it so
+    /// that a panicking handler is one log line in the chosen format, not raw text on stderr
+    /// that breaks a JSON log. Call once, from `main`.
     pub fn init(&self) {
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(ToString::to_string);
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(location, "panic: {message}");
+        }));
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let builder = fmt().with_env_filter(filter).with_target(false);
         match self.log_format {
