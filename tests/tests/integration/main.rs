@@ -2,6 +2,7 @@
 //! the property it names breaks, run against a real broker, a real gateway and real worker
 //! processes. Each test uses queues of its own and deletes them.
 
+mod bad_input;
 mod dispatch;
 mod durability;
 mod http;
