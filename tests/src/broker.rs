@@ -1,13 +1,12 @@
 //! A RabbitMQ node of the test's own, to stop and start without touching the shared broker.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use crate::eventually;
+use crate::{eventually, free_port};
 
 /// The user RabbitMQ runs as on Debian, and whose Erlang cookie `rabbitmqctl` needs.
 const RABBITMQ_USER: &str = "rabbitmq";
@@ -65,6 +64,11 @@ impl PrivateBroker {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The node's AMQP port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The node's Erlang name.
@@ -249,12 +253,4 @@ impl Drop for PrivateBroker {
             }
         }
     }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }

@@ -107,3 +107,55 @@ impl Drop for TestGateway {
         }
     }
 }
+
+/// `offload-api` as a real child process, for tests that kill it. Killed when dropped.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on `port` with the given environment (`AMQP_URL`, `QUEUE`, ...)
+    /// and waits until it answers `/health` with 200.
+    pub async fn start(port: u16, env: &[(&str, String)]) -> Self {
+        let child = std::process::Command::new(crate::binary("offload-api-under-test"))
+            .env("BIND", format!("127.0.0.1:{port}"))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start offload-api");
+        let gateway = Self { child, port };
+        let client = reqwest::Client::new();
+        let health = gateway.url("/health");
+        crate::eventually(
+            std::time::Duration::from_secs(30),
+            "the gateway process to report healthy",
+            || async {
+                let response = client.get(&health).send().await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+        gateway
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGKILL: the process dies at once, mid-request.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

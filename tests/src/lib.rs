@@ -3,13 +3,16 @@
 //! node). Nothing is mocked.
 
 pub mod broker;
+pub mod campaign;
 pub mod gateway;
+pub mod proxy;
 pub mod queue;
 pub mod wait;
 pub mod worker;
 
 pub use broker::PrivateBroker;
-pub use gateway::TestGateway;
+pub use gateway::{GatewayProcess, TestGateway};
+pub use proxy::FaultyProxy;
 pub use queue::TestQueue;
 pub use wait::eventually;
 pub use worker::{WorkerOptions, WorkerProcess};
@@ -37,4 +40,12 @@ pub fn binary(name: &str) -> std::path::PathBuf {
                 exe.display()
             )
         })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }

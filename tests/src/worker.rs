@@ -27,6 +27,10 @@ pub struct WorkerOptions {
     pub shutdown_grace: &'static str,
     /// `DELIVERY_LIMIT`; must match the queue's.
     pub delivery_limit: u32,
+    /// Which binary of this package to run.
+    pub binary: &'static str,
+    /// More environment variables, e.g. `("HEARTBEAT", "2")`.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for WorkerOptions {
@@ -36,6 +40,8 @@ impl Default for WorkerOptions {
             sleep_unit: "20ms",
             shutdown_grace: "25s",
             delivery_limit: 5,
+            binary: "offload-worker-under-test",
+            env: Vec::new(),
         }
     }
 }
@@ -49,7 +55,7 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts a worker on `queue` at `url` and waits until it is consuming.
     pub async fn start(url: &str, queue: &str, options: &WorkerOptions) -> Self {
-        let mut child = Command::new(crate::binary("offload-worker-under-test"))
+        let mut child = Command::new(crate::binary(options.binary))
             .env("AMQP_URL", url)
             .env("QUEUE", queue)
             .env("PREFETCH", options.prefetch.to_string())
@@ -58,6 +64,7 @@ impl WorkerProcess {
             .env("DELIVERY_LIMIT", options.delivery_limit.to_string())
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

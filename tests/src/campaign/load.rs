@@ -1,0 +1,162 @@
+//! Concurrent `POST /tasks` at a steady offered rate, recording what each request got.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use reqwest::StatusCode;
+use tokio::{task::JoinSet, time::Instant};
+use uuid::Uuid;
+
+/// What one request got, in the terms of Jepsen's queue checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 202: the gateway promised the task is queued.
+    Ok(Uuid),
+    /// A definite refusal: the task is certainly not queued.
+    Fail,
+    /// No answer, a broken connection, or a 503 that says the task *may* be queued.
+    Unknown,
+}
+
+/// One request.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When it was sent.
+    pub sent: Instant,
+    /// How long its answer took.
+    pub took: Duration,
+    /// Whether it was a poison task.
+    pub poison: bool,
+    /// What it got.
+    pub outcome: Outcome,
+}
+
+/// How the load is shaped.
+#[derive(Debug, Clone)]
+pub struct LoadShape {
+    /// Concurrent clients, each with its own keep-alive connection.
+    pub clients: usize,
+    /// Requests per second over all clients.
+    pub rate: u32,
+    /// Every n-th request of a client is a poison task (`{"kind": "panic"}`).
+    pub poison_every: Option<u32>,
+    /// The body of every good task.
+    pub task: serde_json::Value,
+    /// Longest a client waits for one answer before recording it as unknown.
+    pub request_timeout: Duration,
+}
+
+/// Load running in the background until [`Load::stop`].
+pub struct Load {
+    records: Arc<Mutex<Vec<Record>>>,
+    running: Arc<AtomicBool>,
+    clients: JoinSet<()>,
+}
+
+impl Load {
+    /// Starts `shape.clients` clients posting to `tasks_url`.
+    pub fn start(tasks_url: &str, shape: &LoadShape) -> Self {
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let running = Arc::new(AtomicBool::new(true));
+        let mut clients = JoinSet::new();
+        let clients_f64 = f64::from(u32::try_from(shape.clients).unwrap_or(u32::MAX));
+        let period = Duration::from_secs_f64(clients_f64 / f64::from(shape.rate.max(1)));
+        for _ in 0..shape.clients {
+            let client = reqwest::Client::builder()
+                .timeout(shape.request_timeout)
+                .pool_max_idle_per_host(1)
+                .build()
+                .expect("an HTTP client with a timeout builds");
+            clients.spawn(run_client(
+                client,
+                tasks_url.to_owned(),
+                shape.clone(),
+                period,
+                Arc::clone(&records),
+                Arc::clone(&running),
+            ));
+        }
+        Self {
+            records,
+            running,
+            clients,
+        }
+    }
+
+    /// The records so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.records.lock().expect("records lock").clone()
+    }
+
+    /// Stops sending, waits for the requests in flight and returns every record.
+    pub async fn stop(mut self) -> Vec<Record> {
+        self.running.store(false, Ordering::SeqCst);
+        while self.clients.join_next().await.is_some() {}
+        self.records()
+    }
+}
+
+async fn run_client(
+    client: reqwest::Client,
+    url: String,
+    shape: LoadShape,
+    period: Duration,
+    records: Arc<Mutex<Vec<Record>>>,
+    running: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    // A request that took longer than the period is not made up for with a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let poison_body = serde_json::json!({"kind": "panic"});
+    let mut sent_count: u32 = 0;
+    while running.load(Ordering::SeqCst) {
+        tick.tick().await;
+        sent_count = sent_count.wrapping_add(1);
+        let poison = shape
+            .poison_every
+            .is_some_and(|every| sent_count.is_multiple_of(every));
+        let body = if poison { &poison_body } else { &shape.task };
+        let sent = Instant::now();
+        let outcome = classify(client.post(&url).json(body).send().await).await;
+        let record = Record {
+            sent,
+            took: sent.elapsed(),
+            poison,
+            outcome,
+        };
+        records.lock().expect("records lock").push(record);
+    }
+}
+
+async fn classify(response: reqwest::Result<reqwest::Response>) -> Outcome {
+    let response = match response {
+        Ok(response) => response,
+        // Refused before the request was sent (the gateway is down): certainly not queued.
+        Err(error) if error.is_connect() => return Outcome::Fail,
+        // Timed out or cut mid-request: nobody knows.
+        Err(_) => return Outcome::Unknown,
+    };
+    let status = response.status();
+    let Ok(body) = response.json::<serde_json::Value>().await else {
+        return Outcome::Unknown;
+    };
+    if status == StatusCode::ACCEPTED {
+        return body["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .map_or(Outcome::Unknown, Outcome::Ok);
+    }
+    let may_be_queued = body["error"]
+        .as_str()
+        .is_some_and(|message| message.contains("may not have been queued"));
+    if may_be_queued {
+        Outcome::Unknown
+    } else {
+        Outcome::Fail
+    }
+}

@@ -1,0 +1,155 @@
+//! The checker's verdict for one scenario, and the campaign's table.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    time::Duration,
+};
+
+use uuid::Uuid;
+
+use super::{Fault, Outcome, Record};
+
+/// What one scenario measured.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The fault.
+    pub fault: Fault,
+    /// Requests sent.
+    pub sent: usize,
+    /// 202s.
+    pub ok: usize,
+    /// Definite refusals.
+    pub fail: usize,
+    /// Timeouts, resets, and 503s that say the task may be queued.
+    pub unknown: usize,
+    /// Distinct good tasks that some worker completed.
+    pub completed: usize,
+    /// Good tasks that got a 202 and never completed. Must be 0.
+    pub lost: usize,
+    /// Completions beyond the first of a task (at-least-once at work).
+    pub duplicates: usize,
+    /// Poison tasks that got a 202.
+    pub poison: usize,
+    /// Messages in the dead-letter queue at the end.
+    pub dead_lettered: usize,
+    /// The longest any request waited for its answer.
+    pub longest_wait: Duration,
+    /// From the fault's healing to the first 202 of a request sent after it.
+    pub recovery: Option<Duration>,
+    /// Whether every promised task completed before the drain deadline.
+    pub drained: bool,
+}
+
+impl Row {
+    /// Checks the records against the completions.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        fault: Fault,
+        records: &[Record],
+        promised: &HashSet<Uuid>,
+        completions: &HashMap<Uuid, usize>,
+        dead_lettered: usize,
+        poison: usize,
+        recovery: Option<Duration>,
+        drained: bool,
+    ) -> Self {
+        let count =
+            |wanted: fn(&Outcome) -> bool| records.iter().filter(|r| wanted(&r.outcome)).count();
+        Self {
+            fault,
+            sent: records.len(),
+            ok: count(|o| matches!(o, Outcome::Ok(_))),
+            fail: count(|o| matches!(o, Outcome::Fail)),
+            unknown: count(|o| matches!(o, Outcome::Unknown)),
+            completed: promised
+                .iter()
+                .filter(|id| completions.contains_key(id))
+                .count(),
+            lost: promised
+                .iter()
+                .filter(|id| !completions.contains_key(id))
+                .count(),
+            duplicates: completions.values().map(|n| n - 1).sum(),
+            poison,
+            dead_lettered,
+            longest_wait: records.iter().map(|r| r.took).max().unwrap_or_default(),
+            recovery,
+            drained,
+        }
+    }
+
+    /// Whether the scenario kept the promise: nothing lost, every poison task dead-lettered.
+    pub fn passed(&self) -> bool {
+        self.lost == 0 && self.drained && self.dead_lettered == self.poison
+    }
+}
+
+const HEADER: [&str; 12] = [
+    "fault",
+    "sent",
+    "ok",
+    "fail",
+    "unknown",
+    "completed",
+    "lost",
+    "dup",
+    "dead-lettered",
+    "longest wait",
+    "recovery",
+    "verdict",
+];
+
+fn cells(row: &Row) -> [String; 12] {
+    let millis = |d: Duration| format!("{} ms", d.as_millis());
+    [
+        row.fault.name().to_owned(),
+        row.sent.to_string(),
+        row.ok.to_string(),
+        row.fail.to_string(),
+        row.unknown.to_string(),
+        row.completed.to_string(),
+        row.lost.to_string(),
+        row.duplicates.to_string(),
+        format!("{} of {}", row.dead_lettered, row.poison),
+        millis(row.longest_wait),
+        row.recovery.map_or_else(|| "n/a".to_owned(), millis),
+        if row.passed() { "ok" } else { "FAILED" }.to_owned(),
+    ]
+}
+
+/// The rows as an aligned plain-text table, for the terminal.
+pub fn table(rows: &[Row]) -> String {
+    let all: Vec<[String; 12]> = std::iter::once(HEADER.map(str::to_owned))
+        .chain(rows.iter().map(cells))
+        .collect();
+    let widths: Vec<usize> = (0..HEADER.len())
+        .map(|i| all.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &all {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:>width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  "));
+    }
+    out
+}
+
+/// The rows as a Markdown table, with a description column.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "| {} | what is done |", HEADER.join(" | "));
+    let _ = writeln!(out, "|{}---|", "---|".repeat(HEADER.len()));
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} |",
+            cells(row).join(" | "),
+            row.fault.description()
+        );
+    }
+    out
+}

@@ -1,0 +1,157 @@
+//! A TCP proxy between offload and the broker that can cut, hang or reset the network on
+//! demand, run in process so no root or `tc` is needed.
+//!
+//! - **cut**: every open connection is closed (FIN) and new ones are refused until healed;
+//! - **hang**: connections stay open but no byte moves either way, new ones included, until
+//!   healed, as with a dead route or a peer frozen mid-stream;
+//! - **reset**: every open connection is aborted with a TCP RST; new ones pass.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+
+/// What the proxy does to traffic right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    Hang,
+    Cut,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    mode: Mode,
+    /// Bumped by [`FaultyProxy::reset`]; a connection opened before the bump is aborted.
+    resets: u64,
+}
+
+/// A running proxy. Stops (closing every connection) when dropped.
+pub struct FaultyProxy {
+    addr: SocketAddr,
+    state: watch::Sender<State>,
+    accept: JoinHandle<()>,
+}
+
+impl FaultyProxy {
+    /// Listens on a free loopback port and forwards every connection to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (state, _) = watch::channel(State {
+            mode: Mode::Pass,
+            resets: 0,
+        });
+        let accept = tokio::spawn(accept_loop(listener, upstream, state.subscribe()));
+        Ok(Self {
+            addr,
+            state,
+            accept,
+        })
+    }
+
+    /// The proxy's own port, to put in the AMQP URL.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Closes every connection and refuses new ones until [`FaultyProxy::heal`].
+    pub fn cut(&self) {
+        self.state.send_modify(|state| state.mode = Mode::Cut);
+    }
+
+    /// Stops moving bytes, on open and new connections, until [`FaultyProxy::heal`].
+    pub fn hang(&self) {
+        self.state.send_modify(|state| state.mode = Mode::Hang);
+    }
+
+    /// Aborts every open connection with a TCP RST; new connections pass.
+    pub fn reset(&self) {
+        self.state.send_modify(|state| state.resets += 1);
+    }
+
+    /// Back to forwarding everything.
+    pub fn heal(&self) {
+        self.state.send_modify(|state| state.mode = Mode::Pass);
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.state.send_modify(|state| state.mode = Mode::Cut);
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: watch::Receiver<State>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        if state.borrow().mode == Mode::Cut {
+            drop(client);
+            continue;
+        }
+        tokio::spawn(forward(client, upstream, state.clone()));
+    }
+}
+
+/// Moves bytes both ways until either side closes or a fault ends the connection.
+async fn forward(mut client: TcpStream, upstream: SocketAddr, mut state: watch::Receiver<State>) {
+    let born = state.borrow().resets;
+    // A hang that starts before the upstream connection exists hangs the connect too.
+    while state.borrow().mode == Mode::Hang {
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+    let Ok(Ok(mut server)) =
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream)).await
+    else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let mut from_client = vec![0_u8; 16 * 1024];
+    let mut from_server = vec![0_u8; 16 * 1024];
+    loop {
+        let now = *state.borrow_and_update();
+        if now.resets != born {
+            // SO_LINGER 0 turns the close into a RST.
+            let _ = client.set_zero_linger();
+            let _ = server.set_zero_linger();
+            return;
+        }
+        match now.mode {
+            Mode::Cut => return,
+            Mode::Hang => {
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+            Mode::Pass => {
+                let moved = tokio::select! {
+                    changed = state.changed() => match changed {
+                        Ok(()) => continue,
+                        Err(_) => return,
+                    },
+                    read = client.read(&mut from_client) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => server.write_all(&from_client[..n]).await,
+                    },
+                    read = server.read(&mut from_server) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => client.write_all(&from_server[..n]).await,
+                    },
+                };
+                if moved.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
