@@ -1,0 +1,290 @@
+//! `cargo bench -p offload-bench`: offload against raw lapin on the same broker, in one run.
+//! Prints one table and writes `docs/PERFORMANCE.md`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use clap::Parser;
+use offload_bench::{
+    amqp_url,
+    broker::{self, BenchQueue},
+    free_port, http,
+    process::{self, Process},
+    stats::{self, Line, millis, percent, percentile, rate},
+};
+
+/// The benchmark. Every figure is measured beside its ceiling in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "offload-bench")]
+struct Args {
+    /// How long each throughput and latency measurement runs (after a warm-up of a fifth).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    length: Duration,
+
+    /// Concurrent HTTP connections, and publishes in flight for the ceiling.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+
+    /// Zero-work tasks queued for each drain measurement.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u64,
+
+    /// Where to write the report; `-` writes none.
+    #[arg(long, default_value_os_t = default_report())]
+    write: PathBuf,
+
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn default_report() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/PERFORMANCE.md")
+}
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_offload-api-bench");
+const WORKER: &str = env!("CARGO_BIN_EXE_offload-worker-bench");
+const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let url = amqp_url();
+    let queue = BenchQueue::declare(&url, "run").await?;
+    let mut lines = Vec::new();
+
+    // Drains first: the end-to-end measure runs at a rate one worker can keep up with.
+    let mut worker_peak = 0;
+    let mut drain_rates = Vec::new();
+    for prefetch in [1, 100] {
+        let (line, offload_rate, peak) = drain(&args, &url, &queue, prefetch).await?;
+        lines.push(line);
+        drain_rates.push(offload_rate);
+        worker_peak = worker_peak.max(peak);
+    }
+
+    let port = free_port();
+    let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port).await;
+    let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+    let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
+    for share in [0.25, 0.5, 0.75] {
+        lines.push(latency(&args, &queue, &tasks_url, sustained, share).await?);
+    }
+    // Moderate: half of what one worker at the default prefetch drains.
+    let (e2e, peak) = end_to_end(&args, &url, &queue, &tasks_url, drain_rates[0] / 2.0).await;
+    lines.extend(e2e);
+    worker_peak = worker_peak.max(peak);
+    let gateway_peak = gateway.peak_rss().unwrap_or(0);
+    drop(gateway);
+    queue.delete().await;
+    lines.extend(memory(gateway_peak, worker_peak));
+
+    println!("{}", stats::table(&lines));
+    if args.write.as_os_str() != "-" {
+        std::fs::write(&args.write, report(&lines, &args))?;
+        println!("report written to {}", args.write.display());
+    }
+    Ok(())
+}
+
+/// The raw publish ceiling, then the gateway closed-loop; returns the gateway's rate.
+async fn throughput(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    tasks_url: &str,
+    lines: &mut Vec<Line>,
+) -> Result<f64, lapin::Error> {
+    eprintln!(
+        "publish ceiling: raw lapin, {} in flight ...",
+        args.connections
+    );
+    let ceiling = broker::publish_ceiling(url, queue.name(), args.connections, args.length).await?;
+    queue.purge().await?;
+    eprintln!("POST /tasks: {} connections ...", args.connections);
+    let (sustained, errors) = http::throughput(tasks_url, args.connections, args.length).await;
+    queue.purge().await?;
+    let fraction = sustained / ceiling;
+    lines.push(Line {
+        measure: format!("POST /tasks, {} connections", args.connections),
+        offload: rate(sustained),
+        ceiling: rate(ceiling),
+        ratio: percent(fraction),
+        target: ">= 60%".into(),
+        met: Some(fraction >= 0.6),
+    });
+    lines.push(Line::info("  answers other than 202", errors.to_string()));
+    Ok(sustained)
+}
+
+/// Open-loop latency at `share` of the sustained rate.
+async fn latency(
+    args: &Args,
+    queue: &BenchQueue,
+    tasks_url: &str,
+    sustained: f64,
+    share: f64,
+) -> Result<Line, lapin::Error> {
+    let offered = sustained * share;
+    eprintln!("latency at {} ...", rate(offered));
+    let mut run = http::open_loop(tasks_url, offered, args.length, args.connections).await;
+    queue.purge().await?;
+    let p99 = percentile(&mut run.latencies, 99.0);
+    let at_half = (share - 0.5).abs() < f64::EPSILON;
+    Ok(Line {
+        measure: format!(
+            "latency at {} ({} of sustained): p50 / p99 / p99.9",
+            rate(offered),
+            percent(share)
+        ),
+        offload: [50.0, 99.0, 99.9]
+            .map(|p| percentile(&mut run.latencies, p).map_or("-".into(), millis))
+            .join(" / "),
+        ceiling: String::new(),
+        ratio: errors(&run.errors),
+        target: if at_half { "p99 < 10 ms" } else { "" }.into(),
+        met: at_half.then(|| p99.is_some_and(|p| p < Duration::from_millis(10))),
+    })
+}
+
+/// 202 to "task started", with one worker at the default prefetch; and the worker's peak
+/// memory.
+async fn end_to_end(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    tasks_url: &str,
+    offered: f64,
+) -> (Option<Line>, u64) {
+    eprintln!("end to end at {}: 202 to task started ...", rate(offered));
+    let (worker, log) = process::start_worker(Path::new(WORKER), url, queue.name(), 1, true);
+    let run = http::open_loop(tasks_url, offered, args.length, args.connections).await;
+    let accepted = u64::try_from(run.accepted.len()).unwrap_or(u64::MAX);
+    let line = match log.drained(accepted, DRAIN_DEADLINE).await {
+        Some(_) => {
+            let mut gaps = gaps(&run.accepted, &log.started.lock().expect("log lock"));
+            #[allow(clippy::cast_precision_loss)] // counts of a few thousand
+            let early =
+                gaps.iter().filter(|gap| gap.is_zero()).count() as f64 / gaps.len().max(1) as f64;
+            Some(Line {
+                ratio: format!("{} started before their 202 arrived", percent(early)),
+                ..Line::info(
+                    format!("202 to task started at {}: p50 / p99", rate(offered)),
+                    [50.0, 99.0]
+                        .map(|p| percentile(&mut gaps, p).map_or("-".into(), millis))
+                        .join(" / "),
+                )
+            })
+        }
+        None => None,
+    };
+    (line, worker.peak_rss().unwrap_or(0))
+}
+
+/// `args.tasks` zero-work tasks drained by raw lapin, then by a worker process, at
+/// `prefetch`; the worker's rate and its peak memory.
+async fn drain(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    prefetch: u16,
+) -> Result<(Line, f64, u64), lapin::Error> {
+    eprintln!("drain at prefetch {prefetch}: {} tasks ...", args.tasks);
+    broker::fill(url, queue.name(), args.tasks).await?;
+    let raw = broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?;
+    broker::fill(url, queue.name(), args.tasks).await?;
+    let (worker, drained) = drain_with_worker(url, queue.name(), prefetch, args.tasks).await;
+    let peak = worker.peak_rss().unwrap_or(0);
+    drop(worker);
+    queue.purge().await?;
+    let target = if prefetch == 1 { 0.9 } else { 0.8 };
+    let offload = drained.map_or(0.0, |took| broker::per_second(args.tasks, took));
+    let line = Line {
+        measure: format!("drain, one worker, prefetch {prefetch}"),
+        offload: rate(offload),
+        ceiling: rate(raw),
+        ratio: percent(offload / raw),
+        target: format!(">= {}", percent(target)),
+        met: Some(offload / raw >= target),
+    };
+    Ok((line, offload, peak))
+}
+
+fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "0 errors".into();
+    }
+    let kinds: Vec<String> = errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    format!("errors {}", kinds.join(", "))
+}
+
+fn memory(gateway_peak: u64, worker_peak: u64) -> [Line; 2] {
+    [
+        Line {
+            measure: "gateway peak resident memory".into(),
+            offload: stats::mib(gateway_peak),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: "< 30 MiB".into(),
+            met: Some(gateway_peak < 30 * 1024 * 1024),
+        },
+        Line {
+            measure: "worker peak resident memory".into(),
+            offload: stats::mib(worker_peak),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: "< 20 MiB".into(),
+            met: Some(worker_peak < 20 * 1024 * 1024),
+        },
+    ]
+}
+
+/// A worker at `prefetch` drains `tasks` already queued; the time from its subscription to
+/// its last completion.
+async fn drain_with_worker(
+    url: &str,
+    queue: &str,
+    prefetch: u16,
+    tasks: u64,
+) -> (Process, Option<Duration>) {
+    let (worker, log) = process::start_worker(Path::new(WORKER), url, queue, prefetch, false);
+    let drained = log.drained(tasks, DRAIN_DEADLINE).await;
+    (worker, drained)
+}
+
+/// For each accepted task the worker started, how long after its 202 it started (zero when
+/// the worker was first: the broker delivers as soon as the message is queued, and the
+/// confirm can reach the gateway after the delivery reaches the worker).
+fn gaps(
+    accepted: &[(uuid::Uuid, SystemTime)],
+    started: &[(uuid::Uuid, SystemTime)],
+) -> Vec<Duration> {
+    let started: HashMap<_, _> = started.iter().copied().collect();
+    accepted
+        .iter()
+        .filter_map(|(id, at)| {
+            let began = started.get(id)?;
+            Some(began.duration_since(*at).unwrap_or(Duration::ZERO))
+        })
+        .collect()
+}
+
+fn report(lines: &[Line], args: &Args) -> String {
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    TEMPLATE
+        .replace("{table}", &stats::markdown(lines))
+        .replace("{date}", &date)
+        .replace("{cores}", &cores.to_string())
+        .replace("{connections}", &args.connections.to_string())
+        .replace("{tasks}", &args.tasks.to_string())
+        .replace(
+            "{length}",
+            &humantime::format_duration(args.length).to_string(),
+        )
+}
+
+const TEMPLATE: &str = include_str!("performance_template.md");

@@ -1,0 +1,225 @@
+//! The ceilings: what raw lapin does on the same broker, queue type and message, with no
+//! HTTP and no offload code in the way.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueuePurgeOptions,
+    },
+    types::FieldTable,
+};
+use offload_common::{TaskEnvelope, TaskKind, Topology};
+
+/// A queue of the benchmark's own, with offload's topology; deleted by [`BenchQueue::delete`].
+pub struct BenchQueue {
+    /// Its topology (a quorum queue, as offload declares it).
+    pub topology: Topology,
+    connection: Connection,
+}
+
+impl BenchQueue {
+    /// Declares `bench-<label>-<random>` on the broker at `url`.
+    pub async fn declare(url: &str, label: &str) -> Result<Self, lapin::Error> {
+        let name = format!(
+            "bench-{label}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let topology = Topology::new(name, 5);
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        topology
+            .declare(&connection)
+            .await
+            .expect("a fresh bench queue declares");
+        Ok(Self {
+            topology,
+            connection,
+        })
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        self.topology.queue()
+    }
+
+    /// Removes every ready message, so that phases start from the same empty queue.
+    pub async fn purge(&self) -> Result<(), lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_purge(self.name().into(), QueuePurgeOptions::default())
+            .await?;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(())
+    }
+
+    /// Deletes the queues and the exchange.
+    pub async fn delete(self) {
+        let _ = self.topology.delete(&self.connection).await;
+        let _ = self.connection.close(200, "bench done".into()).await;
+    }
+}
+
+/// A zero-work task exactly as the gateway would publish it: its body and properties.
+pub fn zero_work_task() -> (Vec<u8>, BasicProperties) {
+    let kind = TaskKind::try_from("sleep").expect("'sleep' is a valid kind");
+    let task = TaskEnvelope::new(kind, serde_json::json!({"message": "bench"}));
+    (task.to_bytes(), task.properties())
+}
+
+async fn confirm_channel(url: &str) -> Result<(Connection, Channel), lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
+/// Publishes the same persistent message from `in_flight` concurrent publishers on one
+/// confirm-mode channel (as the gateway does), each awaiting its own confirm, for `length`.
+/// Returns the confirmed publishes per second.
+pub async fn publish_ceiling(
+    url: &str,
+    queue: &str,
+    in_flight: usize,
+    length: Duration,
+) -> Result<f64, lapin::Error> {
+    let (connection, channel) = confirm_channel(url).await?;
+    let (body, properties) = zero_work_task();
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let mut publishers = Vec::new();
+    for _ in 0..in_flight {
+        let channel = channel.clone();
+        let body = body.clone();
+        let properties = properties.clone();
+        let queue = queue.to_owned();
+        let confirmed = Arc::clone(&confirmed);
+        let running = Arc::clone(&running);
+        publishers.push(tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        properties.clone(),
+                    )
+                    .await?
+                    .await?;
+                if confirm.is_ack() {
+                    confirmed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, lapin::Error>(())
+        }));
+    }
+    let rate = measure_rate(&confirmed, length).await;
+    running.store(false, Ordering::Relaxed);
+    for publisher in publishers {
+        publisher.await.expect("a publisher task does not panic")?;
+    }
+    let _ = connection.close(200, "ceiling measured".into()).await;
+    Ok(rate)
+}
+
+/// Counts `counter` over `length` after a warm-up of a fifth of it; returns the rate per
+/// second.
+pub async fn measure_rate(counter: &AtomicU64, length: Duration) -> f64 {
+    tokio::time::sleep(length / 5).await;
+    let from = counter.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(length).await;
+    per_second(counter.load(Ordering::Relaxed) - from, started.elapsed())
+}
+
+/// `count` over `elapsed`, per second.
+pub fn per_second(count: u64, elapsed: Duration) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // counts here stay far below 2^52
+    let count = count as f64;
+    count / elapsed.as_secs_f64()
+}
+
+/// Puts `count` zero-work tasks on `queue`, confirmed, as fast as the broker takes them.
+pub async fn fill(url: &str, queue: &str, count: u64) -> Result<(), lapin::Error> {
+    let (connection, channel) = confirm_channel(url).await?;
+    let (body, properties) = zero_work_task();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..count {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties.clone(),
+            )
+            .await?;
+        pending.push(confirm);
+        // Keep a window, not all of them, in flight.
+        if pending.len() >= 256 {
+            pending.next().await.transpose()?;
+        }
+    }
+    while pending.next().await.transpose()?.is_some() {}
+    let _ = connection.close(200, "filled".into()).await;
+    Ok(())
+}
+
+/// Consumes `count` messages from `queue` at `prefetch`, acking each, with no decoding and
+/// no work: the drain ceiling. Acks are sent concurrently, as the worker settles deliveries
+/// from their own tasks, so the ceiling is not held back by waiting on each ack in turn.
+/// Returns messages per second, from the subscription to the last ack.
+pub async fn drain_ceiling(
+    url: &str,
+    queue: &str,
+    prefetch: u16,
+    count: u64,
+) -> Result<f64, lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-ceiling".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    let (mut received, mut acked) = (0, 0);
+    while acked < count {
+        tokio::select! {
+            Some(done) = acks.next(), if !acks.is_empty() => {
+                done?;
+                acked += 1;
+            }
+            delivery = consumer.next(), if received < count => {
+                let Some(delivery) = delivery else { break };
+                let delivery = delivery?;
+                received += 1;
+                acks.push(async move { delivery.ack(BasicAckOptions::default()).await });
+            }
+        }
+    }
+    let rate = per_second(acked, started.elapsed());
+    let _ = connection.close(200, "drained".into()).await;
+    Ok(rate)
+}

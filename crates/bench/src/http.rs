@@ -1,0 +1,141 @@
+//! Load on `POST /tasks`: closed loop for throughput, open loop for latency.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use reqwest::StatusCode;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::broker::measure_rate;
+
+/// The task every request submits: zero work.
+fn body() -> &'static [u8] {
+    br#"{"kind":"sleep","payload":{"message":"bench"}}"#
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client builds")
+}
+
+/// Posts one task; its id, or what went wrong (a status code, or the client's error kind).
+async fn post(client: &reqwest::Client, url: &str) -> Result<Uuid, String> {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body())
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_timeout() {
+                "timeout".to_owned()
+            } else if e.is_connect() {
+                "connect".to_owned()
+            } else {
+                "other".to_owned()
+            }
+        })?;
+    let status = response.status();
+    if status != StatusCode::ACCEPTED {
+        return Err(status.as_u16().to_string());
+    }
+    let answer: serde_json::Value = response.json().await.map_err(|_| "body".to_owned())?;
+    answer["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| "no id".to_owned())
+}
+
+/// `connections` clients, each on its own keep-alive connection, posting back to back for
+/// `length`. Returns 202s per second and the number of other answers.
+pub async fn throughput(url: &str, connections: usize, length: Duration) -> (f64, u64) {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let (url, accepted, errors, running) = (
+            url.to_owned(),
+            Arc::clone(&accepted),
+            Arc::clone(&errors),
+            Arc::clone(&running),
+        );
+        clients.push(tokio::spawn(async move {
+            // One client each: one connection each, as 64 independent callers would have.
+            let client = client();
+            while running.load(Ordering::Relaxed) {
+                match post(&client, &url).await {
+                    Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let rate = measure_rate(&accepted, length).await;
+    running.store(false, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    (rate, errors.load(Ordering::Relaxed))
+}
+
+/// What an open-loop run saw.
+#[derive(Debug, Default)]
+pub struct OpenLoop {
+    /// Latency of each answered request, from its scheduled send time.
+    pub latencies: Vec<Duration>,
+    /// Requests that got no 202, by what they got instead.
+    pub errors: BTreeMap<String, u64>,
+    /// (task id, when its 202 arrived), for the end-to-end measure.
+    pub accepted: Vec<(Uuid, SystemTime)>,
+}
+
+/// Sends at `rate` per second for `length` over `connections` keep-alive connections, as
+/// wrk2 does: each connection has its own schedule, and a request is timed from the moment
+/// the schedule said to send it, not from when the connection was free to, so a slow answer
+/// cannot hide the requests queued behind it (no coordinated omission).
+pub async fn open_loop(url: &str, rate: f64, length: Duration, connections: usize) -> OpenLoop {
+    let results = Arc::new(Mutex::new(OpenLoop::default()));
+    let connections_f64 = f64::from(u32::try_from(connections).unwrap_or(u32::MAX));
+    // Each connection sends every `period`; together they offer `rate`.
+    let period = Duration::from_secs_f64(connections_f64 / rate.max(1.0));
+    let start = Instant::now();
+    let end = start + length;
+    let mut senders = tokio::task::JoinSet::new();
+    for connection in 0..connections {
+        let (url, results) = (url.to_owned(), Arc::clone(&results));
+        // Stagger the connections evenly over one period.
+        let offset =
+            period.mul_f64(f64::from(u32::try_from(connection).unwrap_or(0)) / connections_f64);
+        senders.spawn(async move {
+            let client = client();
+            let mut scheduled = start + offset;
+            while scheduled < end {
+                tokio::time::sleep_until(scheduled).await;
+                let outcome = post(&client, &url).await;
+                let took = scheduled.elapsed();
+                let mut results = results.lock().expect("results lock");
+                match outcome {
+                    Ok(id) => {
+                        results.latencies.push(took);
+                        results.accepted.push((id, SystemTime::now()));
+                    }
+                    Err(kind) => *results.errors.entry(kind).or_insert(0) += 1,
+                }
+                drop(results);
+                scheduled += period;
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    std::mem::take(&mut *results.lock().expect("results lock"))
+}

@@ -1,0 +1,144 @@
+//! Percentiles, and the table the benchmark prints.
+
+use std::{fmt::Write as _, time::Duration};
+
+/// The `p`-th percentile (0 to 100) of `samples`, nearest rank; `None` when empty.
+pub fn percentile(samples: &mut [Duration], p: f64) -> Option<Duration> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )] // a rank within a Vec's length, from a fraction in 0..=1
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    Some(samples[rank.clamp(1, samples.len()) - 1])
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// What is measured.
+    pub measure: String,
+    /// offload's figure.
+    pub offload: String,
+    /// The ceiling's figure, if the measure has one.
+    pub ceiling: String,
+    /// offload / ceiling, or the figure against its target.
+    pub ratio: String,
+    /// The target.
+    pub target: String,
+    /// Whether the target is met.
+    pub met: Option<bool>,
+}
+
+impl Line {
+    /// A figure with no ceiling and no target.
+    pub fn info(measure: impl Into<String>, offload: impl Into<String>) -> Self {
+        Self {
+            measure: measure.into(),
+            offload: offload.into(),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: String::new(),
+            met: None,
+        }
+    }
+}
+
+/// `n` per second, rounded.
+pub fn rate(n: f64) -> String {
+    format!("{n:.0}/s")
+}
+
+/// A duration in milliseconds with two decimals.
+pub fn millis(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)] // memory sizes are far below 2^52
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    format!("{mib:.1} MiB")
+}
+
+/// A percentage.
+pub fn percent(fraction: f64) -> String {
+    format!("{:.0}%", fraction * 100.0)
+}
+
+const HEADER: [&str; 6] = ["measure", "offload", "ceiling", "ratio", "target", "met"];
+
+fn cells(line: &Line) -> [String; 6] {
+    [
+        line.measure.clone(),
+        line.offload.clone(),
+        line.ceiling.clone(),
+        line.ratio.clone(),
+        line.target.clone(),
+        match line.met {
+            Some(true) => "yes".into(),
+            Some(false) => "NO".into(),
+            None => String::new(),
+        },
+    ]
+}
+
+/// The lines as an aligned plain-text table.
+pub fn table(lines: &[Line]) -> String {
+    let rows: Vec<[String; 6]> = std::iter::once(HEADER.map(str::to_owned))
+        .chain(lines.iter().map(cells))
+        .collect();
+    let widths: Vec<usize> = (0..HEADER.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let padded: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    }
+    out
+}
+
+/// The lines as a Markdown table.
+pub fn markdown(lines: &[Line]) -> String {
+    let mut out = format!("| {} |\n|{}\n", HEADER.join(" | "), "---|".repeat(6));
+    for line in lines {
+        let _ = writeln!(out, "| {} |", cells(line).join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(
+            percentile(&mut samples, 50.0),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(
+            percentile(&mut samples, 99.0),
+            Some(Duration::from_millis(99))
+        );
+        assert_eq!(
+            percentile(&mut samples, 99.9),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            percentile(&mut samples, 0.0),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(percentile(&mut [], 50.0), None);
+    }
+}
