@@ -29,12 +29,26 @@ struct Args {
     connections: usize,
 
     /// Zero-work tasks queued for each drain measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     tasks: u64,
+
+    /// Throughput and drain measurements alternate the ceiling and offload this many times;
+    /// medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 
     /// Where to write the report; `-` writes none.
     #[arg(long, default_value_os_t = default_report())]
     write: PathBuf,
+
+    /// Measure only the drains (quick, when working on the worker); writes no report.
+    #[arg(long)]
+    drain_only: bool,
+
+    /// Measure only POST /tasks throughput (quick, when working on the gateway); writes no
+    /// report.
+    #[arg(long, conflicts_with = "drain_only")]
+    publish_only: bool,
 
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -59,17 +73,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Drains first: the end-to-end measure runs at a rate one worker can keep up with.
     let mut worker_peak = 0;
     let mut drain_rates = Vec::new();
-    for prefetch in [1, 100] {
+    for prefetch in [1, 100].into_iter().filter(|_| !args.publish_only) {
         let (line, offload_rate, peak) = drain(&args, &url, &queue, prefetch).await?;
         lines.push(line);
         drain_rates.push(offload_rate);
         worker_peak = worker_peak.max(peak);
+    }
+    if args.drain_only {
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
     }
 
     let port = free_port();
     let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port).await;
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
     let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
+    if args.publish_only {
+        queue.delete().await;
+        lines.extend(memory(gateway.peak_rss().unwrap_or(0), 0));
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
     for share in [0.25, 0.5, 0.75] {
         lines.push(latency(&args, &queue, &tasks_url, sustained, share).await?);
     }
@@ -90,7 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The raw publish ceiling, then the gateway closed-loop; returns the gateway's rate.
+/// The raw publish ceiling and the gateway closed-loop, `args.rounds` times alternating;
+/// returns the gateway's median rate.
 async fn throughput(
     args: &Args,
     url: &str,
@@ -98,18 +124,27 @@ async fn throughput(
     tasks_url: &str,
     lines: &mut Vec<Line>,
 ) -> Result<f64, lapin::Error> {
-    eprintln!(
-        "publish ceiling: raw lapin, {} in flight ...",
-        args.connections
-    );
-    let ceiling = broker::publish_ceiling(url, queue.name(), args.connections, args.length).await?;
-    queue.purge().await?;
-    eprintln!("POST /tasks: {} connections ...", args.connections);
-    let (sustained, errors) = http::throughput(tasks_url, args.connections, args.length).await;
-    queue.purge().await?;
+    let (mut ceilings, mut sustained, mut errors) = (Vec::new(), Vec::new(), 0);
+    for round in 1..=args.rounds {
+        eprintln!(
+            "publish ceiling and POST /tasks, {} in flight, round {round} of {} ...",
+            args.connections, args.rounds
+        );
+        ceilings
+            .push(broker::publish_ceiling(url, queue.name(), args.connections, args.length).await?);
+        queue.purge().await?;
+        let (rate, failed) = http::throughput(tasks_url, args.connections, args.length).await;
+        sustained.push(rate);
+        errors += failed;
+        queue.purge().await?;
+    }
+    let (ceiling, sustained) = (stats::median(&mut ceilings), stats::median(&mut sustained));
     let fraction = sustained / ceiling;
     lines.push(Line {
-        measure: format!("POST /tasks, {} connections", args.connections),
+        measure: format!(
+            "POST /tasks, {} connections (median of {})",
+            args.connections, args.rounds
+        ),
         offload: rate(sustained),
         ceiling: rate(ceiling),
         ratio: percent(fraction),
@@ -185,25 +220,36 @@ async fn end_to_end(
 }
 
 /// `args.tasks` zero-work tasks drained by raw lapin, then by a worker process, at
-/// `prefetch`; the worker's rate and its peak memory.
+/// `prefetch`, `args.rounds` times alternating; the medians, the worker's median rate and
+/// its peak memory.
 async fn drain(
     args: &Args,
     url: &str,
     queue: &BenchQueue,
     prefetch: u16,
 ) -> Result<(Line, f64, u64), lapin::Error> {
-    eprintln!("drain at prefetch {prefetch}: {} tasks ...", args.tasks);
-    broker::fill(url, queue.name(), args.tasks).await?;
-    let raw = broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?;
-    broker::fill(url, queue.name(), args.tasks).await?;
-    let (worker, drained) = drain_with_worker(url, queue.name(), prefetch, args.tasks).await;
-    let peak = worker.peak_rss().unwrap_or(0);
-    drop(worker);
-    queue.purge().await?;
+    let (mut raw, mut offload, mut peak) = (Vec::new(), Vec::new(), 0);
+    for round in 1..=args.rounds {
+        eprintln!(
+            "drain at prefetch {prefetch}, round {round} of {}: {} tasks ...",
+            args.rounds, args.tasks
+        );
+        broker::fill(url, queue.name(), args.tasks).await?;
+        raw.push(broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?);
+        broker::fill(url, queue.name(), args.tasks).await?;
+        let (worker, drained) = drain_with_worker(url, queue.name(), prefetch, args.tasks).await;
+        peak = peak.max(worker.peak_rss().unwrap_or(0));
+        drop(worker);
+        queue.purge().await?;
+        offload.push(drained.map_or(0.0, |took| broker::per_second(args.tasks, took)));
+    }
+    let (raw, offload) = (stats::median(&mut raw), stats::median(&mut offload));
     let target = if prefetch == 1 { 0.9 } else { 0.8 };
-    let offload = drained.map_or(0.0, |took| broker::per_second(args.tasks, took));
     let line = Line {
-        measure: format!("drain, one worker, prefetch {prefetch}"),
+        measure: format!(
+            "drain, one worker, prefetch {prefetch} (median of {})",
+            args.rounds
+        ),
         offload: rate(offload),
         ceiling: rate(raw),
         ratio: percent(offload / raw),

@@ -17,6 +17,12 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Option<Duration> {
     Some(samples[rank.clamp(1, samples.len()) - 1])
 }
 
+/// The median of `samples` (the upper one of an even count); 0 when empty.
+pub fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_unstable_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// One line of the report.
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -140,5 +146,12 @@ mod tests {
             Some(Duration::from_millis(1))
         );
         assert_eq!(percentile(&mut [], 50.0), None);
+    }
+
+    #[test]
+    fn median_of_unsorted_samples() {
+        assert!((median(&mut [3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
+        assert!((median(&mut [4.0, 1.0]) - 4.0).abs() < f64::EPSILON);
+        assert!(median(&mut []).abs() < f64::EPSILON);
     }
 }
