@@ -20,10 +20,11 @@ pub use config::{
 pub use error::ApiError;
 pub use publisher::{BrokerState, PublishError, Publisher};
 
-/// What every request handler can reach.
+/// What every request handler can reach. Cloned for every request, so it holds the
+/// publisher behind one `Arc` rather than cloning its parts.
 #[derive(Clone)]
 pub struct AppState {
-    publisher: Publisher,
+    publisher: std::sync::Arc<Publisher>,
     retry_after_secs: u32,
 }
 
@@ -73,7 +74,7 @@ impl Application {
         )
         .await?;
         let state = AppState {
-            publisher,
+            publisher: std::sync::Arc::new(publisher),
             retry_after_secs: config.retry_after_secs,
         };
         let router = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));

@@ -57,11 +57,17 @@ impl TaskEnvelope {
         struct Version {
             v: u32,
         }
-        let version: Version = serde_json::from_slice(body).map_err(DecodeError::Json)?;
-        if version.v != ENVELOPE_VERSION {
-            return Err(DecodeError::Version(version.v));
+        // One parse on the hot path; the version is looked at only to explain a failure.
+        match serde_json::from_slice::<Self>(body) {
+            Ok(envelope) if envelope.v == ENVELOPE_VERSION => Ok(envelope),
+            Ok(envelope) => Err(DecodeError::Version(envelope.v)),
+            Err(error) => match serde_json::from_slice::<Version>(body) {
+                Ok(version) if version.v != ENVELOPE_VERSION => {
+                    Err(DecodeError::Version(version.v))
+                }
+                _ => Err(DecodeError::Json(error)),
+            },
         }
-        serde_json::from_slice(body).map_err(DecodeError::Json)
     }
 
     /// The AMQP properties the message is published with: persistent, JSON, with the task id

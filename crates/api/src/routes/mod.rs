@@ -52,14 +52,19 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 }
 
 async fn json_method_not_allowed(request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
-    let path = request.uri().path().to_owned();
+    // Cheap handles (an enum, a shared buffer); text is made only for an actual 405.
+    let method = request.method().clone();
+    let uri = request.uri().clone();
     let response = next.run(request).await;
     if response.status() != StatusCode::METHOD_NOT_ALLOWED {
         return response;
     }
     let allow = response.headers().get(header::ALLOW).cloned();
-    let mut json = ApiError::MethodNotAllowed { method, path }.into_response();
+    let mut json = ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response();
     if let Some(allow) = allow {
         json.headers_mut().insert(header::ALLOW, allow);
     }
