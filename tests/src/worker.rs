@@ -139,6 +139,11 @@ impl WorkerProcess {
         let _ = self.child.wait();
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// Sends SIGTERM, as `docker stop` does.
     pub fn terminate(&self) {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));

@@ -167,3 +167,64 @@ async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and
         .expect("worker stops cleanly");
     gateway.stop().await;
 }
+
+/// A task that takes its worker process down every time (an OOM kill, a segfault in native
+/// code) must not take down worker after worker: each death returns it to the queue and
+/// counts as a delivery, so at the delivery limit the broker dead-letters it.
+#[tokio::test]
+async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_delivery_limit() {
+    const LIMIT: u32 = 1;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "crashes", LIMIT).await;
+    let mut gateway_config = GatewayConfig::new(&url, queue.name());
+    gateway_config.broker.delivery_limit = LIMIT;
+    let gateway = TestGateway::spawn(gateway_config).await;
+    let options = WorkerOptions {
+        delivery_limit: LIMIT,
+        binary: "offload-campaign-worker",
+        ..WorkerOptions::default()
+    };
+    let response = gateway.post_task(&json!({"kind": "crash"})).await;
+    assert_eq!(response.status(), 202);
+
+    // Like a supervisor (compose's restart policy), start a new worker whenever one dies.
+    let mut deaths = 0;
+    let survivor = loop {
+        let mut worker = WorkerProcess::start(&url, queue.name(), &options).await;
+        let died = eventually(
+            Duration::from_secs(30),
+            "the worker to die on the task, or the task to be dead-lettered",
+            || {
+                let exited = worker.has_exited();
+                let queue = &queue;
+                async move {
+                    if exited {
+                        Some(true)
+                    } else {
+                        (queue.dead().await == 1).then_some(false)
+                    }
+                }
+            },
+        )
+        .await;
+        if !died {
+            break worker;
+        }
+        deaths += 1;
+        assert!(deaths <= 1 + LIMIT, "the task killed {deaths} workers");
+    };
+
+    assert_eq!(
+        deaths,
+        1 + LIMIT,
+        "the first delivery plus LIMIT redeliveries"
+    );
+    let good = gateway.submit_sleep("after the crashes.").await;
+    eventually(
+        Duration::from_secs(30),
+        "the surviving worker to run a good task",
+        || async { survivor.completed().contains(&good).then_some(()) },
+    )
+    .await;
+    gateway.stop().await;
+}
