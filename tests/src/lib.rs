@@ -15,7 +15,7 @@ pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::TestQueue;
 pub use wait::eventually;
-pub use worker::{WorkerOptions, WorkerProcess};
+pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {

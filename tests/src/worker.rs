@@ -166,3 +166,29 @@ impl Drop for WorkerProcess {
         self.kill();
     }
 }
+
+/// A worker running inside the test process, with handlers of the test's own.
+pub struct InProcessWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), offload_worker::WorkerError>>,
+}
+
+impl InProcessWorker {
+    /// Starts consuming with `config` and `registry`.
+    pub fn start(config: offload_worker::Config, registry: offload_worker::Registry) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(offload_worker::run(config, registry, async {
+            let _ = stopped.await;
+        }));
+        Self { stop, running }
+    }
+
+    /// Stops it and asserts that it stopped cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running
+            .await
+            .expect("worker task")
+            .expect("worker stops cleanly");
+    }
+}

@@ -10,7 +10,9 @@ use std::{
 
 use lapin::BasicProperties;
 use offload_api::Config as GatewayConfig;
-use offload_tests::{TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually};
+use offload_tests::{
+    InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually,
+};
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use serde_json::json;
 
@@ -135,10 +137,7 @@ async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and
     let registry = Registry::default()
         .register(AlwaysPanics(Arc::clone(&attempts)))
         .register(Counts(Arc::clone(&completed)));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(offload_worker::run(worker_config, registry, async {
-        let _ = stopped.await;
-    }));
+    let worker = InProcessWorker::start(worker_config, registry);
 
     let response = gateway.post_task(&json!({"kind": "explode"})).await;
     assert_eq!(response.status(), 202);
@@ -160,11 +159,7 @@ async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and
     )
     .await;
 
-    let _ = stop.send(());
-    worker
-        .await
-        .expect("worker task")
-        .expect("worker stops cleanly");
+    worker.stop().await;
     gateway.stop().await;
 }
 

@@ -11,7 +11,8 @@ use std::{
 
 use offload_api::Config as GatewayConfig;
 use offload_tests::{
-    PrivateBroker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually,
+    InProcessWorker, PrivateBroker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
+    eventually,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -209,10 +210,7 @@ async fn a_handler_past_its_deadline_fails_the_attempt_and_ends_dead_lettered() 
     config.broker.delivery_limit = LIMIT;
     config.handler_timeout = Duration::from_millis(100);
     let registry = Registry::default().register(Hangs(Arc::clone(&attempts)));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(offload_worker::run(config, registry, async {
-        let _ = stopped.await;
-    }));
+    let worker = InProcessWorker::start(config, registry);
 
     let response = gateway.post_task(&json!({"kind": "hang"})).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
@@ -222,10 +220,6 @@ async fn a_handler_past_its_deadline_fails_the_attempt_and_ends_dead_lettered() 
     .await;
     assert_eq!(attempts.load(Ordering::SeqCst), 1 + LIMIT as usize);
 
-    let _ = stop.send(());
-    worker
-        .await
-        .expect("worker task")
-        .expect("worker stops cleanly");
+    worker.stop().await;
     gateway.stop().await;
 }
