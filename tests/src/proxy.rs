@@ -90,6 +90,8 @@ impl Drop for FaultyProxy {
 async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: watch::Receiver<State>) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors, say: let it pass rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         if state.borrow().mode == Mode::Cut {
