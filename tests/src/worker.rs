@@ -133,6 +133,18 @@ impl WorkerProcess {
         .await
     }
 
+    /// Waits until the worker logs an event whose message contains `text`.
+    pub async fn wait_for_message_containing(&self, text: &str, deadline: Duration) -> Value {
+        eventually(deadline, &format!("worker to log {text:?}"), || async {
+            self.events().into_iter().find(|event| {
+                event["message"]
+                    .as_str()
+                    .is_some_and(|message| message.contains(text))
+            })
+        })
+        .await
+    }
+
     /// Sends SIGKILL: the process dies at once, acking nothing.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

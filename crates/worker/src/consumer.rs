@@ -26,6 +26,11 @@ use crate::{Config, Registry, Task, handler::HandlerFuture};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The log target of every line about one task (started, completed, failed, dead-lettered,
+/// not settled), so operators can filter them as a group:
+/// `RUST_LOG=info,offload::task=warn` keeps failures and drops the two lines per success.
+pub const TASK_LOG: &str = "offload::task";
+
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -211,7 +216,7 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
                 .message_id()
                 .as_ref()
                 .map(ToString::to_string);
-            tracing::warn!(?message_id, "{error}; dead-lettering the message");
+            tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
             settle(&delivery, Outcome::Reject).await;
             return;
         }
@@ -223,7 +228,7 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
         let running = match registry.dispatch(task) {
             Ok(running) => running,
             Err(task) => {
-                tracing::warn!(
+                tracing::warn!(target: TASK_LOG,
                     known = ?registry.kinds(),
                     "no handler for kind '{}'; dead-lettering the task", task.kind
                 );
@@ -231,7 +236,7 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
                 return;
             }
         };
-        tracing::info!(
+        tracing::info!(target: TASK_LOG,
             previous_deliveries,
             redelivered = delivery.redelivered,
             "task started"
@@ -252,7 +257,7 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
     // cancels, a handler past its deadline.
     let guarded = std::panic::AssertUnwindSafe(running).catch_unwind();
     let Ok(finished) = tokio::time::timeout(deadline, guarded).await else {
-        tracing::warn!(
+        tracing::warn!(target: TASK_LOG,
             deadline = %humantime::format_duration(deadline),
             "task ran past HANDLER_TIMEOUT; returning it to the queue for another attempt"
         );
@@ -260,19 +265,19 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
     };
     match finished {
         Ok(Ok(())) => {
-            tracing::info!("task completed");
+            tracing::info!(target: TASK_LOG, "task completed");
             Outcome::Ack
         }
         Ok(Err(error)) if error.is_retryable() => {
-            tracing::warn!("task failed: {error}; returning it to the queue for another attempt");
+            tracing::warn!(target: TASK_LOG, "task failed: {error}; returning it to the queue for another attempt");
             Outcome::Requeue
         }
         Ok(Err(error)) => {
-            tracing::warn!("task failed permanently: {error}; dead-lettering it");
+            tracing::warn!(target: TASK_LOG, "task failed permanently: {error}; dead-lettering it");
             Outcome::Reject
         }
         Err(panic) => {
-            tracing::error!(
+            tracing::error!(target: TASK_LOG,
                 "handler panicked: {}; returning the task to the queue",
                 panic_message(panic.as_ref())
             );
@@ -314,6 +319,6 @@ async fn settle(delivery: &Delivery, outcome: Outcome) {
     };
     if let Err(error) = result {
         // The channel is gone; the broker requeues the delivery by itself.
-        tracing::warn!("could not settle the delivery ({error}); the broker will redeliver it");
+        tracing::warn!(target: TASK_LOG, "could not settle the delivery ({error}); the broker will redeliver it");
     }
 }

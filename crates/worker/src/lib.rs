@@ -26,5 +26,5 @@ pub mod handlers;
 pub use config::{
     Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLEEP_UNIT,
 };
-pub use consumer::{WorkerError, run};
+pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};

@@ -6,6 +6,7 @@ mod bad_input;
 mod dispatch;
 mod durability;
 mod http;
+mod logging;
 mod poison;
 mod redelivery;
 mod resilience;
