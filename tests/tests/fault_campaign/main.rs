@@ -5,7 +5,12 @@
 //! Needs what the integration tests need: `rabbitmq-server` installed and root (each
 //! scenario runs a private RabbitMQ node; the shared broker is never touched).
 
-use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser;
 use offload_tests::campaign::{self, Fault, LoadShape, Row};
@@ -37,10 +42,10 @@ struct Args {
 }
 
 fn default_report() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/RELIABILITY.md"
-    ))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .join("docs/RELIABILITY.md")
 }
 
 fn parse_fault(name: &str) -> Result<Fault, String> {
