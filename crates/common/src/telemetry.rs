@@ -27,13 +27,7 @@ impl LogArgs {
     pub fn init(&self) {
         std::panic::set_hook(Box::new(|info| {
             let location = info.location().map(ToString::to_string);
-            let message = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(location, "panic: {message}");
+            tracing::error!(location, "panic: {}", panic_message(info.payload()));
         }));
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let builder = fmt().with_env_filter(filter).with_target(false);
@@ -46,4 +40,13 @@ impl LogArgs {
                 .init(),
         }
     }
+}
+
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }

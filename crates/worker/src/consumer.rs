@@ -228,7 +228,8 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
         let running = match registry.dispatch(task) {
             Ok(running) => running,
             Err(task) => {
-                tracing::warn!(target: TASK_LOG,
+                tracing::warn!(
+                    target: TASK_LOG,
                     known = ?registry.kinds(),
                     "no handler for kind '{}'; dead-lettering the task", task.kind
                 );
@@ -236,7 +237,8 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
                 return;
             }
         };
-        tracing::info!(target: TASK_LOG,
+        tracing::info!(
+            target: TASK_LOG,
             previous_deliveries,
             redelivered = delivery.redelivered,
             "task started"
@@ -257,7 +259,8 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
     // cancels, a handler past its deadline.
     let guarded = std::panic::AssertUnwindSafe(running).catch_unwind();
     let Ok(finished) = tokio::time::timeout(deadline, guarded).await else {
-        tracing::warn!(target: TASK_LOG,
+        tracing::warn!(
+            target: TASK_LOG,
             deadline = %humantime::format_duration(deadline),
             "task ran past HANDLER_TIMEOUT; returning it to the queue for another attempt"
         );
@@ -269,7 +272,10 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
             Outcome::Ack
         }
         Ok(Err(error)) if error.is_retryable() => {
-            tracing::warn!(target: TASK_LOG, "task failed: {error}; returning it to the queue for another attempt");
+            tracing::warn!(
+                target: TASK_LOG,
+                "task failed: {error}; returning it to the queue for another attempt"
+            );
             Outcome::Requeue
         }
         Ok(Err(error)) => {
@@ -277,21 +283,14 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
             Outcome::Reject
         }
         Err(panic) => {
-            tracing::error!(target: TASK_LOG,
+            tracing::error!(
+                target: TASK_LOG,
                 "handler panicked: {}; returning the task to the queue",
-                panic_message(panic.as_ref())
+                offload_common::telemetry::panic_message(panic.as_ref())
             );
             Outcome::Requeue
         }
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message")
 }
 
 enum Outcome {
@@ -319,6 +318,9 @@ async fn settle(delivery: &Delivery, outcome: Outcome) {
     };
     if let Err(error) = result {
         // The channel is gone; the broker requeues the delivery by itself.
-        tracing::warn!(target: TASK_LOG, "could not settle the delivery ({error}); the broker will redeliver it");
+        tracing::warn!(
+            target: TASK_LOG,
+            "could not settle the delivery ({error}); the broker will redeliver it"
+        );
     }
 }
