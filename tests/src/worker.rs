@@ -62,6 +62,8 @@ impl WorkerProcess {
             .env("SLEEP_UNIT", options.sleep_unit)
             .env("SHUTDOWN_GRACE", options.shutdown_grace)
             .env("DELIVERY_LIMIT", options.delivery_limit.to_string())
+            // Tests measure work in many short units.
+            .env("SLEEP_MAX_UNITS", "100000")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .envs(options.env.iter().map(|(key, value)| (key, value)))

@@ -1,6 +1,6 @@
 //! The gateway's settings: every one a flag that can also come from the environment.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use offload_common::{BrokerArgs, LogArgs};
@@ -17,6 +17,54 @@ pub struct Config {
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// How long a connection may take, from its opening or the end of its last response, to
+    /// send the next request's complete headers. A slow client (headers a byte a second, or
+    /// nothing at all) is disconnected after it; it is also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a client may take to send a whole request body; past it the request gets 408
+    /// and the connection is closed.
+    #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Most connections served at once. Past it a new connection gets a 503 and is closed,
+    /// so memory and file descriptors stay bounded however many clients connect.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_bytes: u32,
+
+    /// API keys, comma-separated: `key` (every scope) or `key=scope+scope`, scopes being
+    /// `submit` (POST /tasks), `read` (status and listings) and `admin` (operator actions).
+    /// Clients send `Authorization: Bearer <key>`. Unset (and no API_KEYS_FILE): the gateway
+    /// is open to anyone who reaches it.
+    #[arg(
+        long,
+        env = "API_KEYS",
+        hide_env_values = true,
+        conflicts_with = "api_keys_file"
+    )]
+    pub api_keys: Option<String>,
+
+    /// A file of API keys, one `key` or `key=scope+scope` per line (blank lines and lines
+    /// starting with `#` ignored), so keys need not sit in the environment.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Requests per second each API key may make (all clients together when no keys are
+    /// set); past it 429 with Retry-After. Unset: no limit. /health is never limited.
+    #[arg(long, env = "RATE_LIMIT")]
+    pub rate_limit: Option<NonZeroU32>,
+
+    /// How many requests a key may make at once above RATE_LIMIT after a quiet spell.
+    /// Default: one second's worth, RATE_LIMIT.
+    #[arg(long, env = "RATE_LIMIT_BURST", requires = "rate_limit")]
+    pub rate_limit_burst: Option<NonZeroU32>,
 
     /// How long to wait for the broker to confirm a publish before answering 503.
     #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -40,6 +88,13 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// Default for `--max-connections`: with the other defaults, about 150 MiB of memory at
+/// worst (see docs/SECURITY.md for the formula).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+/// Default for `--max-header-bytes`: 16 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// Default for `--header-timeout` and `--body-timeout`.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for `--max-body-bytes`: 256 KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default for `--confirm-timeout`.
@@ -57,6 +112,14 @@ impl Config {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_timeout: DEFAULT_CLIENT_TIMEOUT,
+            body_timeout: DEFAULT_CLIENT_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            api_keys: None,
+            api_keys_file: None,
+            rate_limit: None,
+            rate_limit_burst: None,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -88,6 +151,11 @@ mod tests {
         assert_eq!(parsed.confirm_timeout, built.confirm_timeout);
         assert_eq!(parsed.retry_after_secs, built.retry_after_secs);
         assert_eq!(parsed.max_in_flight, built.max_in_flight);
+        assert_eq!(parsed.header_timeout, built.header_timeout);
+        assert_eq!(parsed.body_timeout, built.body_timeout);
+        assert_eq!(parsed.max_connections, built.max_connections);
+        assert_eq!(parsed.max_header_bytes, built.max_header_bytes);
+        assert_eq!(parsed.broker.dead_max_length, built.broker.dead_max_length);
         assert_eq!(parsed.broker.delivery_limit, built.broker.delivery_limit);
         assert_eq!(parsed.broker.heartbeat, built.broker.heartbeat);
         assert_eq!(parsed.broker.connect_timeout, built.broker.connect_timeout);

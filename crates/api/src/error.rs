@@ -1,14 +1,22 @@
 //! The gateway's one error type, and its one mapping to HTTP.
+//!
+//! Every error body is `{"error": "<what went wrong and what to do>", "code": "<stable
+//! machine-readable code>"}`. Messages echo at most a short excerpt of what the client sent,
+//! and 5xx messages never carry the broker client's text: that goes to the log, once.
+
+use std::time::Duration;
 
 use axum::{
-    Json,
     extract::rejection::JsonRejection,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
-use crate::publisher::PublishError;
+use crate::{auth::Scope, publisher::PublishError};
+
+/// The longest excerpt of client input an error message quotes.
+const EXCERPT: usize = 100;
 
 /// Everything a request can fail with. Each variant's message tells the client what to do.
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +24,17 @@ pub enum ApiError {
     /// The request body could not be read as the JSON we expect.
     #[error(transparent)]
     Json(#[from] JsonRejection),
+    /// The announced body is larger than the gateway accepts.
+    #[error("the body is larger than this gateway accepts ({limit} bytes, MAX_BODY_BYTES)")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The client took too long to send its body.
+    #[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
+    BodyTimeout(Duration),
     /// No route at that path.
-    #[error("no route for {method} {path}; offload serves POST /tasks and GET /health")]
+    #[error("no route for {method} {path}")]
     NotFound {
         /// Request method.
         method: String,
@@ -25,44 +42,189 @@ pub enum ApiError {
         path: String,
     },
     /// The route exists but not with this method.
-    #[error("{method} is not allowed on {path}; see the Allow header for the methods that are")]
+    #[error("{method} is not allowed on {path}")]
     MethodNotAllowed {
         /// Request method.
         method: String,
         /// Request path.
         path: String,
     },
+    /// No API key, or one the gateway does not know.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The key is known but lacks the scope the route needs.
+    #[error("this API key lacks the '{0}' scope")]
+    Forbidden(Scope),
+    /// The key has used up its rate.
+    #[error("rate limit reached")]
+    RateLimited {
+        /// Seconds until a request would be let through.
+        retry_after: u64,
+    },
     /// The broker did not take the task.
-    #[error("the task was not queued: {0}. Retry after the Retry-After delay")]
-    Unavailable(#[from] PublishError),
+    #[error("the task was not queued: {error}")]
+    Unavailable {
+        /// Why.
+        error: PublishError,
+        /// Seconds the client should wait before retrying.
+        retry_after: u32,
+    },
+    /// The gateway serves its maximum of connections.
+    #[error("the gateway serves its maximum of connections (MAX_CONNECTIONS)")]
+    TooManyConnections {
+        /// Seconds the client should wait before retrying.
+        retry_after: u32,
+    },
+    /// A bug: a request handler panicked.
+    #[error("a request handler panicked")]
+    Internal,
 }
 
+/// An error body.
 #[derive(Serialize)]
-struct ErrorBody {
+struct ErrorBody<'a> {
     error: String,
+    code: &'a str,
 }
 
 impl ApiError {
-    fn status_code(&self) -> StatusCode {
+    /// The HTTP status.
+    pub fn status_code(&self) -> StatusCode {
         match self {
             Self::Json(rejection) => rejection.status(),
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable { .. } | Self::TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The message the client sees.
+    /// The stable, machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Json(rejection) => match rejection {
+                JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+                JsonRejection::JsonSyntaxError(_) => "invalid_json",
+                JsonRejection::JsonDataError(_) => "invalid_task",
+                _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+                _ => "unreadable_body",
+            },
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::NotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable { error, .. } => match error {
+                PublishError::Disconnected | PublishError::Broker(_) => "broker_unavailable",
+                PublishError::Blocked => "broker_blocked",
+                PublishError::Overloaded => "overloaded",
+                PublishError::Nacked => "queue_full",
+                PublishError::Returned(_) => "queue_missing",
+                PublishError::Timeout(_) => "confirm_timeout",
+            },
+            Self::TooManyConnections { .. } => "too_many_connections",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// The message the client sees: what happened and what to do, nothing internal.
     fn message(&self) -> String {
         match self {
             Self::Json(rejection) => json_advice(rejection),
-            // Without a confirm nobody knows whether the broker kept the task; say so, since a
-            // retry may then run it twice (delivery is at least once anyway).
-            Self::Unavailable(error @ PublishError::Timeout(_)) => format!(
-                "the task may not have been queued: {error}. Retry after the Retry-After delay; \
-                 if it was queued after all it runs twice, so handlers should be idempotent"
+            Self::BodyTooLarge { .. } => format!(
+                "{self}; send a smaller payload, or store large inputs elsewhere and send a reference"
             ),
-            other => other.to_string(),
+            Self::BodyTimeout(_) => format!("{self}; send the whole body at once"),
+            Self::NotFound { method, path } => format!(
+                "no route for {} {}; offload serves POST /tasks and GET /health",
+                excerpt(method),
+                excerpt(path)
+            ),
+            Self::MethodNotAllowed { method, path } => format!(
+                "{} is not allowed on {}; see the Allow header for the methods that are",
+                excerpt(method),
+                excerpt(path)
+            ),
+            Self::Unauthorized(why) => {
+                format!("{why}; send the header Authorization: Bearer <API key>")
+            }
+            Self::Forbidden(scope) => format!(
+                "this API key lacks the '{scope}' scope this request needs; use a key that has it"
+            ),
+            Self::RateLimited { .. } => {
+                "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
+            }
+            Self::Unavailable { error, .. } => unavailable_advice(error).into(),
+            Self::TooManyConnections { .. } => {
+                format!("{self}; retry after the Retry-After delay")
+            }
+            Self::Internal => {
+                "internal error in the gateway; the task may not have been queued, retry it".into()
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::Unavailable { retry_after, .. } | Self::TooManyConnections { retry_after } => {
+                Some(u64::from(*retry_after))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the connection should be closed after this answer: the request's body was
+    /// not (or not wholly) read, so the connection cannot carry another request.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::BodyTooLarge { .. } | Self::BodyTimeout(_) | Self::TooManyConnections { .. }
+        )
+    }
+
+    /// The JSON body alone, for the one answer written outside the router (too many
+    /// connections).
+    pub(crate) fn body_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&ErrorBody {
+            error: self.message(),
+            code: self.code(),
+        })
+        .expect("an error body of two strings always serialises")
+    }
+}
+
+/// What to tell a client whose task the broker did not take. Never the broker's own text.
+fn unavailable_advice(error: &PublishError) -> &'static str {
+    match error {
+        PublishError::Disconnected | PublishError::Broker(_) => {
+            "the task was not queued: the gateway has no connection to RabbitMQ right now. Retry after the Retry-After delay"
+        }
+        PublishError::Blocked => {
+            "the task was not queued: RabbitMQ is refusing new messages (memory or disk alarm). Retry after the Retry-After delay"
+        }
+        PublishError::Overloaded => {
+            "the task was not queued: this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT). Retry after the Retry-After delay"
+        }
+        PublishError::Nacked => {
+            "the task was not queued: RabbitMQ refused it (nack; the queue may be full). Retry after the Retry-After delay"
+        }
+        PublishError::Returned(_) => {
+            "the task was not queued: the work queue does not exist right now (it is being declared again). Retry after the Retry-After delay"
+        }
+        // Without a confirm nobody knows whether the broker kept the task; say so, since a
+        // retry may then run it twice (delivery is at least once anyway).
+        PublishError::Timeout(_) => {
+            "the task may not have been queued: RabbitMQ did not confirm it within CONFIRM_TIMEOUT. Retry after the Retry-After delay; if it was queued after all it runs twice, so handlers should be idempotent"
         }
     }
 }
@@ -75,16 +237,16 @@ fn json_advice(rejection: &JsonRejection) -> String {
         }
         JsonRejection::JsonSyntaxError(_) => format!(
             "the body is not valid JSON ({}); send an object like {{\"kind\": \"sleep\", \"payload\": {{\"message\": \"...\"}}}}",
-            inner_most(rejection)
+            excerpt(&inner_most(rejection))
         ),
         JsonRejection::JsonDataError(error) => format!(
             "the body does not describe a task: {}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}} and no other fields",
-            inner_most(error)
+            excerpt(&inner_most(error))
         ),
         JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             "the body is larger than this gateway accepts (MAX_BODY_BYTES); send a smaller payload, or store large inputs elsewhere and send a reference".into()
         }
-        _ => format!("the request body could not be read: {}", rejection.body_text()),
+        _ => "the request body could not be read; send it again".into(),
     }
 }
 
@@ -97,19 +259,68 @@ fn inner_most(error: &dyn std::error::Error) -> String {
     current.to_string()
 }
 
+/// At most [`EXCERPT`] characters of client input, marked when cut.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let message = self.message();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), "{message}");
+            // The whole cause chain, broker text included, goes to the log; not to the client.
+            tracing::warn!(status = status.as_u16(), code = self.code(), "{self}");
         } else {
-            tracing::debug!(status = status.as_u16(), "{message}");
+            tracing::debug!(status = status.as_u16(), code = self.code(), "{self}");
         }
-        // Retry-After on 503s is added by the router, from the configured value.
-        (status, Json(ErrorBody { error: message })).into_response()
+        let mut response = (
+            status,
+            axum::Json(ErrorBody {
+                error: self.message(),
+                code: self.code(),
+            }),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.closes_connection() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
 /// `Result` with [`ApiError`] as the default error.
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_short_and_marked() {
+        assert_eq!(excerpt("short"), "short");
+        let long = "x".repeat(10_000);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT + 1);
+        assert!(cut.ends_with('…'));
+        // Never splits a character.
+        assert_eq!(excerpt(&"é".repeat(200)).chars().count(), EXCERPT + 1);
+    }
+
+    #[test]
+    fn server_errors_never_quote_the_broker() {
+        let error = ApiError::Unavailable {
+            error: PublishError::Returned("NO_ROUTE secret-broker-text".into()),
+            retry_after: 1,
+        };
+        let body = String::from_utf8(error.body_bytes()).expect("UTF-8");
+        assert!(!body.contains("secret-broker-text"), "{body}");
+        assert!(body.contains("\"code\":\"queue_missing\""), "{body}");
+    }
+}

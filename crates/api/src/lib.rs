@@ -2,30 +2,38 @@
 //! connects to the broker, [`Application::run_until_stopped`] serves until the shutdown future
 //! resolves. The `offload-api` binary is a thin wrapper; tests start the same thing on port 0.
 
+mod auth;
 mod config;
 mod error;
 mod publisher;
 mod routes;
+mod server;
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::DefaultBodyLimit};
+use offload_common::{Broker, BrokerError, broker::session::Supervisor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use auth::{Access, AccessError, Scope};
 pub use config::{
-    Config, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IN_FLIGHT,
+    Config, DEFAULT_CLIENT_TIMEOUT, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_RETRY_AFTER_SECS,
 };
 pub use error::ApiError;
-pub use publisher::{BrokerState, PublishError, Publisher};
+pub use offload_common::BrokerState;
+pub use publisher::{PublishError, Publisher};
 
-/// What every request handler can reach. Cloned for every request, so it holds the
-/// publisher behind one `Arc` rather than cloning its parts.
+/// What every request handler can reach. Cloned for every request, so its parts are cheap
+/// handles.
 #[derive(Clone)]
 pub struct AppState {
-    publisher: std::sync::Arc<Publisher>,
+    publisher: Arc<Publisher>,
+    access: Access,
     retry_after_secs: u32,
+    max_body_bytes: usize,
+    body_timeout: Duration,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -40,25 +48,39 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The queues exist with other settings.
+    /// The API key settings are unusable.
     #[error(transparent)]
-    Topology(#[from] offload_common::TopologyError),
-    /// The server failed while running.
-    #[error("HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
+    Access(#[from] AccessError),
+    /// The broker settings are unusable, or the queues exist with other settings.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 /// A gateway that is bound and connected (or trying to connect), ready to serve.
 pub struct Application {
     listener: TcpListener,
-    router: Router,
+    router: axum::Router,
+    limits: server::Limits,
     shutdown: CancellationToken,
-    supervisor: tokio::task::JoinHandle<()>,
+    supervisor: Supervisor,
 }
 
 impl Application {
     /// Binds `config.bind`, connects to the broker and declares the topology.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let access = Access::from_settings(
+            config.api_keys.as_deref(),
+            config.api_keys_file.as_deref(),
+            config.rate_limit,
+            config.rate_limit_burst,
+        )?;
+        if access.is_open() {
+            tracing::warn!(
+                "no API keys configured (API_KEYS / API_KEYS_FILE): anyone who reaches this port can submit tasks"
+            );
+        } else {
+            tracing::info!(keys = access.key_count(), "API keys required");
+        }
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -66,21 +88,27 @@ impl Application {
                 source,
             })?;
         let shutdown = CancellationToken::new();
-        let (publisher, supervisor) = Publisher::start(
-            config.broker,
-            config.confirm_timeout,
-            config.max_in_flight,
-            shutdown.clone(),
-        )
-        .await?;
+        let (broker, supervisor) =
+            Broker::start(&config.broker, "offload-api", shutdown.clone()).await?;
+        let publisher = Publisher::new(broker, config.confirm_timeout, config.max_in_flight);
         let state = AppState {
-            publisher: std::sync::Arc::new(publisher),
+            publisher: Arc::new(publisher),
+            access,
             retry_after_secs: config.retry_after_secs,
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
         };
-        let router = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));
+        let limits = server::Limits {
+            max_connections: config.max_connections as usize,
+            header_timeout: config.header_timeout,
+            max_header_bytes: config.max_header_bytes as usize,
+            retry_after_secs: config.retry_after_secs,
+            drain: config.body_timeout + config.confirm_timeout + Duration::from_secs(1),
+        };
         Ok(Self {
             listener,
-            router,
+            router: routes::router(state),
+            limits,
             shutdown,
             supervisor,
         })
@@ -98,19 +126,47 @@ impl Application {
             .expect("a bound TCP listener has a local address")
     }
 
+    /// The whole HTTP surface, for driving it without a socket (`tower::ServiceExt::oneshot`).
+    pub fn router(&self) -> axum::Router {
+        self.router.clone()
+    }
+
     /// Serves until `shutdown` resolves, then finishes the requests in flight (each bounded
-    /// by the confirm timeout) and closes the broker connection.
+    /// by the body and confirm timeouts) and closes the broker connection. Also stops, with
+    /// an error, if the broker session meets an error retrying cannot fix.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         tracing::info!(addr = %self.local_addr(), "offload-api listening");
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
-        self.shutdown.cancel();
-        let _ = self.supervisor.await;
+        let Self {
+            listener,
+            router,
+            limits,
+            shutdown: session_shutdown,
+            mut supervisor,
+        } = self;
+        let mut fatal = None;
+        {
+            let serving = server::serve(listener, router, limits, shutdown);
+            tokio::pin!(serving);
+            tokio::select! {
+                () = &mut serving => {}
+                ended = &mut supervisor => {
+                    // Only an unfixable error ends the session before shutdown.
+                    fatal = Some(ended);
+                }
+            }
+        }
+        session_shutdown.cancel();
+        let ended = match fatal {
+            Some(ended) => ended,
+            None => (&mut supervisor).await,
+        };
         tracing::info!("offload-api stopped");
-        served.map_err(StartError::Serve)
+        match ended {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(error)) => Err(error.into()),
+        }
     }
 }

@@ -10,7 +10,10 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
 
-pub use broker::{BrokerArgs, BrokerError, redact_url};
+pub use broker::{
+    BrokerArgs, BrokerError, redact_url,
+    session::{Broker, BrokerState, Link},
+};
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
 pub use telemetry::{LogArgs, LogFormat};
 pub use topology::{Topology, TopologyError};

@@ -4,7 +4,7 @@
 //!   publish ──► [QUEUE] (quorum, x-delivery-limit) ──► workers
 //!                  │ rejected, or delivered more than the limit
 //!                  ▼
-//!              <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum)
+//!              <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
 //! ```
 //!
 //! Every queue argument is written out, never left to the broker's defaults, because the
@@ -24,6 +24,7 @@ pub struct Topology {
     queue: String,
     delivery_limit: u32,
     max_length: Option<u32>,
+    dead_max_length: u32,
 }
 
 impl Topology {
@@ -34,6 +35,7 @@ impl Topology {
             queue: queue.into(),
             delivery_limit,
             max_length: None,
+            dead_max_length: crate::broker::DEFAULT_DEAD_MAX_LENGTH,
         }
     }
 
@@ -42,6 +44,17 @@ impl Topology {
     #[must_use]
     pub fn with_max_length(mut self, max_length: Option<u32>) -> Self {
         self.max_length = max_length;
+        self
+    }
+
+    /// Caps the dead-letter queue at `max_length` tasks: past it the oldest is dropped.
+    ///
+    /// `drop-head`, because the dead-letter queue is a dead-letter *target*, and RabbitMQ does
+    /// not honour `reject-publish` on a quorum queue that dead-lettering delivers to
+    /// (rabbitmq-server issue #8495): with it the queue would grow past its bound anyway.
+    #[must_use]
+    pub fn with_dead_max_length(mut self, max_length: u32) -> Self {
+        self.dead_max_length = max_length;
         self
     }
 
@@ -87,9 +100,15 @@ impl Topology {
         args
     }
 
-    fn dead_letter_queue_arguments() -> FieldTable {
+    /// The arguments of the dead-letter queue, all explicit.
+    pub fn dead_letter_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), text("quorum"));
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(self.dead_max_length)),
+        );
+        args.insert("x-overflow".into(), text("drop-head"));
         args
     }
 
@@ -129,7 +148,7 @@ impl Topology {
             .queue_declare(
                 dead.as_str().into(),
                 durable,
-                Self::dead_letter_queue_arguments(),
+                self.dead_letter_queue_arguments(),
             )
             .await
             .map_err(|e| TopologyError::from_declare("queue", &dead, e))?;
@@ -148,6 +167,35 @@ impl Topology {
             .await
             .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
         Ok(())
+    }
+
+    /// Whether both queues exist (passive declarations, on a channel of its own, which the
+    /// broker closes when a queue is missing). An error means the broker could not be asked.
+    pub async fn exists(&self, connection: &Connection) -> Result<bool, TopologyError> {
+        for queue in [self.queue.clone(), self.dead_letter_queue()] {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(TopologyError::Broker)?;
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(_) => {
+                    let _ = channel.close(200, "checked".into()).await;
+                }
+                Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => return Ok(false),
+                Err(error) => return Err(TopologyError::Broker(error)),
+            }
+        }
+        Ok(true)
     }
 
     /// Deletes both queues and the exchange, messages included. For tests and tear-down.
@@ -203,7 +251,7 @@ pub enum TopologyError {
 impl TopologyError {
     fn from_declare(what: &'static str, name: &str, error: lapin::Error) -> Self {
         if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
-            && *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            && is_soft(&error, AMQPSoftError::PRECONDITIONFAILED)
         {
             return Self::Mismatch {
                 what,
@@ -213,4 +261,9 @@ impl TopologyError {
         }
         Self::Broker(error)
     }
+}
+
+/// Whether the broker refused an operation with this channel-level error.
+pub fn is_soft(error: &lapin::Error, kind: AMQPSoftError) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if *amqp.kind() == AMQPErrorKind::Soft(kind))
 }

@@ -20,6 +20,11 @@ pub struct Config {
     #[arg(long, env = "SLEEP_UNIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sleep_unit: Duration,
 
+    /// Most units of work one `sleep` task may ask for; more is a permanent failure, so one
+    /// request cannot buy hours of a worker's time.
+    #[arg(long, env = "SLEEP_MAX_UNITS", default_value_t = DEFAULT_SLEEP_MAX_UNITS)]
+    pub sleep_max_units: u32,
+
     /// Longest a handler may run one task; past it the attempt counts as failed and the task
     /// is redelivered (or dead-lettered at the delivery limit). Keep it below the broker's
     /// `consumer_timeout` (30 min by default), which would otherwise close the channel.
@@ -45,6 +50,8 @@ pub struct Config {
 pub const DEFAULT_PREFETCH: u16 = 1;
 /// Default for `--sleep-unit`.
 pub const DEFAULT_SLEEP_UNIT: Duration = Duration::from_secs(1);
+/// Default for `--sleep-max-units`.
+pub const DEFAULT_SLEEP_MAX_UNITS: u32 = 60;
 /// Default for `--handler-timeout`.
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default for `--shutdown-grace`.
@@ -57,6 +64,7 @@ impl Config {
         Self {
             prefetch: DEFAULT_PREFETCH,
             sleep_unit: DEFAULT_SLEEP_UNIT,
+            sleep_max_units: DEFAULT_SLEEP_MAX_UNITS,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             broker: BrokerArgs::new(amqp_url, queue),
@@ -84,6 +92,7 @@ mod tests {
         let built = Config::new(parsed.broker.amqp_url.clone(), parsed.broker.queue.clone());
         assert_eq!(parsed.prefetch, built.prefetch);
         assert_eq!(parsed.sleep_unit, built.sleep_unit);
+        assert_eq!(parsed.sleep_max_units, built.sleep_max_units);
         assert_eq!(parsed.shutdown_grace, built.shutdown_grace);
         assert_eq!(parsed.handler_timeout, built.handler_timeout);
     }

@@ -1,30 +1,29 @@
-//! The consume loop: connect, declare, `basic.qos`, consume; run each delivery; ack only after
-//! its handler finished; reconnect when the broker goes away; drain on shutdown.
+//! The consume loop: on the broker session's connection, `basic.qos` and consume; run each
+//! delivery; settle it only after its handler finished; subscribe again when the broker goes
+//! away; drain on shutdown.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
-    Channel, Connection, Consumer,
+    Channel, Consumer,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, BasicRejectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        BasicRejectOptions,
     },
     types::FieldTable,
 };
 use offload_common::{
-    BrokerError, TaskEnvelope, Topology, TopologyError, envelope::delivery_count,
+    Broker, BrokerError, TaskEnvelope,
+    broker::session::{Supervisor, backoff},
+    envelope::delivery_count,
 };
-use tokio_util::task::TaskTracker;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{Config, Registry, Task, handler::HandlerFuture};
-
-/// Shortest and longest wait between reconnection attempts; the short cap means consuming
-/// again within about a second of the broker's return.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The log target of every line about one task (started, completed, failed, dead-lettered,
 /// not settled), so operators can filter them as a group:
@@ -34,9 +33,10 @@ pub const TASK_LOG: &str = "offload::task";
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The queues exist with other settings; retrying cannot fix it.
+    /// The settings are unusable, or the queues exist with other settings: retrying cannot
+    /// fix it.
     #[error(transparent)]
-    Topology(#[from] TopologyError),
+    Broker(#[from] BrokerError),
 }
 
 /// Consumes until `shutdown` resolves, then stops taking deliveries, lets the tasks in hand
@@ -49,133 +49,135 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
+    let session_shutdown = CancellationToken::new();
+    let (broker, supervisor) =
+        Broker::start(&config.broker, "offload-worker", session_shutdown.clone()).await?;
     let worker = Worker {
-        topology: config.broker.topology(),
+        broker,
         registry: Arc::new(registry),
         tasks: TaskTracker::new(),
+        // The worker's own bound on tasks in hand, whatever the broker sends: RabbitMQ 3.8 to
+        // 3.10 grant a consumer an extra credit for each task dead-lettered at its delivery
+        // limit (rabbitmq-server PR #5609), and after a reconnect the old connection's tasks
+        // still run while the new one receives a fresh window.
+        permits: Arc::new(Semaphore::new(usize::from(config.prefetch))),
         config,
     };
     tracing::info!(
-        broker = %worker.config.broker.redacted_url(),
-        queue = worker.topology.queue(),
+        queue = worker.broker.topology().queue(),
         prefetch = worker.config.prefetch,
         kinds = ?worker.registry.kinds(),
         "offload-worker starting"
     );
-    let shutdown = std::pin::pin!(shutdown);
-    worker.consume_until(shutdown).await
+    let result = worker.consume_until(shutdown, supervisor).await;
+    session_shutdown.cancel();
+    result
 }
 
 struct Worker {
     config: Config,
-    topology: Topology,
+    broker: Broker,
     registry: Arc<Registry>,
     tasks: TaskTracker,
-}
-
-/// A live subscription.
-struct Session {
-    connection: Connection,
-    channel: Channel,
-    consumer: Consumer,
+    permits: Arc<Semaphore>,
 }
 
 impl Worker {
     async fn consume_until(
-        &self,
-        mut shutdown: std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+        mut supervisor: Supervisor,
     ) -> Result<(), WorkerError> {
-        let mut backoff = BACKOFF_MIN;
-        let mut first_attempt = true;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut delays = backoff();
         loop {
-            let session = tokio::select! {
+            let link = tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                opened = self.subscribe() => opened,
+                ended = &mut supervisor => return fatal(ended),
+                link = self.broker.connected() => link,
             };
-            let session = match session {
-                Ok(session) => session,
-                Err(BrokerError::Topology(error @ TopologyError::Mismatch { .. }))
-                    if first_attempt =>
-                {
-                    return Err(error.into());
-                }
+            let (channel, mut consumer) = match self.subscribe(link.connection()).await {
+                Ok(subscribed) => subscribed,
                 Err(error) => {
-                    first_attempt = false;
-                    tracing::warn!(
-                        "{error}; retrying in {}",
-                        humantime::format_duration(backoff)
-                    );
+                    tracing::warn!("cannot subscribe ({error}); retrying");
+                    // The queue may be gone: have the session check.
+                    self.broker.check_topology();
                     tokio::select! {
                         () = &mut shutdown => return Ok(()),
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))) => {}
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
             };
-            first_attempt = false;
-            backoff = BACKOFF_MIN;
-            tracing::info!(queue = self.topology.queue(), "consuming");
-            let Session {
-                connection,
-                channel,
-                mut consumer,
-            } = session;
+            delays = backoff();
+            tracing::info!(queue = self.broker.topology().queue(), "consuming");
             loop {
+                // A permit first, then a delivery: never more than PREFETCH tasks in hand.
+                let permit = tokio::select! {
+                    () = &mut shutdown => {
+                        self.drain(&channel, &consumer).await;
+                        return Ok(());
+                    }
+                    permit = Arc::clone(&self.permits).acquire_owned() => {
+                        permit.expect("the permit semaphore is never closed")
+                    }
+                };
                 tokio::select! {
                     () = &mut shutdown => {
-                        self.drain(&connection, &channel, &consumer).await;
+                        self.drain(&channel, &consumer).await;
                         return Ok(());
                     }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.start(delivery),
+                        Some(Ok(delivery)) => self.start(delivery, permit),
                         Some(Err(error)) => {
-                            tracing::warn!("lost the broker connection ({error}); reconnecting");
+                            tracing::warn!("lost the subscription ({error}); subscribing again");
                             break;
                         }
                         None => {
-                            tracing::warn!("the broker ended the subscription; reconnecting");
+                            // What deleting the queue does to its consumers, among others.
+                            tracing::warn!("the broker cancelled the subscription; subscribing again");
+                            self.broker.check_topology();
                             break;
                         }
                     }
                 }
             }
-            // Tasks already running keep running; their acks will fail and the broker will
-            // redeliver them, which is the at-least-once promise.
-            let _ = connection.close(320, "reconnecting".into()).await;
+            // Tasks already running keep running (and keep their permits); if the channel is
+            // gone their acks fail and the broker redelivers them: the at-least-once promise.
+            let _ = channel.close(200, "subscribing again".into()).await;
         }
     }
 
-    async fn subscribe(&self) -> Result<Session, BrokerError> {
-        let connection = self.config.broker.connect("offload-worker").await?;
-        self.topology.declare(&connection).await?;
+    async fn subscribe(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Result<(Channel, Consumer), lapin::Error> {
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
-                self.topology.queue().into(),
+                self.broker.topology().queue().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok(Session {
-            connection,
-            channel,
-            consumer,
-        })
+        Ok((channel, consumer))
     }
 
-    /// Runs one delivery in the background; `basic.qos` bounds how many run at once.
-    fn start(&self, delivery: Delivery) {
+    /// Runs one delivery in the background, holding `permit` until it is settled.
+    fn start(&self, delivery: Delivery, permit: OwnedSemaphorePermit) {
         let registry = Arc::clone(&self.registry);
-        self.tasks
-            .spawn(process(delivery, registry, self.config.handler_timeout));
+        let deadline = self.config.handler_timeout;
+        self.tasks.spawn(async move {
+            process(delivery, registry, deadline).await;
+            drop(permit);
+        });
     }
 
-    async fn drain(&self, connection: &Connection, channel: &Channel, consumer: &Consumer) {
+    async fn drain(&self, channel: &Channel, consumer: &Consumer) {
         // Stop the broker sending more; what it already sent is in `self.tasks` or will be
         // requeued when the channel closes.
         if let Err(error) = channel
@@ -201,8 +203,17 @@ impl Worker {
             );
         }
         let _ = channel.close(200, "worker shutting down".into()).await;
-        let _ = connection.close(200, "worker shutting down".into()).await;
         tracing::info!("offload-worker stopped");
+    }
+}
+
+/// The session ended before shutdown: only an error retrying cannot fix does that.
+fn fatal(
+    ended: Result<Result<(), BrokerError>, tokio::task::JoinError>,
+) -> Result<(), WorkerError> {
+    match ended {
+        Ok(Err(error)) => Err(error.into()),
+        Ok(Ok(())) | Err(_) => Ok(()),
     }
 }
 
@@ -296,7 +307,8 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
 enum Outcome {
     /// Done: remove it from the queue.
     Ack,
-    /// Failed: deliver it again (the quorum queue counts attempts and dead-letters at the limit).
+    /// Failed: deliver it again (the quorum queue counts attempts and dead-letters at the
+    /// limit).
     Requeue,
     /// Cannot ever succeed: dead-letter it now.
     Reject,
@@ -306,14 +318,9 @@ async fn settle(delivery: &Delivery, outcome: Outcome) {
     let acker = &delivery.acker;
     let result = match outcome {
         Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-        Outcome::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
+        // reject, not nack: from RabbitMQ 4.3 a nack no longer counts toward a quorum queue's
+        // delivery limit, so a task that always fails would be retried forever.
+        Outcome::Requeue => acker.reject(BasicRejectOptions { requeue: true }).await,
         Outcome::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(error) = result {

@@ -24,7 +24,8 @@ mod handler;
 pub mod handlers;
 
 pub use config::{
-    Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLEEP_UNIT,
+    Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_SLEEP_MAX_UNITS, DEFAULT_SLEEP_UNIT,
 };
 pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};

@@ -151,9 +151,8 @@ async fn classify(response: reqwest::Result<reqwest::Response>) -> Outcome {
             .and_then(|id| id.parse().ok())
             .map_or(Outcome::Unknown, Outcome::Ok);
     }
-    let may_be_queued = body["error"]
-        .as_str()
-        .is_some_and(|message| message.contains("may not have been queued"));
+    // The one refusal after which the task may be queued all the same.
+    let may_be_queued = body["code"] == "confirm_timeout";
     if may_be_queued {
         Outcome::Unknown
     } else {

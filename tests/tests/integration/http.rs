@@ -1,15 +1,15 @@
 //! The gateway's HTTP contract: every status, its content type and its body.
 
-use std::net::TcpListener;
+use std::{net::TcpListener, time::Duration};
 
 use lapin::{options::QueueDeleteOptions, types::ShortString};
 use offload_api::Config;
-use offload_tests::{TestGateway, TestQueue, amqp_url};
+use offload_tests::{TestGateway, TestQueue, amqp_url, eventually};
 use reqwest::{Response, StatusCode, header};
 use serde_json::{Value, json};
 
-/// Asserts `response` is a JSON error with `status`, and returns its message.
-async fn assert_json_error(response: Response, status: StatusCode) -> String {
+/// Asserts `response` is a JSON error with `status` and `code`, and returns its message.
+async fn assert_json_error(response: Response, status: StatusCode, code: &str) -> String {
     assert_eq!(response.status(), status);
     assert_eq!(
         response.headers()[header::CONTENT_TYPE],
@@ -22,10 +22,11 @@ async fn assert_json_error(response: Response, status: StatusCode) -> String {
         .expect("an `error` string")
         .to_owned();
     assert!(!message.is_empty());
+    assert_eq!(body["code"], code, "{body}");
     assert_eq!(
         body.as_object().map(serde_json::Map::len),
-        Some(1),
-        "only `error`: {body}"
+        Some(2),
+        "only `error` and `code`: {body}"
     );
     message
 }
@@ -132,12 +133,14 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
     let message = assert_json_error(
         gateway.post_raw("{\"kind\": ", json_type).await,
         StatusCode::BAD_REQUEST,
+        "invalid_json",
     )
     .await;
     assert!(message.contains("not valid JSON"), "{message}");
     assert_json_error(
         gateway.post_raw("kind=sleep", json_type).await,
         StatusCode::BAD_REQUEST,
+        "invalid_json",
     )
     .await;
 
@@ -146,6 +149,7 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
     let message = assert_json_error(
         gateway.post_raw(body.clone(), None).await,
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
     )
     .await;
     assert!(
@@ -155,6 +159,7 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
     assert_json_error(
         gateway.post_raw(body, Some("text/plain")).await,
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
     )
     .await;
 
@@ -163,6 +168,7 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
     let message = assert_json_error(
         gateway.post_raw(big, json_type).await,
         StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
     )
     .await;
     assert!(message.contains("MAX_BODY_BYTES"), "{message}");
@@ -183,6 +189,7 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
         let message = assert_json_error(
             gateway.post_task(&body).await,
             StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_task",
         )
         .await;
         assert!(message.contains(hint), "{body} -> {message}");
@@ -195,7 +202,7 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
         .send()
         .await
         .expect("answer");
-    assert_json_error(response, StatusCode::NOT_FOUND).await;
+    assert_json_error(response, StatusCode::NOT_FOUND, "not_found").await;
     let response = gateway
         .client()
         .get(gateway.url("/tasks"))
@@ -203,14 +210,24 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
         .await
         .expect("answer");
     assert_eq!(response.headers()[header::ALLOW], "POST");
-    assert_json_error(response, StatusCode::METHOD_NOT_ALLOWED).await;
+    assert_json_error(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
     let response = gateway
         .client()
         .delete(gateway.url("/health"))
         .send()
         .await
         .expect("answer");
-    assert_json_error(response, StatusCode::METHOD_NOT_ALLOWED).await;
+    assert_json_error(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
 
     assert_eq!(queue.ready().await, 0, "no bad request queued anything");
     gateway.stop().await;
@@ -251,29 +268,53 @@ async fn broker_unreachable_means_503_with_retry_after_never_202() {
 
     let response = gateway.post_task(&json!({"kind": "sleep"})).await;
     assert_eq!(response.headers()[header::RETRY_AFTER], "1");
-    let message = assert_json_error(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    let message = assert_json_error(
+        response,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+    )
+    .await;
     assert!(message.contains("not queued"), "{message}");
     gateway.stop().await;
 }
 
 #[tokio::test]
-async fn a_missing_queue_means_503_not_202() {
+async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile() {
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "vanished", 5).await;
     let gateway = TestGateway::start(&url, queue.name()).await;
-    // Someone deletes the queue behind the gateway's back: the mandatory publish comes back
-    // unrouted, and the client must not be told it was queued.
+    // Someone deletes the queue behind the gateway's back (no worker runs to notice).
     let channel = queue.connection().create_channel().await.expect("channel");
     channel
         .queue_delete(queue.name().into(), QueueDeleteOptions::default())
         .await
         .expect("delete the work queue");
 
-    let response = gateway.post_task(&json!({"kind": "sleep"})).await;
-
-    assert!(response.headers().contains_key(header::RETRY_AFTER));
-    let message = assert_json_error(response, StatusCode::SERVICE_UNAVAILABLE).await;
-    assert!(message.contains("does not exist"), "{message}");
+    // Until the gateway has declared it again, a publish comes back unrouted: 503, never a
+    // 202 for a task that went nowhere. Then tasks are accepted, and are really there.
+    let accepted = eventually(
+        Duration::from_secs(10),
+        "the gateway to declare the queue again",
+        || async {
+            let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+            if response.status() == StatusCode::ACCEPTED {
+                return Some(());
+            }
+            assert!(response.headers().contains_key(header::RETRY_AFTER));
+            let message =
+                assert_json_error(response, StatusCode::SERVICE_UNAVAILABLE, "queue_missing").await;
+            assert!(message.contains("does not exist"), "{message}");
+            None
+        },
+    )
+    .await;
+    let () = accepted;
+    assert_eq!(
+        queue.ready().await,
+        1,
+        "the accepted task is on the new queue"
+    );
+    assert_eq!(gateway.health().await.status(), StatusCode::OK);
     gateway.stop().await;
 }
 

@@ -114,7 +114,7 @@ async fn a_memory_alarm_blocks_publishing_and_clearing_it_resumes() {
             StatusCode::ACCEPTED,
             "no 202 while the broker blocks publishers"
         );
-        message.contains("blocking publishers").then_some(message)
+        message.contains("refusing new messages").then_some(message)
     })
     .await;
     assert!(message.contains("memory or disk alarm"), "{message}");

@@ -1,10 +1,11 @@
-//! `GET /health`: 200 while the gateway can publish, 503 otherwise.
+//! `GET /health`: 200 while the gateway can publish, 503 otherwise. Always open: no key.
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use offload_common::BrokerState;
 use serde::Serialize;
 
 use super::Json;
-use crate::{AppState, publisher::BrokerState};
+use crate::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health))
@@ -17,18 +18,16 @@ struct Health {
 }
 
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let (status, broker) = match state.publisher.state() {
-        BrokerState::Connected => (StatusCode::OK, "connected"),
-        BrokerState::Blocked => (StatusCode::SERVICE_UNAVAILABLE, "blocked"),
-        BrokerState::Disconnected => (StatusCode::SERVICE_UNAVAILABLE, "disconnected"),
-    };
-    let body = Health {
-        status: if status == StatusCode::OK {
-            "ok"
-        } else {
-            "unavailable"
-        },
-        broker,
-    };
-    (status, Json(body))
+    let broker = state.publisher.state();
+    let healthy = broker == BrokerState::Connected;
+    let body = Json(Health {
+        status: if healthy { "ok" } else { "unavailable" },
+        broker: broker.as_str(),
+    });
+    if healthy {
+        (StatusCode::OK, None, body)
+    } else {
+        let retry_after = [(axum::http::header::RETRY_AFTER, state.retry_after_secs)];
+        (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after), body)
+    }
 }

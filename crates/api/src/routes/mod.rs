@@ -5,12 +5,11 @@ mod tasks;
 
 use axum::{
     Router,
-    extract::{FromRequest, Request},
-    http::{HeaderValue, Method, StatusCode, Uri, header},
-    middleware::{self, Next},
+    extract::{DefaultBodyLimit, FromRequest, Request},
+    http::{Method, Uri, header},
     response::{IntoResponse, Response},
 };
-
+use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{AppState, error::ApiError};
@@ -18,30 +17,19 @@ use crate::{AppState, error::ApiError};
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(tasks::router())
+        .merge(tasks::router(&state))
         .merge(health::router())
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            set_retry_after,
-        ))
+        // After every route is merged: it applies to the routes present.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
-        // Runs first: turn axum's bodyless 405 into our JSON error, keeping its Allow header.
-        .layer(middleware::from_fn(json_method_not_allowed))
         // Outermost: a bug that panics in a handler answers this one request with a JSON 500
         // instead of dropping the connection without a word.
-        .layer(CatchPanicLayer::custom(internal_error))
-}
-
-fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    tracing::error!("a request handler panicked; answering 500");
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        axum::Json(serde_json::json!({
-            "error": "internal error in the gateway; the task may not have been queued, retry it"
-        })),
-    )
-        .into_response()
+        .layer(CatchPanicLayer::custom(|_panic| {
+            tracing::error!("a request handler panicked; answering 500");
+            ApiError::Internal.into_response()
+        }))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -51,46 +39,40 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-async fn json_method_not_allowed(request: Request, next: Next) -> Response {
-    // Cheap handles (an enum, a shared buffer); text is made only for an actual 405.
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let response = next.run(request).await;
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
-        return response;
-    }
-    let allow = response.headers().get(header::ALLOW).cloned();
-    let mut json = ApiError::MethodNotAllowed {
+/// axum adds the `Allow` header to what this returns.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
-    .into_response();
-    if let Some(allow) = allow {
-        json.headers_mut().insert(header::ALLOW, allow);
-    }
-    json
 }
 
-/// Every 503 carries the configured `Retry-After`.
-async fn set_retry_after(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let mut response = next.run(request).await;
-    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(state.retry_after_secs),
-        );
-    }
-    response
-}
-
-/// `axum::Json`, but its rejections come back as our JSON errors.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json`, bounded and with our errors: an announced body over `MAX_BODY_BYTES` is
+/// refused before a byte of it is read (so `Expect: 100-continue` gets 413, not
+/// `100 Continue`), and the whole body must arrive within `BODY_TIMEOUT`.
 pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let announced = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|length| length > state.max_body_bytes as u64) {
+            return Err(ApiError::BodyTooLarge {
+                limit: state.max_body_bytes,
+            });
+        }
+        let read = axum::Json::<T>::from_request(request, state);
+        match tokio::time::timeout(state.body_timeout, read).await {
+            Ok(Ok(axum::Json(value))) => Ok(Self(value)),
+            Ok(Err(rejection)) => Err(rejection.into()),
+            Err(_) => Err(ApiError::BodyTimeout(state.body_timeout)),
+        }
+    }
+}
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {

@@ -4,6 +4,7 @@ use axum::{
     Router,
     extract::State,
     http::{HeaderValue, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -12,10 +13,19 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Json;
-use crate::{AppState, error::Result};
+use crate::{
+    AppState,
+    auth::{self, Scope},
+    error::{ApiError, Result},
+};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/tasks", post(submit))
+pub fn router(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/tasks", post(submit))
+        .route_layer(middleware::from_fn_with_state(
+            (state.access.clone(), Scope::Submit),
+            auth::require,
+        ))
 }
 
 /// What a client sends: a JSON object, nothing else.
@@ -56,7 +66,14 @@ struct Accepted<'a> {
 
 async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Result<Response> {
     let task = TaskEnvelope::new(new.kind, new.payload);
-    state.publisher.publish(&task).await?;
+    state
+        .publisher
+        .publish(&task)
+        .await
+        .map_err(|error| ApiError::Unavailable {
+            error,
+            retry_after: state.retry_after_secs,
+        })?;
     tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
     let location = HeaderValue::try_from(format!("/tasks/{}", task.id))
         .expect("a UUID path is a valid header value");

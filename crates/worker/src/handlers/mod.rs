@@ -9,5 +9,5 @@ use crate::{Config, Registry};
 
 /// The registry the `offload-worker` binary runs with.
 pub fn builtin(config: &Config) -> Registry {
-    Registry::default().register(Sleep::new(config.sleep_unit))
+    Registry::default().register(Sleep::new(config.sleep_unit, config.sleep_max_units))
 }

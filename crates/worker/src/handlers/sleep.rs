@@ -1,4 +1,5 @@
-//! `sleep`: the RabbitMQ tutorial's task. One unit of work per `.` in `payload.message`.
+//! `sleep`: the RabbitMQ tutorial's task. One unit of work per `.` in `payload.message`, at
+//! most `SLEEP_MAX_UNITS` of them.
 
 use std::time::Duration;
 
@@ -8,12 +9,14 @@ use crate::{Handler, HandlerError, Task};
 #[derive(Debug, Clone)]
 pub struct Sleep {
     unit: Duration,
+    max_units: u32,
 }
 
 impl Sleep {
-    /// A sleep handler whose unit of work lasts `unit`.
-    pub fn new(unit: Duration) -> Self {
-        Self { unit }
+    /// A sleep handler whose unit of work lasts `unit`, refusing tasks of more than
+    /// `max_units` units.
+    pub fn new(unit: Duration, max_units: u32) -> Self {
+        Self { unit, max_units }
     }
 
     /// How long `payload` takes.
@@ -28,7 +31,14 @@ impl Sleep {
             }
         };
         let dots = u32::try_from(dots)
-            .map_err(|_| HandlerError::permanent("payload.message has too many dots"))?;
+            .ok()
+            .filter(|dots| *dots <= self.max_units)
+            .ok_or_else(|| {
+                HandlerError::permanent(format!(
+                    "payload.message asks for {dots} units of work; this worker allows at most {} (SLEEP_MAX_UNITS)",
+                    self.max_units
+                ))
+            })?;
         Ok(self.unit * dots)
     }
 }
@@ -56,7 +66,7 @@ mod tests {
 
     #[test]
     fn one_unit_per_dot() {
-        let sleep = Sleep::new(Duration::from_millis(10));
+        let sleep = Sleep::new(Duration::from_millis(10), 60);
         let work = |payload| sleep.work(&payload).map_err(|e| e.to_string());
         assert_eq!(
             work(json!({"message": "Hello..."})),
@@ -69,10 +79,26 @@ mod tests {
 
     #[test]
     fn a_message_that_is_not_text_is_a_permanent_failure() {
-        let sleep = Sleep::new(Duration::from_millis(10));
+        let sleep = Sleep::new(Duration::from_millis(10), 60);
         let error = sleep
             .work(&json!({"message": 3}))
             .expect_err("numbers are refused");
         assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn more_than_the_maximum_is_a_permanent_failure() {
+        let sleep = Sleep::new(Duration::from_millis(10), 3);
+        assert_eq!(
+            sleep
+                .work(&json!({"message": "..."}))
+                .map_err(|e| e.to_string()),
+            Ok(Duration::from_millis(30))
+        );
+        let error = sleep
+            .work(&json!({"message": "...."}))
+            .expect_err("four is over three");
+        assert!(!error.is_retryable());
+        assert!(error.to_string().contains("SLEEP_MAX_UNITS"), "{error}");
     }
 }

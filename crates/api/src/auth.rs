@@ -1,0 +1,322 @@
+//! Access control: API keys with scopes, and a rate limit per key.
+//!
+//! Keys are held as SHA-256 digests, never as text, and a presented key is compared with
+//! every digest in constant time, so neither memory dumps nor response timing give a key
+//! away. Keys never reach a log line: errors name a key by its position in the list.
+
+use std::{fmt, num::NonZeroU32, path::Path, sync::Arc};
+
+use axum::{
+    extract::{Request, State},
+    http::{HeaderMap, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `POST /tasks`.
+    Submit,
+    /// Status and listing endpoints.
+    Read,
+    /// Operator endpoints.
+    Admin,
+}
+
+impl Scope {
+    const ALL: [Self; 3] = [Self::Submit, Self::Read, Self::Admin];
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Submit => 1,
+            Self::Read => 2,
+            Self::Admin => 4,
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.to_string() == text)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Submit => "submit",
+            Self::Read => "read",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    governor::middleware::NoOpMiddleware<<DefaultClock as Clock>::Instant>,
+>;
+
+struct Key {
+    digest: [u8; 32],
+    scopes: u8,
+    limiter: Option<Limiter>,
+}
+
+/// Who may call the gateway, and how often. Cheap to clone.
+#[derive(Clone)]
+pub struct Access {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Empty: the gateway is open.
+    keys: Vec<Key>,
+    /// The one limiter everybody shares when the gateway is open.
+    open_limiter: Option<Limiter>,
+}
+
+/// Why the key settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The keys file could not be read.
+    #[error("cannot read API_KEYS_FILE {path}: {source}")]
+    File {
+        /// Its path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An entry is malformed. Names the entry by position, never by its text.
+    #[error("API key entry {entry}: {problem}")]
+    Entry {
+        /// 1-based position in the list (or line in the file).
+        entry: usize,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl Access {
+    /// Reads `API_KEYS` or `API_KEYS_FILE`, and the rate limit.
+    pub fn from_settings(
+        keys: Option<&str>,
+        keys_file: Option<&Path>,
+        rate_limit: Option<NonZeroU32>,
+        burst: Option<NonZeroU32>,
+    ) -> Result<Self, AccessError> {
+        let quota =
+            rate_limit.map(|rate| Quota::per_second(rate).allow_burst(burst.unwrap_or(rate)));
+        let limiter = || quota.map(RateLimiter::direct);
+        let entries: Vec<(usize, String)> = match (keys, keys_file) {
+            (_, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| AccessError::File {
+                    path: path.display().to_string(),
+                    source,
+                })?
+                .lines()
+                .enumerate()
+                .map(|(index, line)| (index + 1, line.trim().to_owned()))
+                .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+                .collect(),
+            (Some(list), None) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .enumerate()
+                .map(|(index, entry)| (index + 1, entry.to_owned()))
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        let keys = entries
+            .into_iter()
+            .map(|(entry, text)| {
+                let (key, scopes) =
+                    parse_entry(&text).map_err(|problem| AccessError::Entry { entry, problem })?;
+                Ok(Key {
+                    digest: Sha256::digest(key.as_bytes()).into(),
+                    scopes,
+                    limiter: limiter(),
+                })
+            })
+            .collect::<Result<Vec<_>, AccessError>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                open_limiter: if keys.is_empty() { limiter() } else { None },
+                keys,
+            }),
+        })
+    }
+
+    /// No keys at all: anyone who reaches the port may call everything.
+    pub fn is_open(&self) -> bool {
+        self.inner.keys.is_empty()
+    }
+
+    /// How many keys are configured.
+    pub fn key_count(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Lets a request with these headers through for `scope`, or says why not.
+    pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<(), ApiError> {
+        let limiter = if self.is_open() {
+            self.inner.open_limiter.as_ref()
+        } else {
+            let presented = bearer(headers).ok_or(ApiError::Unauthorized(
+                "this gateway needs an API key and the request has none",
+            ))?;
+            let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+            // Look at every key, whatever matches, so the time taken says nothing.
+            let mut found = None;
+            for key in &self.inner.keys {
+                if bool::from(key.digest.ct_eq(&digest)) {
+                    found = Some(key);
+                }
+            }
+            let key = found.ok_or(ApiError::Unauthorized("the API key is not valid"))?;
+            if key.scopes & scope.bit() == 0 {
+                return Err(ApiError::Forbidden(scope));
+            }
+            key.limiter.as_ref()
+        };
+        match limiter.map(Limiter::check) {
+            Some(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(ApiError::RateLimited {
+                    retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `key` or `key=scope+scope`.
+fn parse_entry(text: &str) -> Result<(&str, u8), String> {
+    let (key, scopes) = match text.split_once('=') {
+        Some((key, scopes)) => (key.trim(), Some(scopes.trim())),
+        None => (text, None),
+    };
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a key must be printable ASCII without spaces".into());
+    }
+    let Some(scopes) = scopes else {
+        return Ok((
+            key,
+            Scope::ALL.iter().fold(0, |bits, scope| bits | scope.bit()),
+        ));
+    };
+    let mut bits = 0;
+    for name in scopes.split('+').map(str::trim) {
+        let scope = Scope::parse(name).ok_or_else(|| {
+            format!("unknown scope {name:?}; scopes are submit, read and admin, joined with '+'")
+        })?;
+        bits |= scope.bit();
+    }
+    Ok((key, bits))
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Middleware: lets a request through only with a key that has `scope`.
+pub async fn require(
+    State((access, scope)): State<(Access, Scope)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match access.check(request.headers(), scope) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn with_key(key: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn scopes_are_enforced() {
+        let access = Access::from_settings(
+            Some("all-key, reader=read, ops=read+admin"),
+            None,
+            None,
+            None,
+        )
+        .expect("valid keys");
+        assert!(!access.is_open());
+        assert!(access.check(&with_key("all-key"), Scope::Admin).is_ok());
+        assert!(access.check(&with_key("reader"), Scope::Read).is_ok());
+        assert!(matches!(
+            access.check(&with_key("reader"), Scope::Submit),
+            Err(ApiError::Forbidden(Scope::Submit))
+        ));
+        assert!(access.check(&with_key("ops"), Scope::Admin).is_ok());
+        assert!(matches!(
+            access.check(&with_key("nope"), Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            access.check(&HeaderMap::new(), Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn bad_entries_are_named_by_position_not_text() {
+        let error = Access::from_settings(Some("good,s3cret=write"), None, None, None)
+            .err()
+            .expect("unknown scope")
+            .to_string();
+        assert!(error.contains("entry 2"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn no_keys_means_open() {
+        let access = Access::from_settings(None, None, None, None).expect("open");
+        assert!(access.is_open());
+        assert!(access.check(&HeaderMap::new(), Scope::Admin).is_ok());
+    }
+
+    #[test]
+    fn the_rate_limit_says_when_to_come_back() {
+        let one = NonZeroU32::new(1).expect("non-zero");
+        let access = Access::from_settings(Some("k"), None, Some(one), None).expect("valid");
+        assert!(access.check(&with_key("k"), Scope::Submit).is_ok());
+        match access.check(&with_key("k"), Scope::Submit) {
+            Err(ApiError::RateLimited { retry_after }) => assert_eq!(retry_after, 1),
+            other => panic!("expected 429, got {other:?}"),
+        }
+    }
+}

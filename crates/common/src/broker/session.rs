@@ -1,0 +1,368 @@
+//! The broker session: the one layer both binaries stand on.
+//!
+//! A background task (the supervisor) owns the connection. It connects to one broker of the
+//! configured list, declares the topology, opens a confirm-mode publishing channel and hands
+//! the three out through a `watch` channel as a [`Link`]. When the connection dies it
+//! withdraws the link, so callers fail fast, and connects again (to the next broker of the
+//! list) with jittered exponential backoff.
+//!
+//! It also heals the topology: every few seconds, and at once when a caller reports a
+//! publish returned unrouted or a subscription cancelled by the broker, it checks that the
+//! queues exist and declares them again if they do not. Until that succeeds the session
+//! reports [`BrokerState::Unroutable`].
+//!
+//! One rule for a topology mismatch (a queue of ours declared by someone else with other
+//! arguments): fatal if the process has never declared the topology, since it is then a
+//! configuration error retrying cannot fix; after that, logged and retried, since an operator
+//! may be mid-way through fixing it.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::{Channel, Connection, Event, options::ConfirmSelectOptions};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{BrokerArgs, BrokerError, Connector};
+use crate::topology::{Topology, TopologyError};
+
+/// How often the supervisor looks at the connection's state, as a backstop to its events.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// How often the supervisor checks that the queues still exist.
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(3);
+/// The shortest time between two topology checks asked for by callers, so a flood of
+/// returned publishes cannot turn into a flood of declarations.
+const TOPOLOGY_CHECK_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Waits between connection attempts: from 100 ms, doubling, capped at 500 ms, plus up to as
+/// much again of jitter (so processes that lost the same broker do not all come back in the
+/// same instant): at most a second between attempts.
+pub fn backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(500))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What a caller can do with the broker right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerState {
+    /// Connected and the queues exist: publishing works.
+    Connected,
+    /// Connected, but the broker refuses publishes for now (memory or disk alarm).
+    Blocked,
+    /// Connected, but the queues are missing and could not be declared again yet: publishes
+    /// would come back unrouted.
+    Unroutable,
+    /// No connection.
+    Disconnected,
+}
+
+impl BrokerState {
+    /// The word `/health` uses for this state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Blocked => "blocked",
+            Self::Unroutable => "unroutable",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// A live connection and its confirm-mode publishing channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+impl Link {
+    /// The connection, for opening channels of one's own (a consumer's, say).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// A channel in confirm mode, shared by everyone publishing through this session.
+    pub fn publisher(&self) -> &Channel {
+        &self.publisher
+    }
+}
+
+/// A handle on the session. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Broker {
+    link: watch::Receiver<Option<Link>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    topology: Topology,
+    unroutable: AtomicBool,
+    check: tokio::sync::Notify,
+}
+
+/// The supervisor task: ends when shutdown is asked for (`Ok`) or on an error retrying cannot
+/// fix (a topology mismatch before the topology was ever declared).
+pub type Supervisor = JoinHandle<Result<(), BrokerError>>;
+
+impl Broker {
+    /// Reads the settings, connects once and declares the topology, then starts the
+    /// supervisor, which keeps the session alive until `shutdown` is cancelled.
+    ///
+    /// An unreachable broker is not an error here: the session starts disconnected and keeps
+    /// trying. Unusable settings (a bad URL, an unreadable file) and a topology mismatch are.
+    pub async fn start(
+        args: &BrokerArgs,
+        connection_name: &'static str,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, Supervisor), BrokerError> {
+        let connector = args.connector()?;
+        let shared = Arc::new(Shared {
+            topology: args.topology(),
+            unroutable: AtomicBool::new(false),
+            check: tokio::sync::Notify::new(),
+        });
+        let (sender, receiver) = watch::channel(None);
+        let mut supervisor = SessionTask {
+            connector,
+            connection_name,
+            shared: Arc::clone(&shared),
+            sender,
+            shutdown,
+            declared_once: false,
+        };
+        tracing::info!(
+            broker = %supervisor.connector.describe(),
+            queue = shared.topology.queue(),
+            "connecting to RabbitMQ"
+        );
+        let first = match supervisor.open().await {
+            Ok(opened) => Some(opened),
+            Err(error @ BrokerError::Topology(TopologyError::Mismatch { .. })) => {
+                return Err(error);
+            }
+            Err(error) => {
+                tracing::warn!("{error}; retrying until the broker is reachable");
+                None
+            }
+        };
+        let handle = tokio::spawn(supervisor.run(first));
+        Ok((
+            Self {
+                link: receiver,
+                shared,
+            },
+            handle,
+        ))
+    }
+
+    /// The topology this session declares.
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    /// The current link, if connected.
+    pub fn link(&self) -> Option<Link> {
+        self.link.borrow().clone()
+    }
+
+    /// Waits until connected and returns the link. Cancel-safe.
+    pub async fn connected(&mut self) -> Link {
+        loop {
+            if let Some(link) = self.link.borrow_and_update().as_ref()
+                && link.connection.status().connected()
+            {
+                return link.clone();
+            }
+            if self.link.changed().await.is_err() {
+                // The supervisor is gone (shutdown); nothing will connect again.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// What a publish could do now.
+    pub fn state(&self) -> BrokerState {
+        match self.link.borrow().as_ref() {
+            None => BrokerState::Disconnected,
+            Some(link) if !link.publisher.status().connected() => BrokerState::Disconnected,
+            Some(link) if link.connection.status().blocked() => BrokerState::Blocked,
+            Some(_) if self.shared.unroutable.load(Ordering::Relaxed) => BrokerState::Unroutable,
+            Some(_) => BrokerState::Connected,
+        }
+    }
+
+    /// Tells the session that a publish came back unrouted: it reports
+    /// [`BrokerState::Unroutable`] and checks the topology now.
+    pub fn report_unroutable(&self) {
+        self.shared.unroutable.store(true, Ordering::Relaxed);
+        self.shared.check.notify_one();
+    }
+
+    /// Asks the session to check the topology now (a subscription was cancelled by the
+    /// broker, say, which is what deleting a queue does to its consumers).
+    pub fn check_topology(&self) {
+        self.shared.check.notify_one();
+    }
+}
+
+struct SessionTask {
+    connector: Connector,
+    connection_name: &'static str,
+    shared: Arc<Shared>,
+    sender: watch::Sender<Option<Link>>,
+    shutdown: CancellationToken,
+    declared_once: bool,
+}
+
+impl SessionTask {
+    /// Connects, declares the topology and opens a confirm-mode channel.
+    async fn open(&mut self) -> Result<Link, BrokerError> {
+        let (connection, url) = self.connector.connect(self.connection_name).await?;
+        let opened = async {
+            self.shared.topology.declare(&connection).await?;
+            let publisher = connection.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, BrokerError>(publisher)
+        }
+        .await;
+        match opened {
+            Ok(publisher) => {
+                self.declared_once = true;
+                self.shared.unroutable.store(false, Ordering::Relaxed);
+                tracing::info!(broker = %url, queue = self.shared.topology.queue(), "connected to RabbitMQ");
+                Ok(Link {
+                    connection: Arc::new(connection),
+                    publisher,
+                })
+            }
+            Err(error) => {
+                let _ = connection.close(200, "could not set up".into()).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn run(mut self, mut current: Option<Link>) -> Result<(), BrokerError> {
+        let mut delays = backoff();
+        loop {
+            if let Some(link) = current.take() {
+                delays = backoff();
+                self.sender.send_replace(Some(link.clone()));
+                let lost = self.watch(&link).await;
+                self.sender.send_replace(None);
+                match lost {
+                    None => {
+                        let _ = link.connection.close(200, "shutting down".into()).await;
+                        return Ok(());
+                    }
+                    Some(reason) => {
+                        tracing::warn!("lost the broker connection ({reason}); reconnecting");
+                        // Release the socket now; it may already be gone.
+                        let _ = link.connection.close(320, "reconnecting".into()).await;
+                    }
+                }
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+            match self.open().await {
+                Ok(link) => current = Some(link),
+                Err(error @ BrokerError::Topology(TopologyError::Mismatch { .. }))
+                    if !self.declared_once =>
+                {
+                    return Err(error);
+                }
+                Err(error) => tracing::warn!("{error}; retrying"),
+            }
+        }
+    }
+
+    /// Watches the link until it fails (`Some(reason)`) or shutdown (`None`), healing the
+    /// topology on the way.
+    async fn watch(&self, link: &Link) -> Option<String> {
+        let mut events = link.connection.events_listener();
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let mut periodic = tokio::time::interval(TOPOLOGY_CHECK);
+        periodic.reset();
+        let mut last_check = Instant::now()
+            .checked_sub(TOPOLOGY_CHECK_MIN_GAP)
+            .unwrap_or_else(Instant::now);
+        loop {
+            let may_check = last_check.elapsed() >= TOPOLOGY_CHECK_MIN_GAP;
+            tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                event = events.next() => match event {
+                    // lapin reports a channel's errors here too (a passive declaration of a
+                    // missing queue, say); only a dead connection ends the link.
+                    Some(Event::Error(error)) if !link.connection.status().connected() => {
+                        return Some(error.to_string());
+                    }
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "RabbitMQ blocked publishing until its alarm clears");
+                    }
+                    Some(Event::ConnectionUnblocked) => tracing::info!("RabbitMQ unblocked publishing"),
+                    Some(_) => {}
+                    None => return Some("connection closed".into()),
+                },
+                _ = liveness.tick() => {
+                    if !link.connection.status().connected() || !link.publisher.status().connected() {
+                        return Some("channel closed".into());
+                    }
+                }
+                _ = periodic.tick() => {
+                    self.heal(&link.connection).await;
+                    last_check = Instant::now();
+                }
+                () = self.shared.check.notified(), if may_check => {
+                    self.heal(&link.connection).await;
+                    last_check = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Declares the queues again if they are gone.
+    async fn heal(&self, connection: &Connection) {
+        let topology = &self.shared.topology;
+        match topology.exists(connection).await {
+            Ok(true) => {
+                self.shared.unroutable.store(false, Ordering::Relaxed);
+                return;
+            }
+            Ok(false) => {}
+            // The connection is failing; the liveness check will notice.
+            Err(_) => return,
+        }
+        tracing::warn!(
+            queue = topology.queue(),
+            "the queues are gone (deleted by someone?); declaring them again"
+        );
+        match topology.declare(connection).await {
+            Ok(()) => {
+                self.shared.unroutable.store(false, Ordering::Relaxed);
+                tracing::info!(queue = topology.queue(), "queues declared again");
+            }
+            Err(error) => {
+                self.shared.unroutable.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    "{error}; publishes cannot be routed until this is fixed, retrying"
+                );
+            }
+        }
+    }
+}
