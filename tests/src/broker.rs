@@ -19,7 +19,21 @@ pub struct PrivateBroker {
     node: String,
     port: u16,
     dist_port: u16,
+    tls: Option<TlsListener>,
     server: Option<Child>,
+}
+
+/// A TLS listener of a private node, with the certificates the test made for it.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// The listener's port.
+    pub port: u16,
+    /// The CA that signed the server's and the client's certificates, PEM, in a file.
+    pub ca_file: PathBuf,
+    /// A client certificate the node accepts, PEM, in a file.
+    pub client_cert_file: PathBuf,
+    /// Its private key, PEM, in a file.
+    pub client_key_file: PathBuf,
 }
 
 impl PrivateBroker {
@@ -28,6 +42,17 @@ impl PrivateBroker {
     /// Needs `rabbitmq-server` installed and root (to run it as the `rabbitmq` user, which
     /// owns the Erlang cookie).
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Starts a fresh node with a TLS listener too, on certificates made for this test by a
+    /// CA of its own (`127.0.0.1` and `localhost`), that requires a client certificate
+    /// signed by that CA.
+    pub async fn start_with_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("offload-rabbit-")
             .tempdir()
@@ -35,11 +60,25 @@ impl PrivateBroker {
         let port = free_port();
         let dist_port = free_port();
         let node = format!("offload-test-{port}@localhost");
-        std::fs::write(
-            dir.path().join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .expect("write rabbitmq.conf");
+        let mut config = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        let tls = tls.then(|| {
+            let listener = crate::tls::write_certificates(dir.path(), free_port());
+            let file = |name: &str| dir.path().join(name).display().to_string();
+            config.push_str(&format!(
+                "listeners.ssl.local = 127.0.0.1:{}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                listener.port,
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+            listener
+        });
+        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
         std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
         let status = Command::new("chown")
             .args(["-R", &format!("{RABBITMQ_USER}:")])
@@ -55,6 +94,7 @@ impl PrivateBroker {
             node,
             port,
             dist_port,
+            tls,
             server: None,
         };
         broker.start_again().await;
@@ -64,6 +104,11 @@ impl PrivateBroker {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The TLS listener, for a node started with [`PrivateBroker::start_with_tls`].
+    pub fn tls(&self) -> Option<&TlsListener> {
+        self.tls.as_ref()
     }
 
     /// The node's AMQP port.

@@ -7,10 +7,11 @@ pub mod campaign;
 pub mod gateway;
 pub mod proxy;
 pub mod queue;
+mod tls;
 pub mod wait;
 pub mod worker;
 
-pub use broker::PrivateBroker;
+pub use broker::{PrivateBroker, TlsListener};
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::TestQueue;

@@ -3,6 +3,7 @@
 //! processes. Each test uses queues of its own and deletes them.
 
 mod bad_input;
+mod broker_session;
 mod dispatch;
 mod durability;
 mod http;

@@ -1,0 +1,286 @@
+//! The broker session both binaries stand on: real TLS, several URLs, queues that heal, and a
+//! worker that never runs more than PREFETCH tasks whatever the broker sends.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lapin::options::QueueDeleteOptions;
+use offload_api::Config as GatewayConfig;
+use offload_common::{BrokerArgs, BrokerError};
+use offload_tests::{
+    FaultyProxy, InProcessWorker, PrivateBroker, TestGateway, TestQueue, WorkerOptions,
+    WorkerProcess, amqp_url, eventually,
+};
+use offload_worker::{Handler, HandlerError, Registry, Task};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn private_queue_name(label: &str) -> String {
+    format!("offload-test-{label}-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn connect_error(args: &BrokerArgs) -> (String, Duration) {
+    let started = Instant::now();
+    let error = match args
+        .connector()
+        .expect("usable settings")
+        .connect("offload-test")
+        .await
+    {
+        Ok(_) => panic!("{} must not connect", args.amqp_url),
+        Err(error) => error,
+    };
+    assert!(matches!(error, BrokerError::Connect { .. }), "{error:?}");
+    (error.to_string(), started.elapsed())
+}
+
+#[tokio::test]
+async fn amqps_is_real_tls_and_refuses_what_it_cannot_trust() {
+    let broker = PrivateBroker::start_with_tls().await;
+    let tls = broker.tls().expect("a TLS listener").clone();
+    let queue = private_queue_name("tls");
+    let tls_url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port);
+
+    // With the CA and the client certificate the node requires: tasks go through.
+    let mut config = GatewayConfig::new(&tls_url, &queue);
+    config.broker.amqp_ca_file = Some(tls.ca_file.clone());
+    config.broker.amqp_client_cert_file = Some(tls.client_cert_file.clone());
+    config.broker.amqp_client_key_file = Some(tls.client_key_file.clone());
+    let gateway = TestGateway::spawn(config.clone()).await;
+    assert_eq!(gateway.health().await.status(), StatusCode::OK);
+    gateway.submit_sleep("over TLS").await;
+    gateway.stop().await;
+
+    // Without the CA the broker's certificate is not trusted, and the error says what to do.
+    let mut untrusted = config.broker.clone();
+    untrusted.amqp_ca_file = None;
+    let (error, _) = connect_error(&untrusted).await;
+    assert!(error.contains("AMQP_CA_FILE"), "{error}");
+
+    // Without the client certificate the node hangs up.
+    let mut anonymous = config.broker.clone();
+    anonymous.amqp_client_cert_file = None;
+    anonymous.amqp_client_key_file = None;
+    connect_error(&anonymous).await;
+
+    // amqps:// at a plaintext port fails at once with a clear word: never a plaintext
+    // connection for a URL that asked for TLS.
+    let mut plaintext = config.broker.clone();
+    plaintext.amqp_url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", broker.port());
+    let (error, took) = connect_error(&plaintext).await;
+    assert!(error.contains("TLS listener"), "{error}");
+    assert!(took < plaintext.connect_timeout, "took {took:?}");
+    assert!(!error.contains("guest:guest"), "redacted: {error}");
+}
+
+#[tokio::test]
+async fn a_list_of_urls_moves_on_when_one_broker_fails() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "urls", 5).await;
+    let upstream = "127.0.0.1:5672".parse().expect("address");
+    let first = FaultyProxy::start(upstream).await.expect("proxy");
+    let second = FaultyProxy::start(upstream).await.expect("proxy");
+    let list = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f,amqp://guest:guest@127.0.0.1:{}/%2f",
+        first.port(),
+        second.port()
+    );
+    let gateway = TestGateway::start(&list, queue.name()).await;
+    let worker = WorkerProcess::start(&list, queue.name(), &WorkerOptions::default()).await;
+
+    // Cut one path, then the other: whichever each process was on, it must move.
+    let mut accepted = Vec::new();
+    for (cut, healed) in [(&first, &second), (&second, &first)] {
+        healed.heal();
+        cut.cut();
+        let id = eventually(DEADLINE, "a 202 through the other broker URL", || async {
+            let response = gateway
+                .post_task(&json!({"kind": "sleep", "payload": {"message": "moved"}}))
+                .await;
+            let body: Value = response.json().await.ok()?;
+            body["id"].as_str()?.parse::<uuid::Uuid>().ok()
+        })
+        .await;
+        accepted.push(id);
+    }
+    eventually(DEADLINE, "the worker to run both tasks", || async {
+        let done = worker.completed();
+        accepted.iter().all(|id| done.contains(id)).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_declares_a_deleted_queue_again_and_consumes_from_it() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "heal-worker", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let channel = queue.connection().create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.name().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the work queue");
+
+    // No gateway runs: the worker alone brings the queue back and subscribes again.
+    eventually(
+        Duration::from_secs(15),
+        "the queue back with its consumer",
+        || async {
+            let channel = queue.connection().create_channel().await.ok()?;
+            let declared = channel
+                .queue_declare(
+                    queue.name().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .ok()?;
+            let _ = channel.close(200, "checked".into()).await;
+            (declared.consumer_count() == 1).then_some(())
+        },
+    )
+    .await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let id = gateway.submit_sleep("after the deletion").await;
+    eventually(DEADLINE, "the task to complete", || async {
+        worker.completed().contains(&id).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn health_says_unroutable_while_the_queue_cannot_be_declared_again() {
+    let broker = PrivateBroker::start().await;
+    assert!(broker.ctl(&["add_user", "offload", "offload-pw"]));
+    let all = |user: &str| broker.ctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
+    assert!(all("offload"));
+    let queue = private_queue_name("unroutable");
+    let url = format!("amqp://offload:offload-pw@127.0.0.1:{}/%2f", broker.port());
+    let gateway = TestGateway::start(&url, &queue).await;
+
+    // The gateway's user loses the right to declare; then the queue is deleted.
+    assert!(broker.ctl(&["set_permissions", "-p", "/", "offload", "^$", ".*", ".*"]));
+    assert!(broker.ctl(&["delete_queue", &queue]));
+    eventually(DEADLINE, "/health to say unroutable", || async {
+        let health = gateway.health().await;
+        let status = health.status();
+        let body: Value = health.json().await.ok()?;
+        (status == StatusCode::SERVICE_UNAVAILABLE && body["broker"] == "unroutable").then_some(())
+    })
+    .await;
+    let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["code"], "queue_missing", "{body}");
+
+    // The right back: the gateway declares the queue and accepts tasks again by itself.
+    assert!(all("offload"));
+    eventually(
+        DEADLINE,
+        "202s once the queue is declared again",
+        || async {
+            let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+            (response.status() == StatusCode::ACCEPTED).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(gateway.health().await.status(), StatusCode::OK);
+    gateway.stop().await;
+}
+
+/// Always fails: dead-lettered at the delivery limit.
+struct AlwaysFails;
+
+impl Handler for AlwaysFails {
+    const KIND: &'static str = "always-fails";
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        Err("scripted failure".into())
+    }
+}
+
+/// Counts how many of its tasks run at once, and the most ever seen.
+struct Counted {
+    running: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+}
+
+impl Handler for Counted {
+    const KIND: &'static str = "counted";
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// RabbitMQ 3.8-3.10 hand a consumer one extra credit for each task dead-lettered at its
+/// delivery limit (rabbitmq-server PR #5609): with `basic.qos` alone a PREFETCH=1 worker then
+/// runs several tasks at once. The worker's own permits keep it at one.
+#[tokio::test]
+async fn prefetch_bounds_concurrency_even_after_tasks_die_at_the_delivery_limit() {
+    const LIMIT: u32 = 1;
+    const DYING: usize = 4;
+    const SHORT: usize = 12;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "permits", LIMIT).await;
+    let mut gateway_config = GatewayConfig::new(&url, queue.name());
+    gateway_config.broker.delivery_limit = LIMIT;
+    let gateway = TestGateway::spawn(gateway_config).await;
+    let (running, most, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut config = offload_worker::Config::new(&url, queue.name());
+    config.broker.delivery_limit = LIMIT;
+    config.prefetch = 1;
+    let registry = Registry::default().register(AlwaysFails).register(Counted {
+        running: Arc::clone(&running),
+        most: Arc::clone(&most),
+        done: Arc::clone(&done),
+    });
+    let worker = InProcessWorker::start(config, registry);
+
+    for _ in 0..DYING {
+        let response = gateway.post_task(&json!({"kind": "always-fails"})).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    eventually(DEADLINE, "the failing tasks dead-lettered", || async {
+        (queue.dead().await == u32::try_from(DYING).expect("small")).then_some(())
+    })
+    .await;
+    for _ in 0..SHORT {
+        let response = gateway.post_task(&json!({"kind": "counted"})).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    eventually(DEADLINE, "the short tasks to finish", || async {
+        (done.load(Ordering::SeqCst) == SHORT).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "a PREFETCH=1 worker ran tasks at once"
+    );
+    worker.stop().await;
+    gateway.stop().await;
+}
