@@ -1,6 +1,7 @@
 //! A RabbitMQ node of the test's own, to stop and start without touching the shared broker.
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -64,7 +65,8 @@ impl PrivateBroker {
         let tls = tls.then(|| {
             let listener = crate::tls::write_certificates(dir.path(), free_port());
             let file = |name: &str| dir.path().join(name).display().to_string();
-            config.push_str(&format!(
+            let _ = write!(
+                config,
                 "listeners.ssl.local = 127.0.0.1:{}\n\
                  ssl_options.cacertfile = {}\n\
                  ssl_options.certfile = {}\n\
@@ -75,7 +77,7 @@ impl PrivateBroker {
                 file("ca.pem"),
                 file("server.pem"),
                 file("server.key"),
-            ));
+            );
             listener
         });
         std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("write rabbitmq.conf");

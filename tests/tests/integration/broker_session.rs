@@ -28,14 +28,13 @@ fn private_queue_name(label: &str) -> String {
 
 async fn connect_error(args: &BrokerArgs) -> (String, Duration) {
     let started = Instant::now();
-    let error = match args
+    let Err(error) = args
         .connector()
         .expect("usable settings")
         .connect("offload-test")
         .await
-    {
-        Ok(_) => panic!("{} must not connect", args.amqp_url),
-        Err(error) => error,
+    else {
+        panic!("{} must not connect", args.amqp_url);
     };
     assert!(matches!(error, BrokerError::Connect { .. }), "{error:?}");
     (error.to_string(), started.elapsed())
