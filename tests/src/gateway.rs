@@ -6,6 +6,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 /// A running gateway. Stopped on [`TestGateway::stop`] or when dropped.
 pub struct TestGateway {
+    addr: std::net::SocketAddr,
     base: String,
     client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -16,7 +17,8 @@ impl TestGateway {
     /// Starts a gateway with `config` (its `bind` should be port 0).
     pub async fn spawn(config: Config) -> Self {
         let app = Application::build(config).await.expect("gateway starts");
-        let base = format!("http://{}", app.local_addr());
+        let addr = app.local_addr();
+        let base = format!("http://{addr}");
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -26,6 +28,7 @@ impl TestGateway {
             .expect("gateway runs");
         });
         Self {
+            addr,
             base,
             client: reqwest::Client::new(),
             stop: Some(stop),
@@ -41,6 +44,11 @@ impl TestGateway {
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The address it listens on, for tests that speak raw TCP.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     /// The HTTP client.

@@ -28,11 +28,25 @@ impl TestQueue {
         delivery_limit: u32,
         max_length: Option<u32>,
     ) -> Self {
+        Self::declare_topology(url, label, |topology| {
+            topology
+                .with_max_length(max_length)
+                .with_delivery_limit(delivery_limit)
+        })
+        .await
+    }
+
+    /// Declares a fresh queue with the topology `shape` makes of the default one.
+    pub async fn declare_topology(
+        url: &str,
+        label: &str,
+        shape: impl FnOnce(Topology) -> Topology,
+    ) -> Self {
         let name = format!(
             "offload-test-{label}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let topology = Topology::new(name, delivery_limit).with_max_length(max_length);
+        let topology = shape(Topology::new(name, 5));
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect(

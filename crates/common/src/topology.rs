@@ -39,6 +39,14 @@ impl Topology {
         }
     }
 
+    /// Sets the delivery limit: how many times a task is delivered again after a failed
+    /// attempt before it is dead-lettered.
+    #[must_use]
+    pub fn with_delivery_limit(mut self, delivery_limit: u32) -> Self {
+        self.delivery_limit = delivery_limit;
+        self
+    }
+
     /// Caps the work queue at `max_length` ready tasks (`x-max-length`); past it the broker
     /// refuses publishes with a nack, which the gateway turns into 503. `None`: no cap.
     #[must_use]

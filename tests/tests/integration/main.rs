@@ -2,10 +2,12 @@
 //! the property it names breaks, run against a real broker, a real gateway and real worker
 //! processes. Each test uses queues of its own and deletes them.
 
+mod access;
 mod bad_input;
 mod broker_session;
 mod dispatch;
 mod durability;
+mod hostile;
 mod http;
 mod logging;
 mod poison;

@@ -223,3 +223,67 @@ async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_deliver
     .await;
     gateway.stop().await;
 }
+
+/// A flood of tasks that cannot run fills the dead-letter queue only to DEAD_MAX_LENGTH: the
+/// oldest dead task is dropped for each new one (`drop-head`).
+#[tokio::test]
+async fn the_dead_letter_queue_keeps_at_most_dead_max_length_tasks() {
+    const BOUND: u32 = 3;
+    const FLOOD: usize = 8;
+    let url = amqp_url();
+    let queue =
+        TestQueue::declare_topology(&url, "dead-bound", |t| t.with_dead_max_length(BOUND)).await;
+    let options = WorkerOptions {
+        env: vec![("DEAD_MAX_LENGTH", BOUND.to_string())],
+        ..WorkerOptions::default()
+    };
+    let worker = WorkerProcess::start(&url, queue.name(), &options).await;
+
+    for n in 0..FLOOD {
+        queue
+            .publish_raw(
+                format!("not a task {n}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let rejected = eventually(
+        Duration::from_secs(30),
+        "every message dead-lettered",
+        || async {
+            let count = worker
+                .events()
+                .iter()
+                .filter(|e| {
+                    e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("dead-lettering the message"))
+                })
+                .count();
+            (count == FLOOD && queue.ready().await == 0).then_some(count)
+        },
+    )
+    .await;
+
+    assert_eq!(rejected, FLOOD);
+    // Dead-lettering is asynchronous: wait for it to settle at the bound, never above.
+    eventually(
+        Duration::from_secs(10),
+        "the dead-letter queue at its bound",
+        || async {
+            let dead = queue.dead().await;
+            assert!(dead <= BOUND, "{dead} dead tasks kept, bound {BOUND}");
+            (dead == BOUND).then_some(())
+        },
+    )
+    .await;
+    // The newest survive: the last message published is still there.
+    let mut kept = Vec::new();
+    while let Some(message) = queue.take_dead().await {
+        kept.push(String::from_utf8_lossy(&message.delivery.data).into_owned());
+    }
+    assert!(
+        kept.contains(&format!("not a task {}", FLOOD - 1)),
+        "{kept:?}"
+    );
+}
