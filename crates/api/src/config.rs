@@ -21,12 +21,13 @@ pub struct Config {
     /// How long a connection may take, from its opening or the end of its last response, to
     /// send the next request's complete headers. A slow client (headers a byte a second, or
     /// nothing at all) is disconnected after it; it is also how long an idle keep-alive
-    /// connection stays open.
+    /// connection stays open. `0s` disables it (only behind a proxy that enforces its own).
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
     /// How long a client may take to send a whole request body; past it the request gets 408
-    /// and the connection is closed.
+    /// and the connection is closed. `0s` disables it (only behind a proxy that enforces its
+    /// own).
     #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 

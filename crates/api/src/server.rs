@@ -64,7 +64,7 @@ pub(crate) async fn serve(
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout((!limits.header_timeout.is_zero()).then_some(limits.header_timeout))
         .max_header_size(limits.max_header_bytes)
         // hyper's read buffer holds the request head; its floor is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8 * 1024));

@@ -13,6 +13,7 @@ use offload_bench::{
     broker::{self, BenchQueue},
     free_port, http,
     process::{self, Process},
+    slow::{self, Attack},
     stats::{self, Line, millis, percent, percentile, rate},
 };
 
@@ -90,9 +91,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let port = free_port();
-    let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port).await;
+    let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
     let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
+    lines.push(hardening(&args, &url, &queue).await?);
+    lines.extend(slow_clients(&url, &queue).await);
     if args.publish_only {
         queue.delete().await;
         lines.extend(memory(gateway.peak_rss().unwrap_or(0), 0));
@@ -138,7 +141,7 @@ async fn throughput(
         ceilings
             .push(broker::publish_ceiling(url, queue.name(), args.connections, args.length).await?);
         queue.purge().await?;
-        let (rate, failed) = http::throughput(tasks_url, args.connections, args.length).await;
+        let (rate, failed) = http::throughput(tasks_url, None, args.connections, args.length).await;
         sustained.push(rate);
         errors += failed;
         queue.purge().await?;
@@ -158,6 +161,106 @@ async fn throughput(
     });
     lines.push(Line::info("  answers other than 202", errors.to_string()));
     Ok(sustained)
+}
+
+/// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a
+/// rate limit (too high to refuse anything) on, against a gateway with all three off,
+/// alternating; the medians.
+async fn hardening(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
+    const KEY: &str = "bench-key";
+    let (off_port, on_port) = (free_port(), free_port());
+    let off = [("HEADER_TIMEOUT", "0s"), ("BODY_TIMEOUT", "0s")];
+    let on = [("API_KEYS", KEY), ("RATE_LIMIT", "100000000")];
+    let gateway =
+        |port, env| process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env);
+    let (_off_gateway, _on_gateway) = (gateway(off_port, &off).await, gateway(on_port, &on).await);
+    let (mut bare, mut defended) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        eprintln!(
+            "POST /tasks with defences off, then on, round {round} of {} ...",
+            args.rounds
+        );
+        let url = format!("http://127.0.0.1:{off_port}/tasks");
+        bare.push(
+            http::throughput(&url, None, args.connections, args.length)
+                .await
+                .0,
+        );
+        queue.purge().await?;
+        let url = format!("http://127.0.0.1:{on_port}/tasks");
+        defended.push(
+            http::throughput(&url, Some(KEY), args.connections, args.length)
+                .await
+                .0,
+        );
+        queue.purge().await?;
+    }
+    let (bare, defended) = (stats::median(&mut bare), stats::median(&mut defended));
+    Ok(Line {
+        measure: format!(
+            "POST /tasks with timeouts, API key and rate limit on, against all off (median of {})",
+            args.rounds
+        ),
+        offload: rate(defended),
+        ceiling: rate(bare),
+        ratio: percent(defended / bare),
+        target: ">= 95%".into(),
+        met: Some(defended / bare >= 0.95),
+    })
+}
+
+/// The gateway's memory with every connection it serves held by a slow client, with the
+/// default limits: never-ending request heads, then never-ending bodies, each against a
+/// fresh gateway; and how fast a connection over the cap is answered meanwhile.
+async fn slow_clients(url: &str, queue: &BenchQueue) -> Vec<Line> {
+    let cap = offload_api::DEFAULT_MAX_CONNECTIONS as usize;
+    let attacks = [
+        (
+            "never-ending request heads",
+            Attack::Header {
+                max_header_bytes: offload_api::DEFAULT_MAX_HEADER_BYTES as usize,
+            },
+        ),
+        (
+            "never-ending bodies",
+            Attack::Body {
+                max_body_bytes: offload_api::DEFAULT_MAX_BODY_BYTES,
+            },
+        ),
+    ];
+    let mut lines = Vec::new();
+    for (name, attack) in attacks {
+        eprintln!("{cap} connections sending {name} ...");
+        let port = free_port();
+        let gateway =
+            process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &[]).await;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // A few more than the cap: those are turned away.
+        let clients = slow::hold(addr, cap + 32, attack).await;
+        // Let the gateway read what it was sent.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let turned_away = http::time_one_request(&format!("http://127.0.0.1:{port}/health")).await;
+        let peak = gateway.peak_rss().unwrap_or(0);
+        drop(clients);
+        lines.push(Line {
+            measure: format!(
+                "gateway peak memory, {cap} connections (MAX_CONNECTIONS) sending {name}"
+            ),
+            offload: stats::mib(peak),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: "< 256 MiB".into(),
+            met: Some(peak < 256 * 1024 * 1024),
+        });
+        lines.push(Line::info(
+            "  a new connection meanwhile: answered",
+            turned_away.map_or_else(
+                || "no answer".into(),
+                |(status, took)| format!("{status} in {}", millis(took)),
+            ),
+        ));
+    }
+    lines
 }
 
 /// Open-loop latency at `share` of the sustained rate.

@@ -20,9 +20,18 @@ fn body() -> &'static [u8] {
     br#"{"kind":"sleep","payload":{"message":"bench"}}"#
 }
 
-fn client() -> reqwest::Client {
+/// A client; with `key`, every request carries `Authorization: Bearer <key>`.
+fn client(key: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .expect("a bench key is a valid header value");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(headers)
         .build()
         .expect("an HTTP client builds")
 }
@@ -56,22 +65,29 @@ async fn post(client: &reqwest::Client, url: &str) -> Result<Uuid, String> {
 }
 
 /// `connections` clients, each on its own keep-alive connection, posting back to back for
-/// `length`. Returns 202s per second and the number of other answers.
-pub async fn throughput(url: &str, connections: usize, length: Duration) -> (f64, u64) {
+/// `length`, with the API key `key` if given. Returns 202s per second and the number of
+/// other answers.
+pub async fn throughput(
+    url: &str,
+    key: Option<&str>,
+    connections: usize,
+    length: Duration,
+) -> (f64, u64) {
     let accepted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let mut clients = Vec::new();
     for _ in 0..connections {
-        let (url, accepted, errors, running) = (
+        let (url, key, accepted, errors, running) = (
             url.to_owned(),
+            key.map(str::to_owned),
             Arc::clone(&accepted),
             Arc::clone(&errors),
             Arc::clone(&running),
         );
         clients.push(tokio::spawn(async move {
             // One client each: one connection each, as 64 independent callers would have.
-            let client = client();
+            let client = client(key.as_deref());
             while running.load(Ordering::Relaxed) {
                 match post(&client, &url).await {
                     Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
@@ -117,7 +133,7 @@ pub async fn open_loop(url: &str, rate: f64, length: Duration, connections: usiz
         let offset =
             period.mul_f64(f64::from(u32::try_from(connection).unwrap_or(0)) / connections_f64);
         senders.spawn(async move {
-            let client = client();
+            let client = client(None);
             let mut scheduled = start + offset;
             while scheduled < end {
                 tokio::time::sleep_until(scheduled).await;
@@ -138,4 +154,12 @@ pub async fn open_loop(url: &str, rate: f64, length: Duration, connections: usiz
     }
     while senders.join_next().await.is_some() {}
     std::mem::take(&mut *results.lock().expect("results lock"))
+}
+
+/// One GET on a fresh connection: its status and how long the answer took, or `None` if
+/// none came within 10 s.
+pub async fn time_one_request(url: &str) -> Option<(u16, Duration)> {
+    let started = Instant::now();
+    let response = client(None).get(url).send().await.ok()?;
+    Some((response.status().as_u16(), started.elapsed()))
 }

@@ -7,11 +7,13 @@
 //! - [`process`]: the gateway and a worker as child processes, their peak memory, the
 //!   worker's log read as it is written;
 //! - [`http`]: `POST /tasks` closed-loop (throughput) and open-loop (latency at a rate);
+//! - [`slow`]: hostile clients (never-ending heads and bodies) for the memory bound;
 //! - [`stats`]: percentiles and the report.
 
 pub mod broker;
 pub mod http;
 pub mod process;
+pub mod slow;
 pub mod stats;
 
 /// The broker the benchmark uses: `AMQP_URL`, or the local default.

@@ -35,13 +35,21 @@ impl Drop for Process {
     }
 }
 
-/// Starts the gateway binary on `port` and waits until `/health` answers 200.
-pub async fn start_gateway(binary: &Path, url: &str, queue: &str, port: u16) -> Process {
+/// Starts the gateway binary on `port`, with `env` on top of the defaults, and waits until
+/// `/health` answers 200.
+pub async fn start_gateway(
+    binary: &Path,
+    url: &str,
+    queue: &str,
+    port: u16,
+    env: &[(&str, &str)],
+) -> Process {
     let child = Command::new(binary)
         .env("AMQP_URL", url)
         .env("QUEUE", queue)
         .env("BIND", format!("127.0.0.1:{port}"))
         .env("LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -66,6 +66,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
             });
         }
         let read = axum::Json::<T>::from_request(request, state);
+        if state.body_timeout.is_zero() {
+            return Ok(Self(read.await?.0));
+        }
         match tokio::time::timeout(state.body_timeout, read).await {
             Ok(Ok(axum::Json(value))) => Ok(Self(value)),
             Ok(Err(rejection)) => Err(rejection.into()),
