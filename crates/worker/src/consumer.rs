@@ -69,8 +69,14 @@ pub async fn run(
         kinds = ?worker.registry.kinds(),
         "offload-worker starting"
     );
-    let result = worker.consume_until(shutdown, supervisor).await;
+    let mut supervisor = supervisor;
+    let result = worker.consume_until(shutdown, &mut supervisor).await;
+    // Close the connection cleanly before the process exits (unless the session has ended
+    // already, and its handle been polled to its end).
     session_shutdown.cancel();
+    if !supervisor.is_finished() {
+        let _ = supervisor.await;
+    }
     result
 }
 
@@ -86,14 +92,14 @@ impl Worker {
     async fn consume_until(
         mut self,
         shutdown: impl Future<Output = ()> + Send,
-        mut supervisor: Supervisor,
+        supervisor: &mut Supervisor,
     ) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut delays = backoff();
         loop {
             let link = tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                ended = &mut supervisor => return fatal(ended),
+                ended = &mut *supervisor => return fatal(ended),
                 link = self.broker.connected() => link,
             };
             let (channel, mut consumer) = match self.subscribe(link.connection()).await {
