@@ -29,8 +29,7 @@ pub struct BrokerArgs {
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        hide_default_value = true
+        hide_env_values = true
     )]
     pub amqp_url: String,
 
