@@ -117,7 +117,13 @@ pub(crate) async fn serve(
     }
 }
 
-/// Answers a connection over the cap with a 503 and closes it, without reading its request.
+/// Answers a connection over the cap with a 503 and closes it.
+///
+/// The answer waits for the request head (or the first 4 KiB of it, or the linger time):
+/// an HTTP client that receives a response before it has sent its request may discard it as
+/// unsolicited. Then, after the answer, the rest is read until the client closes: closing
+/// with its request unread would send a reset, which can destroy the 503 before the client
+/// has read it.
 fn turn_away(mut stream: TcpStream, rejecting: &Arc<Semaphore>, response: &Arc<[u8]>) {
     let Ok(permit) = Arc::clone(rejecting).try_acquire_owned() else {
         return;
@@ -126,10 +132,16 @@ fn turn_away(mut stream: TcpStream, rejecting: &Arc<Semaphore>, response: &Arc<[
     tokio::spawn(async move {
         let _permit = permit;
         let _ = tokio::time::timeout(REJECT_LINGER, async {
+            let mut head = [0u8; 4096];
+            let mut read = 0;
+            while read < head.len() && !head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut head[read..]).await? {
+                    0 => break,
+                    n => read += n,
+                }
+            }
             stream.write_all(&response).await?;
             stream.shutdown().await?;
-            // Read until the client closes: closing with its request unread would send a
-            // reset, which can destroy the 503 before the client has read it.
             let mut sink = [0u8; 1024];
             while stream.read(&mut sink).await? > 0 {}
             Ok::<_, std::io::Error>(())
