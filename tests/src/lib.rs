@@ -14,9 +14,9 @@ pub mod worker;
 pub use broker::{PrivateBroker, TlsListener};
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
-pub use queue::TestQueue;
+pub use queue::{TEST_KINDS, TestQueue};
 pub use wait::eventually;
-pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess};
+pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess, declare_kinds};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {

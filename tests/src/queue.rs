@@ -7,6 +7,22 @@ use lapin::{
 };
 use offload_common::Topology;
 
+/// The kinds a [`TestQueue`] comes with bound: the built-in `sleep` and the kinds of the
+/// tests' own handlers.
+pub const TEST_KINDS: &[&str] = &[
+    "sleep",
+    "sum",
+    "k",
+    "report.daily",
+    "always-fails",
+    "count",
+    "counted",
+    "crash",
+    "explode",
+    "hang",
+    "panic",
+];
+
 /// A uniquely named queue (and its dead-letter queue and exchange). Deleted on drop, so
 /// tests can run in parallel against the shared broker and leave nothing behind.
 pub struct TestQueue {
@@ -16,7 +32,8 @@ pub struct TestQueue {
 }
 
 impl TestQueue {
-    /// Declares a fresh queue named `offload-test-<label>-<random>` on the broker at `url`.
+    /// Declares a fresh queue named `offload-test-<label>-<random>` on the broker at `url`, with
+    /// [`TEST_KINDS`] bound.
     pub async fn declare(url: &str, label: &str, delivery_limit: u32) -> Self {
         Self::declare_with(url, label, delivery_limit, None).await
     }
@@ -46,7 +63,13 @@ impl TestQueue {
             "offload-test-{label}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let topology = shape(Topology::new(name, 5));
+        // As the gateway declares it by default (events on), with the tests' kinds bound as
+        // their workers would: tests may submit tasks before their worker has subscribed.
+        let topology = shape(
+            offload_common::BrokerArgs::new(url, name)
+                .topology()
+                .with_kinds(TEST_KINDS.iter().copied()),
+        );
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect(

@@ -206,3 +206,23 @@ impl InProcessWorker {
             .expect("worker stops cleanly");
     }
 }
+
+/// Registers the built-in kinds (`sleep`) for `queue` at `url` the way an operator would
+/// before any worker runs: `offload-worker --declare-only`, with `env` on top (say a
+/// `DELIVERY_LIMIT` that must match the queue's).
+pub fn declare_kinds(url: &str, queue: &str, env: &[(&str, String)]) {
+    let output = Command::new(crate::binary("offload-worker-under-test"))
+        .arg("--declare-only")
+        .env("AMQP_URL", url)
+        .env("QUEUE", queue)
+        .env("LOG_FORMAT", "json")
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run offload-worker --declare-only");
+    assert!(
+        output.status.success(),
+        "offload-worker --declare-only failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}

@@ -61,6 +61,14 @@ pub enum ApiError {
         /// Seconds until a request would be let through.
         retry_after: u64,
     },
+    /// No worker has registered the task's kind.
+    #[error("no worker handles tasks of kind '{kind}'")]
+    UnknownKind {
+        /// The kind asked for.
+        kind: String,
+        /// The kinds workers have announced, as far as this gateway knows.
+        known: Vec<String>,
+    },
     /// The broker did not take the task.
     #[error("the task was not queued: {error}")]
     Unavailable {
@@ -98,6 +106,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnknownKind { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::TooManyConnections { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -122,6 +131,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
+            Self::UnknownKind { .. } => "unknown_kind",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable { error, .. } => match error {
                 PublishError::Disconnected | PublishError::Broker(_) => "broker_unavailable",
@@ -129,6 +139,7 @@ impl ApiError {
                 PublishError::Overloaded => "overloaded",
                 PublishError::Nacked => "queue_full",
                 PublishError::Returned(_) => "queue_missing",
+                PublishError::UnknownKind => "unknown_kind",
                 PublishError::Timeout(_) => "confirm_timeout",
             },
             Self::TooManyConnections { .. } => "too_many_connections",
@@ -162,6 +173,17 @@ impl ApiError {
             ),
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
+            }
+            Self::UnknownKind { kind, known } => {
+                let known = if known.is_empty() {
+                    "none announced yet".to_owned()
+                } else {
+                    known.join(", ")
+                };
+                format!(
+                    "no worker handles tasks of kind '{kind}', so it was not queued. Kinds handled: {known}. \
+                     A kind is accepted once a worker that handles it has started (or `offload-worker --declare-only` registered it)"
+                )
             }
             Self::Unavailable { error, .. } => unavailable_advice(error).into(),
             Self::TooManyConnections { .. } => {
@@ -218,6 +240,8 @@ fn unavailable_advice(error: &PublishError) -> &'static str {
         PublishError::Nacked => {
             "the task was not queued: RabbitMQ refused it (nack; the queue may be full). Retry after the Retry-After delay"
         }
+        // Answered as `UnknownKind` by the route, which knows the kind; never reaches here.
+        PublishError::UnknownKind => "the task was not queued: no worker handles its kind",
         PublishError::Returned(_) => {
             "the task was not queued: the work queue does not exist right now (it is being declared again). Retry after the Retry-After delay"
         }

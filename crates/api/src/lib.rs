@@ -88,8 +88,13 @@ impl Application {
                 source,
             })?;
         let shutdown = CancellationToken::new();
-        let (broker, supervisor) =
-            Broker::start(&config.broker, "offload-api", shutdown.clone()).await?;
+        let (broker, supervisor) = Broker::start(
+            &config.broker,
+            config.broker.topology(),
+            "offload-api",
+            shutdown.clone(),
+        )
+        .await?;
         let publisher = Publisher::new(broker, config.confirm_timeout, config.max_in_flight);
         let state = AppState {
             publisher: Arc::new(publisher),

@@ -15,7 +15,8 @@ use tokio::sync::Semaphore;
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
-    queue: ShortString,
+    /// `<QUEUE>.kinds`: tasks are published there with their kind as routing key.
+    exchange: ShortString,
     confirm_timeout: Duration,
     in_flight: Arc<Semaphore>,
 }
@@ -36,9 +37,12 @@ pub enum PublishError {
     /// The broker refused the message (for instance the queue is at its length limit).
     #[error("RabbitMQ refused the task (nack; the queue may be full)")]
     Nacked,
-    /// The message could not be routed to the queue: it does not exist.
+    /// The message could not be routed: the work queue does not exist.
     #[error("RabbitMQ returned the task unrouted ({0}): the queue does not exist")]
     Returned(String),
+    /// The message could not be routed: no worker has bound its kind.
+    #[error("no worker has registered the kind")]
+    UnknownKind,
     /// No confirm came in time; the task may or may not be queued.
     #[error("RabbitMQ did not confirm the task within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -52,7 +56,7 @@ impl Publisher {
     /// confirm and lets at most `max_in_flight` publishes await one at once.
     pub fn new(broker: Broker, confirm_timeout: Duration, max_in_flight: u32) -> Self {
         Self {
-            queue: broker.topology().queue().into(),
+            exchange: broker.topology().kinds_exchange().into(),
             broker,
             confirm_timeout,
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
@@ -64,8 +68,10 @@ impl Publisher {
         self.broker.state()
     }
 
-    /// Publishes `task` persistent and mandatory, and waits for the broker's confirm.
-    /// `Ok` means the broker has the task on the queue; nothing else does.
+    /// Publishes `task` persistent and mandatory to the kinds exchange, with its kind as
+    /// routing key, and waits for the broker's confirm. `Ok` means the broker has the task on
+    /// the queue; nothing else does. A task of a kind no worker has bound comes back as a
+    /// return: [`PublishError::UnknownKind`].
     ///
     /// Fails at once, without touching the broker, when the gateway is disconnected, the
     /// broker is blocking publishers, or `max_in_flight` publishes already await a confirm;
@@ -84,8 +90,8 @@ impl Publisher {
         let publish_and_confirm = async {
             let confirm = channel
                 .basic_publish(
-                    ShortString::from(""),
-                    self.queue.clone(),
+                    self.exchange.clone(),
+                    task.kind.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -101,7 +107,11 @@ impl Publisher {
             Ok(Err(error)) => Err(PublishError::Broker(error)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                // The queue is gone: have the session declare it again.
+                // Either nobody bound this kind, or the queue (and so every binding) is gone.
+                // Only the failure path pays for asking which.
+                if let Ok(true) = self.broker.topology().exists(link.connection()).await {
+                    return Err(PublishError::UnknownKind);
+                }
                 self.broker.report_unroutable();
                 Err(PublishError::Returned(returned.reply_text.to_string()))
             }

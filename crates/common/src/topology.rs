@@ -1,11 +1,21 @@
 //! The broker topology offload relies on, declared by one idempotent function.
 //!
 //! ```text
-//!   publish ──► [QUEUE] (quorum, x-delivery-limit) ──► workers
-//!                  │ rejected, or delivered more than the limit
-//!                  ▼
-//!              <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
+//!   publish, routing key = kind
+//!      │
+//!      ▼
+//!   <QUEUE>.kinds (direct) ──one binding per kind a worker handles──► [QUEUE] ──► workers
+//!                                       (quorum, x-delivery-limit)      │
+//!                                   rejected, or delivered more than the limit
+//!                                                                       ▼
+//!                      <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
+//!
+//!   lifecycle events ──► [<QUEUE>.events] (stream, x-max-age, x-max-length-bytes)
 //! ```
+//!
+//! The bindings of `<QUEUE>.kinds` are the registry of kinds: each worker binds the kinds it
+//! handles, the bindings are durable and outlive the workers, and a task of a kind nobody
+//! bound comes back to the gateway as a mandatory return.
 //!
 //! Every queue argument is written out, never left to the broker's defaults, because the
 //! defaults differ between RabbitMQ 3.10 and 4.x (4.x gives quorum queues a delivery limit of
@@ -18,13 +28,24 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-/// The work queue and its dead-letter path.
+/// The work queue, its dead-letter path, the kinds exchange and the events stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     queue: String,
     delivery_limit: u32,
     max_length: Option<u32>,
     dead_max_length: u32,
+    kinds: Vec<String>,
+    events: Option<EventsRetention>,
+}
+
+/// How long and how much of the events stream RabbitMQ keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsRetention {
+    /// `x-max-age`: events older than this are dropped (a segment at a time).
+    pub max_age: std::time::Duration,
+    /// `x-max-length-bytes`: past this the oldest segments are dropped.
+    pub max_bytes: u64,
 }
 
 impl Topology {
@@ -36,7 +57,39 @@ impl Topology {
             delivery_limit,
             max_length: None,
             dead_max_length: crate::broker::DEFAULT_DEAD_MAX_LENGTH,
+            kinds: Vec::new(),
+            events: None,
         }
+    }
+
+    /// Binds these kinds to the work queue when declaring: what a worker does for the kinds
+    /// it handles.
+    #[must_use]
+    pub fn with_kinds<K: Into<String>>(mut self, kinds: impl IntoIterator<Item = K>) -> Self {
+        self.kinds = kinds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Declares the events stream with this retention; `None`: no stream (events off).
+    #[must_use]
+    pub fn with_events(mut self, retention: Option<EventsRetention>) -> Self {
+        self.events = retention;
+        self
+    }
+
+    /// The kinds this topology binds.
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
+    }
+
+    /// The exchange tasks are published to, with their kind as routing key.
+    pub fn kinds_exchange(&self) -> String {
+        format!("{}.kinds", self.queue)
+    }
+
+    /// The stream of lifecycle events, if events are on.
+    pub fn events_stream(&self) -> Option<String> {
+        self.events.map(|_| format!("{}.events", self.queue))
     }
 
     /// Sets the delivery limit: how many times a task is delivered again after a failed
@@ -174,13 +227,75 @@ impl Topology {
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
             .await
             .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
+        let kinds = self.kinds_exchange();
+        channel
+            .exchange_declare(
+                kinds.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| TopologyError::from_declare("exchange", &kinds, e))?;
+        self.bind_kinds_on(channel).await?;
+        if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
+            channel
+                .queue_declare(stream.as_str().into(), durable, stream_arguments(retention))
+                .await
+                .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
+        }
+        Ok(())
+    }
+
+    /// Binds the kinds again (idempotent): after the work queue was deleted and declared
+    /// anew, by this process or another, its bindings are gone.
+    pub async fn bind_kinds(&self, connection: &Connection) -> Result<(), TopologyError> {
+        if self.kinds.is_empty() {
+            return Ok(());
+        }
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(TopologyError::Broker)?;
+        let result = self.bind_kinds_on(&channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "kinds bound".into()).await;
+        }
+        result
+    }
+
+    async fn bind_kinds_on(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let exchange = self.kinds_exchange();
+        for kind in &self.kinds {
+            channel
+                .queue_bind(
+                    self.queue.as_str().into(),
+                    exchange.as_str().into(),
+                    kind.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(TopologyError::Broker)?;
+        }
         Ok(())
     }
 
     /// Whether both queues exist (passive declarations, on a channel of its own, which the
     /// broker closes when a queue is missing). An error means the broker could not be asked.
     pub async fn exists(&self, connection: &Connection) -> Result<bool, TopologyError> {
-        for queue in [self.queue.clone(), self.dead_letter_queue()] {
+        let stream = self.events_stream();
+        for queue in [
+            Some(self.queue.clone()),
+            Some(self.dead_letter_queue()),
+            stream,
+        ]
+        .into_iter()
+        .flatten()
+        {
             let channel = connection
                 .create_channel()
                 .await
@@ -212,22 +327,48 @@ impl Topology {
             .create_channel()
             .await
             .map_err(TopologyError::Broker)?;
-        for queue in [self.queue.clone(), self.dead_letter_queue()] {
+        let stream = self.events_stream();
+        for queue in [
+            Some(self.queue.clone()),
+            Some(self.dead_letter_queue()),
+            stream,
+        ]
+        .into_iter()
+        .flatten()
+        {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .map_err(TopologyError::Broker)?;
         }
-        channel
-            .exchange_delete(
-                self.dead_letter_exchange().as_str().into(),
-                lapin::options::ExchangeDeleteOptions::default(),
-            )
-            .await
-            .map_err(TopologyError::Broker)?;
+        for exchange in [self.dead_letter_exchange(), self.kinds_exchange()] {
+            channel
+                .exchange_delete(
+                    exchange.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await
+                .map_err(TopologyError::Broker)?;
+        }
         let _ = channel.close(200, "topology deleted".into()).await;
         Ok(())
     }
+}
+
+/// The events stream's arguments, all explicit.
+fn stream_arguments(retention: EventsRetention) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("stream"));
+    // RabbitMQ's own unit syntax: whole seconds.
+    args.insert(
+        "x-max-age".into(),
+        text(&format!("{}s", retention.max_age.as_secs().max(1))),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
+    );
+    args
 }
 
 fn text(value: &str) -> AMQPValue {

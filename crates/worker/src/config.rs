@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Declare the queues and bind this worker's kinds, then exit: registers the kinds with
+    /// the gateway (which refuses kinds no worker has bound) before any worker runs.
+    #[arg(long)]
+    pub declare_only: bool,
+
     #[command(flatten)]
     #[allow(missing_docs)]
     pub broker: BrokerArgs,
@@ -67,6 +72,7 @@ impl Config {
             sleep_max_units: DEFAULT_SLEEP_MAX_UNITS,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            declare_only: false,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
                 log_format: LogFormat::Text,

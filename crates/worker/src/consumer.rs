@@ -15,7 +15,7 @@ use lapin::{
     types::FieldTable,
 };
 use offload_common::{
-    Broker, BrokerError, TaskEnvelope,
+    Broker, BrokerError, TaskEnvelope, Topology,
     broker::session::{Supervisor, backoff},
     envelope::delivery_count,
 };
@@ -50,8 +50,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let session_shutdown = CancellationToken::new();
-    let (broker, supervisor) =
-        Broker::start(&config.broker, "offload-worker", session_shutdown.clone()).await?;
+    // Binding its kinds registers them: the gateway accepts tasks of a kind some worker bound.
+    let topology = config.broker.topology().with_kinds(registry.kinds());
+    if config.declare_only {
+        return declare_only(&config, &topology).await;
+    }
+    let (broker, supervisor) = Broker::start(
+        &config.broker,
+        topology,
+        "offload-worker",
+        session_shutdown.clone(),
+    )
+    .await?;
     let worker = Worker {
         broker,
         registry: Arc::new(registry),
@@ -211,6 +221,20 @@ impl Worker {
         let _ = channel.close(200, "worker shutting down".into()).await;
         tracing::info!("offload-worker stopped");
     }
+}
+
+/// `--declare-only`: declare the topology with this worker's kinds, and stop.
+async fn declare_only(config: &Config, topology: &Topology) -> Result<(), WorkerError> {
+    let (connection, url) = config
+        .broker
+        .connector()?
+        .connect("offload-worker --declare-only")
+        .await?;
+    let declared = topology.declare(&connection).await;
+    let _ = connection.close(200, "declared".into()).await;
+    declared.map_err(BrokerError::from)?;
+    tracing::info!(broker = %url, queue = topology.queue(), kinds = ?topology.kinds(), "declared the queues and bound the kinds");
+    Ok(())
 }
 
 /// The session ended before shutdown: only an error retrying cannot fix does that.

@@ -38,7 +38,12 @@ fn json_value() -> BoxedStrategy<Value> {
 
 /// A task body a client might send: valid, or wrong in one of the ways clients are wrong.
 fn body() -> impl Strategy<Value = Vec<u8>> {
-    let valid = ("[a-z0-9_.-]{1,64}", json_value())
+    // Kinds the test queue has bound (accepted), and any other valid kind (422 unknown_kind).
+    let kind = prop_oneof![
+        3 => prop::sample::select(offload_tests::TEST_KINDS).prop_map(str::to_owned),
+        1 => "[a-z0-9_.-]{1,64}",
+    ];
+    let valid = (kind, json_value())
         .prop_map(|(kind, payload)| json!({"kind": kind, "payload": payload}).to_string())
         .boxed();
     prop_oneof![

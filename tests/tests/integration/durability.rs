@@ -2,7 +2,9 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use offload_tests::{PrivateBroker, TestGateway, WorkerOptions, WorkerProcess, eventually};
+use offload_tests::{
+    PrivateBroker, TestGateway, WorkerOptions, WorkerProcess, declare_kinds, eventually,
+};
 
 /// Tutorial 2, "Message durability": tasks accepted with 202, then the broker is stopped and
 /// started again; every task is still there and completes.
@@ -13,6 +15,8 @@ async fn accepted_tasks_survive_a_broker_restart_and_complete() {
     // The gateway declares the topology; the whole node is thrown away at the end.
     let queue_name = format!("offload-test-durable-{}", uuid::Uuid::new_v4().simple());
     let gateway = TestGateway::start(&url, &queue_name).await;
+    // No worker has run yet: register the kind, as an operator would.
+    declare_kinds(&url, &queue_name, &[]);
     let mut accepted = HashSet::new();
     for n in 0..10 {
         accepted.insert(gateway.submit_sleep(&format!("task {n}.")).await);

@@ -4,7 +4,7 @@ use std::{net::TcpListener, time::Duration};
 
 use lapin::{options::QueueDeleteOptions, types::ShortString};
 use offload_api::Config;
-use offload_tests::{TestGateway, TestQueue, amqp_url, eventually};
+use offload_tests::{TestGateway, TestQueue, amqp_url, declare_kinds, eventually};
 use reqwest::{Response, StatusCode, header};
 use serde_json::{Value, json};
 
@@ -291,14 +291,15 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
         .expect("delete the work queue");
 
     // Until the gateway has declared it again, a publish comes back unrouted: 503, never a
-    // 202 for a task that went nowhere. Then tasks are accepted, and are really there.
-    let accepted = eventually(
+    // 202 for a task that went nowhere. Then the queue is back, without the kinds' bindings
+    // (no worker runs to bind them again): 422 until a worker, or --declare-only, does.
+    let response = eventually(
         Duration::from_secs(10),
         "the gateway to declare the queue again",
         || async {
             let response = gateway.post_task(&json!({"kind": "sleep"})).await;
-            if response.status() == StatusCode::ACCEPTED {
-                return Some(());
+            if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+                return Some(response);
             }
             assert!(response.headers().contains_key(header::RETRY_AFTER));
             let message =
@@ -308,7 +309,12 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
         },
     )
     .await;
-    let () = accepted;
+    assert_json_error(response, StatusCode::UNPROCESSABLE_ENTITY, "unknown_kind").await;
+    declare_kinds(&url, queue.name(), &[]);
+    assert_eq!(
+        gateway.post_task(&json!({"kind": "sleep"})).await.status(),
+        StatusCode::ACCEPTED
+    );
     assert_eq!(
         queue.ready().await,
         1,
@@ -338,4 +344,50 @@ async fn a_queue_declared_with_other_arguments_stops_startup_with_a_clear_error(
     );
     assert!(error.contains("--queue"), "says what to do: {error}");
     assert!(!error.contains('\n'), "one line: {error}");
+}
+
+struct Resize;
+
+impl offload_worker::Handler for Resize {
+    const KIND: &'static str = "resize";
+
+    async fn handle(
+        &self,
+        _task: offload_worker::Task,
+    ) -> Result<(), offload_worker::HandlerError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_kind_no_worker_handles_is_refused_at_the_gate_and_accepted_once_one_has_run() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "kinds", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    let message = assert_json_error(
+        gateway.post_task(&json!({"kind": "resize"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_kind",
+    )
+    .await;
+    assert!(message.contains("'resize'"), "{message}");
+    assert_eq!(queue.ready().await, 0, "nothing queued to die");
+
+    // A worker that handles `resize` starts once, and stops: its binding stays, so tasks of
+    // that kind are queued while no worker runs.
+    let worker = offload_tests::InProcessWorker::start(
+        offload_worker::Config::new(&url, queue.name()),
+        offload_worker::Registry::default().register(Resize),
+    );
+    eventually(Duration::from_secs(10), "the worker subscribed", || async {
+        (queue.consumers().await == 1).then_some(())
+    })
+    .await;
+    worker.stop().await;
+
+    let response = gateway.post_task(&json!({"kind": "resize"})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(queue.ready().await, 1);
+    gateway.stop().await;
 }

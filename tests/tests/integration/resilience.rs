@@ -12,7 +12,7 @@ use std::{
 use offload_api::Config as GatewayConfig;
 use offload_tests::{
     InProcessWorker, PrivateBroker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
-    eventually,
+    declare_kinds, eventually,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -70,10 +70,12 @@ async fn a_full_queue_turns_into_503_through_the_brokers_nack() {
 #[tokio::test]
 async fn past_max_in_flight_requests_are_refused_at_once_and_none_hangs() {
     let broker = PrivateBroker::start().await;
-    let mut config = GatewayConfig::new(broker.url(), private_queue_name("in-flight"));
+    let queue = private_queue_name("in-flight");
+    let mut config = GatewayConfig::new(broker.url(), &queue);
     config.max_in_flight = 1;
     config.confirm_timeout = Duration::from_secs(3);
     let gateway = Arc::new(TestGateway::spawn(config).await);
+    declare_kinds(&broker.url(), &queue, &[]);
 
     // Frozen broker: the socket stays open, no confirm ever comes.
     broker.pause();
@@ -101,9 +103,11 @@ async fn past_max_in_flight_requests_are_refused_at_once_and_none_hangs() {
 #[tokio::test]
 async fn a_memory_alarm_blocks_publishing_and_clearing_it_resumes() {
     let broker = PrivateBroker::start().await;
-    let mut config = GatewayConfig::new(broker.url(), private_queue_name("alarm"));
+    let queue = private_queue_name("alarm");
+    let mut config = GatewayConfig::new(broker.url(), &queue);
     config.confirm_timeout = Duration::from_secs(2);
     let gateway = TestGateway::spawn(config).await;
+    declare_kinds(&broker.url(), &queue, &[]);
     gateway.submit_sleep("before the alarm").await;
 
     broker.memory_alarm(true);

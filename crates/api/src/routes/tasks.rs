@@ -17,6 +17,7 @@ use crate::{
     AppState,
     auth::{self, Scope},
     error::{ApiError, Result},
+    publisher::PublishError,
 };
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -70,9 +71,15 @@ async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Resu
         .publisher
         .publish(&task)
         .await
-        .map_err(|error| ApiError::Unavailable {
-            error,
-            retry_after: state.retry_after_secs,
+        .map_err(|error| match error {
+            PublishError::UnknownKind => ApiError::UnknownKind {
+                kind: task.kind.to_string(),
+                known: Vec::new(),
+            },
+            error => ApiError::Unavailable {
+                error,
+                retry_after: state.retry_after_secs,
+            },
         })?;
     tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
     let location = HeaderValue::try_from(format!("/tasks/{}", task.id))

@@ -14,7 +14,7 @@ use lapin::{
     tcp::{OwnedIdentity, OwnedTLSConfig},
 };
 
-use crate::topology::Topology;
+use crate::topology::{EventsRetention, Topology};
 pub use url::{Endpoint, UrlError, redact_url};
 
 /// How to reach RabbitMQ and which queue to use. Flattened into both binaries' command lines.
@@ -74,6 +74,21 @@ pub struct BrokerArgs {
     #[arg(long, env = "DEAD_MAX_LENGTH", default_value_t = DEFAULT_DEAD_MAX_LENGTH, value_parser = clap::value_parser!(u32).range(1..))]
     pub dead_max_length: u32,
 
+    /// Lifecycle events on the `<QUEUE>.events` stream (`on` or `off`): what
+    /// GET /tasks/{id} is built from. `off` gives the bare queue.
+    #[arg(long, env = "EVENTS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub events: bool,
+
+    /// How long the events stream keeps events (`x-max-age`), and so how long a task's
+    /// status can be asked for.
+    #[arg(long, env = "EVENTS_MAX_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub events_max_age: Duration,
+
+    /// Most bytes the events stream keeps (`x-max-length-bytes`); past it the oldest events
+    /// go first.
+    #[arg(long, env = "EVENTS_MAX_BYTES", default_value_t = DEFAULT_EVENTS_MAX_BYTES)]
+    pub events_max_bytes: u64,
+
     /// AMQP heartbeat interval in seconds; a connection that stays silent for two intervals
     /// is treated as dead. 0 disables heartbeats (not recommended).
     #[arg(long, env = "HEARTBEAT", default_value_t = 10)]
@@ -83,6 +98,11 @@ pub struct BrokerArgs {
     #[arg(long, env = "CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 }
+
+/// Default for `--events-max-bytes`: 1 GiB.
+pub const DEFAULT_EVENTS_MAX_BYTES: u64 = 1 << 30;
+/// Default for `--events-max-age`: 7 days.
+pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default for `--dead-max-length`.
 pub const DEFAULT_DEAD_MAX_LENGTH: u32 = 100_000;
@@ -101,6 +121,9 @@ impl BrokerArgs {
             delivery_limit: 5,
             queue_max_length: None,
             dead_max_length: DEFAULT_DEAD_MAX_LENGTH,
+            events: true,
+            events_max_age: DEFAULT_EVENTS_MAX_AGE,
+            events_max_bytes: DEFAULT_EVENTS_MAX_BYTES,
             heartbeat: 10,
             connect_timeout: Duration::from_secs(5),
         }
@@ -111,6 +134,10 @@ impl BrokerArgs {
         Topology::new(self.queue.clone(), self.delivery_limit)
             .with_max_length(self.queue_max_length)
             .with_dead_max_length(self.dead_max_length)
+            .with_events(self.events.then_some(EventsRetention {
+                max_age: self.events_max_age,
+                max_bytes: self.events_max_bytes,
+            }))
     }
 
     /// Reads the URL list and the TLS files: everything needed to connect, checked once at

@@ -116,19 +116,21 @@ struct Shared {
 pub type Supervisor = JoinHandle<Result<(), BrokerError>>;
 
 impl Broker {
-    /// Reads the settings, connects once and declares the topology, then starts the
-    /// supervisor, which keeps the session alive until `shutdown` is cancelled.
+    /// Reads the settings, connects once and declares `topology` (the gateway's is
+    /// `args.topology()`; a worker's adds the kinds it handles), then starts the supervisor,
+    /// which keeps the session alive until `shutdown` is cancelled.
     ///
     /// An unreachable broker is not an error here: the session starts disconnected and keeps
     /// trying. Unusable settings (a bad URL, an unreadable file) and a topology mismatch are.
     pub async fn start(
         args: &BrokerArgs,
+        topology: Topology,
         connection_name: &'static str,
         shutdown: CancellationToken,
     ) -> Result<(Self, Supervisor), BrokerError> {
         let connector = args.connector()?;
         let shared = Arc::new(Shared {
-            topology: args.topology(),
+            topology,
             unroutable: AtomicBool::new(false),
             check: tokio::sync::Notify::new(),
         });
@@ -202,8 +204,8 @@ impl Broker {
         }
     }
 
-    /// Tells the session that a publish came back unrouted: it reports
-    /// [`BrokerState::Unroutable`] and checks the topology now.
+    /// Tells the session that a publish came back unrouted because the queue is gone: it
+    /// reports [`BrokerState::Unroutable`] and checks the topology now.
     pub fn report_unroutable(&self) {
         self.shared.unroutable.store(true, Ordering::Relaxed);
         self.shared.check.notify_one();
@@ -336,11 +338,15 @@ impl SessionTask {
         }
     }
 
-    /// Declares the queues again if they are gone.
+    /// Declares the queues again if they are gone, and binds this process's kinds again.
     async fn heal(&self, connection: &Connection) {
         let topology = &self.shared.topology;
         match topology.exists(connection).await {
             Ok(true) => {
+                // Someone else may have declared the queue anew, without our kinds' bindings.
+                if let Err(error) = topology.bind_kinds(connection).await {
+                    tracing::warn!("binding this worker's kinds failed: {error}; retrying");
+                }
                 self.shared.unroutable.store(false, Ordering::Relaxed);
                 return;
             }
