@@ -67,6 +67,15 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_BURST", requires = "rate_limit")]
     pub rate_limit_burst: Option<NonZeroU32>,
 
+    /// Most tasks whose state this gateway remembers (read from the events stream); past
+    /// it the oldest are forgotten. About 200 bytes each, results not included.
+    #[arg(long, env = "STATUS_CAPACITY", default_value_t = DEFAULT_STATUS_CAPACITY)]
+    pub status_capacity: usize,
+
+    /// Longest a `GET /tasks/{id}?wait=` may wait for the task to end.
+    #[arg(long, env = "MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
     /// How long to wait for the broker to confirm a publish before answering 503.
     #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub confirm_timeout: Duration,
@@ -96,6 +105,10 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// Default for `--header-timeout` and `--body-timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for `--status-capacity`.
+pub const DEFAULT_STATUS_CAPACITY: usize = 1_000_000;
+/// Default for `--max-wait`.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Default for `--max-body-bytes`: 256 KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default for `--confirm-timeout`.
@@ -121,6 +134,8 @@ impl Config {
             api_keys_file: None,
             rate_limit: None,
             rate_limit_burst: None,
+            status_capacity: DEFAULT_STATUS_CAPACITY,
+            max_wait: DEFAULT_MAX_WAIT,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,

@@ -61,6 +61,24 @@ pub enum ApiError {
         /// Seconds until a request would be let through.
         retry_after: u64,
     },
+    /// The Idempotency-Key header is malformed.
+    #[error("the Idempotency-Key header must be 1 to 255 printable ASCII characters")]
+    InvalidIdempotencyKey,
+    /// `?wait=` is not a duration.
+    #[error("?wait= must be a duration such as 30s or 500ms")]
+    InvalidWait,
+    /// No task of that id is known.
+    #[error("no task with that id")]
+    UnknownTask,
+    /// Events are off, so task states are not tracked.
+    #[error("task tracking is off on this gateway (EVENTS=off)")]
+    TrackingOff,
+    /// The gateway is still reading the events stream.
+    #[error("this gateway is still reading the events stream")]
+    Replaying {
+        /// Seconds the client should wait before asking again.
+        retry_after: u32,
+    },
     /// No worker has registered the task's kind.
     #[error("no worker handles tasks of kind '{kind}'")]
     UnknownKind {
@@ -102,11 +120,14 @@ impl ApiError {
             Self::Json(rejection) => rejection.status(),
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::UnknownTask | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::UnknownKind { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnknownKind { .. } | Self::InvalidIdempotencyKey | Self::InvalidWait => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::Replaying { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::TooManyConnections { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -132,6 +153,11 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::UnknownKind { .. } => "unknown_kind",
+            Self::InvalidIdempotencyKey => "invalid_idempotency_key",
+            Self::InvalidWait => "invalid_wait",
+            Self::UnknownTask => "unknown_task",
+            Self::TrackingOff => "tracking_off",
+            Self::Replaying { .. } => "events_replaying",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable { error, .. } => match error {
                 PublishError::Disconnected | PublishError::Broker(_) => "broker_unavailable",
@@ -156,7 +182,7 @@ impl ApiError {
             ),
             Self::BodyTimeout(_) => format!("{self}; send the whole body at once"),
             Self::NotFound { method, path } => format!(
-                "no route for {} {}; offload serves POST /tasks and GET /health",
+                "no route for {} {}; offload serves POST /tasks, GET /tasks/{{id}} and GET /health",
                 excerpt(method),
                 excerpt(path)
             ),
@@ -174,6 +200,10 @@ impl ApiError {
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
             }
+            Self::InvalidIdempotencyKey | Self::InvalidWait => format!("{self}; fix the request"),
+            Self::UnknownTask => "no task with that id: it was never accepted, or it is older than the events stream keeps (EVENTS_MAX_AGE, EVENTS_MAX_BYTES) or than this gateway remembers (STATUS_CAPACITY)".into(),
+            Self::TrackingOff => "task tracking is off on this gateway (EVENTS=off): there is no status to read, and no Idempotency-Key can be honoured; turn EVENTS on".into(),
+            Self::Replaying { .. } => "this gateway is still reading the events stream and does not know that task yet; retry after the Retry-After delay".into(),
             Self::UnknownKind { kind, known } => {
                 let known = if known.is_empty() {
                     "none announced yet".to_owned()
@@ -198,9 +228,9 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
-            Self::Unavailable { retry_after, .. } | Self::TooManyConnections { retry_after } => {
-                Some(u64::from(*retry_after))
-            }
+            Self::Unavailable { retry_after, .. }
+            | Self::TooManyConnections { retry_after }
+            | Self::Replaying { retry_after } => Some(u64::from(*retry_after)),
             _ => None,
         }
     }

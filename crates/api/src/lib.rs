@@ -8,10 +8,11 @@ mod error;
 mod publisher;
 mod routes;
 mod server;
+mod status;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use offload_common::{Broker, BrokerError, broker::session::Supervisor};
+use offload_common::{Broker, BrokerError, EventSink, broker::session::Supervisor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -24,12 +25,18 @@ pub use config::{
 pub use error::ApiError;
 pub use offload_common::BrokerState;
 pub use publisher::{PublishError, Publisher};
+pub use status::{Status, TaskView};
 
 /// What every request handler can reach. Cloned for every request, so its parts are cheap
 /// handles.
 #[derive(Clone)]
 pub struct AppState {
     publisher: Arc<Publisher>,
+    /// The view of task states; `None` with EVENTS=off.
+    tracker: Option<status::Tracker>,
+    /// Where `queued` events go; `None` with EVENTS=off.
+    events: Option<EventSink>,
+    max_wait: Duration,
     access: Access,
     retry_after_secs: u32,
     max_body_bytes: usize,
@@ -95,9 +102,25 @@ impl Application {
             shutdown.clone(),
         )
         .await?;
+        let (tracker, events) = match broker.topology().events_stream() {
+            Some(stream) => {
+                let (sink, _) = EventSink::start(broker.clone(), stream);
+                let tracker = status::Tracker::new(config.status_capacity);
+                tokio::spawn(tracker.clone().follow(
+                    broker.clone(),
+                    sink.clone(),
+                    shutdown.clone(),
+                ));
+                (Some(tracker), Some(sink))
+            }
+            None => (None, None),
+        };
         let publisher = Publisher::new(broker, config.confirm_timeout, config.max_in_flight);
         let state = AppState {
             publisher: Arc::new(publisher),
+            tracker,
+            events,
+            max_wait: config.max_wait,
             access,
             retry_after_secs: config.retry_after_secs,
             max_body_bytes: config.max_body_bytes,

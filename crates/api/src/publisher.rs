@@ -63,6 +63,11 @@ impl Publisher {
         }
     }
 
+    /// The broker session it publishes through.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     /// Whether a publish could succeed now.
     pub fn state(&self) -> BrokerState {
         self.broker.state()

@@ -172,7 +172,7 @@ pub fn delivery_count(properties: &BasicProperties) -> u64 {
 }
 
 /// RFC 3339 timestamps with millisecond precision, in UTC.
-mod rfc3339 {
+pub(crate) mod rfc3339 {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};

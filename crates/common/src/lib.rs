@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod envelope;
+pub mod events;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
@@ -15,5 +16,6 @@ pub use broker::{
     session::{Broker, BrokerState, Link},
 };
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
+pub use events::{DeadReason, Event, EventSink, EventType};
 pub use telemetry::{LogArgs, LogFormat};
 pub use topology::{Topology, TopologyError};

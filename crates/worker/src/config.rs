@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Largest result a task may have, as JSON; a larger one is dropped (the task still
+    /// succeeds, and its status says so).
+    #[arg(long, env = "RESULT_MAX_BYTES", default_value_t = DEFAULT_RESULT_MAX_BYTES)]
+    pub result_max_bytes: usize,
+
     /// Declare the queues and bind this worker's kinds, then exit: registers the kinds with
     /// the gateway (which refuses kinds no worker has bound) before any worker runs.
     #[arg(long)]
@@ -55,6 +60,8 @@ pub struct Config {
 pub const DEFAULT_PREFETCH: u16 = 1;
 /// Default for `--sleep-unit`.
 pub const DEFAULT_SLEEP_UNIT: Duration = Duration::from_secs(1);
+/// Default for `--result-max-bytes`: 64 KiB.
+pub const DEFAULT_RESULT_MAX_BYTES: usize = 64 * 1024;
 /// Default for `--sleep-max-units`.
 pub const DEFAULT_SLEEP_MAX_UNITS: u32 = 60;
 /// Default for `--handler-timeout`.
@@ -72,6 +79,7 @@ impl Config {
             sleep_max_units: DEFAULT_SLEEP_MAX_UNITS,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            result_max_bytes: DEFAULT_RESULT_MAX_BYTES,
             declare_only: false,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {

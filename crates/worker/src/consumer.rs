@@ -15,7 +15,7 @@ use lapin::{
     types::FieldTable,
 };
 use offload_common::{
-    Broker, BrokerError, TaskEnvelope, Topology,
+    Broker, BrokerError, DeadReason, Event, EventSink, EventType, TaskEnvelope, Topology,
     broker::session::{Supervisor, backoff},
     envelope::delivery_count,
 };
@@ -62,9 +62,22 @@ pub async fn run(
         session_shutdown.clone(),
     )
     .await?;
+    let events = config.broker.events.then(|| {
+        let stream = topology_stream(&broker);
+        EventSink::start(broker.clone(), stream).0
+    });
+    let kinds = registry.kinds();
+    let context = Arc::new(Context {
+        registry: Arc::new(registry),
+        deadline: config.handler_timeout,
+        events,
+        worker: worker_name().into(),
+        delivery_limit: u64::from(config.broker.delivery_limit),
+        result_max_bytes: config.result_max_bytes,
+    });
     let worker = Worker {
         broker,
-        registry: Arc::new(registry),
+        context,
         tasks: TaskTracker::new(),
         // The worker's own bound on tasks in hand, whatever the broker sends: RabbitMQ 3.8 to
         // 3.10 grant a consumer an extra credit for each task dead-lettered at its delivery
@@ -76,7 +89,7 @@ pub async fn run(
     tracing::info!(
         queue = worker.broker.topology().queue(),
         prefetch = worker.config.prefetch,
-        kinds = ?worker.registry.kinds(),
+        kinds = ?kinds,
         "offload-worker starting"
     );
     let mut supervisor = supervisor;
@@ -93,7 +106,7 @@ pub async fn run(
 struct Worker {
     config: Config,
     broker: Broker,
-    registry: Arc<Registry>,
+    context: Arc<Context>,
     tasks: TaskTracker,
     permits: Arc<Semaphore>,
 }
@@ -127,6 +140,19 @@ impl Worker {
             };
             delays = backoff();
             tracing::info!(queue = self.broker.topology().queue(), "consuming");
+            if let Some(events) = &self.context.events {
+                let mut announce = Event::new(EventType::Worker);
+                announce.worker = Some(self.context.worker.to_string());
+                announce.kinds = Some(
+                    self.context
+                        .registry
+                        .kinds()
+                        .iter()
+                        .map(|k| (*k).to_owned())
+                        .collect(),
+                );
+                events.emit(announce);
+            }
             loop {
                 // A permit first, then a delivery: never more than PREFETCH tasks in hand.
                 let permit = tokio::select! {
@@ -185,10 +211,9 @@ impl Worker {
 
     /// Runs one delivery in the background, holding `permit` until it is settled.
     fn start(&self, delivery: Delivery, permit: OwnedSemaphorePermit) {
-        let registry = Arc::clone(&self.registry);
-        let deadline = self.config.handler_timeout;
+        let context = Arc::clone(&self.context);
         self.tasks.spawn(async move {
-            process(delivery, registry, deadline).await;
+            process(delivery, context).await;
             drop(permit);
         });
     }
@@ -223,6 +248,21 @@ impl Worker {
     }
 }
 
+/// The events stream's name; the topology has one whenever events are on.
+fn topology_stream(broker: &Broker) -> String {
+    broker
+        .topology()
+        .events_stream()
+        .expect("EVENTS=on declares the events stream")
+}
+
+/// `<host>-<pid>`: which worker, in events.
+fn worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "worker".to_owned(), |name| name.trim().to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 /// `--declare-only`: declare the topology with this worker's kinds, and stop.
 async fn declare_only(config: &Config, topology: &Topology) -> Result<(), WorkerError> {
     let (connection, url) = config
@@ -247,8 +287,20 @@ fn fatal(
     }
 }
 
+/// What every delivery's processing needs, shared by all of them.
+struct Context {
+    registry: Arc<Registry>,
+    deadline: Duration,
+    /// `None` with EVENTS=off.
+    events: Option<EventSink>,
+    /// `<host>-<pid>`, in `started` and `worker` events.
+    worker: Arc<str>,
+    delivery_limit: u64,
+    result_max_bytes: usize,
+}
+
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
-async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration) {
+async fn process(delivery: Delivery, context: Arc<Context>) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
         Err(error) => {
@@ -258,23 +310,40 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
                 .as_ref()
                 .map(ToString::to_string);
             tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
-            settle(&delivery, Outcome::Reject).await;
+            let mut dead = Event::new(EventType::Dead);
+            dead.id = message_id.and_then(|id| id.parse().ok());
+            dead.reason = Some(DeadReason::Undecodable);
+            dead.error = Some(error.to_string());
+            settle(&delivery, &context, Outcome::Reject, dead).await;
             return;
         }
     };
-    let task = Task::new(envelope, delivery_count(&delivery.properties));
+    let previous_deliveries = delivery_count(&delivery.properties);
+    let attempt = previous_deliveries + 1;
+    let task = Task::new(envelope, previous_deliveries);
     let span = tracing::info_span!("task", task_id = %task.id, kind = %task.kind);
     async move {
-        let previous_deliveries = task.previous_deliveries;
-        let running = match registry.dispatch(task) {
+        let (id, kind) = (task.id, task.kind.clone());
+        let event = |event_type| {
+            let mut event = Event::task(event_type, id, &kind);
+            event.attempt = Some(attempt);
+            event
+        };
+        let running = match context.registry.dispatch(task) {
             Ok(running) => running,
             Err(task) => {
                 tracing::warn!(
                     target: TASK_LOG,
-                    known = ?registry.kinds(),
+                    known = ?context.registry.kinds(),
                     "no handler for kind '{}'; dead-lettering the task", task.kind
                 );
-                settle(&delivery, Outcome::Reject).await;
+                let mut dead = event(EventType::Dead);
+                dead.reason = Some(DeadReason::NoHandler);
+                dead.error = Some(format!(
+                    "this worker has no handler for kind '{}'",
+                    task.kind
+                ));
+                settle(&delivery, &context, Outcome::Reject, dead).await;
                 return;
             }
         };
@@ -284,15 +353,80 @@ async fn process(delivery: Delivery, registry: Arc<Registry>, deadline: Duration
             redelivered = delivery.redelivered,
             "task started"
         );
-        let outcome = run_handler(running, deadline).await;
-        settle(&delivery, outcome).await;
+        if let Some(events) = &context.events {
+            let mut started = event(EventType::Started);
+            started.worker = Some(context.worker.to_string());
+            events.emit(started);
+        }
+        let began = std::time::Instant::now();
+        let ran = run_handler(running, context.deadline).await;
+        let mut terminal = match ran {
+            Ran::Succeeded(result) => {
+                let mut succeeded = event(EventType::Succeeded);
+                succeeded.duration_ms =
+                    Some(u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX));
+                (succeeded.result, succeeded.error) = bounded(result, context.result_max_bytes);
+                (Outcome::Ack, succeeded)
+            }
+            // The broker dead-letters a task requeued on its last allowed delivery.
+            Ran::Failed(error) if previous_deliveries >= context.delivery_limit => {
+                let mut dead = event(EventType::Dead);
+                dead.reason = Some(DeadReason::DeliveryLimit);
+                dead.error = Some(error);
+                (Outcome::Requeue, dead)
+            }
+            Ran::Failed(error) => {
+                let mut failed = event(EventType::Failed);
+                failed.retry = Some(true);
+                failed.error = Some(error);
+                (Outcome::Requeue, failed)
+            }
+            Ran::Rejected(error) => {
+                let mut dead = event(EventType::Dead);
+                dead.reason = Some(DeadReason::Rejected);
+                dead.error = Some(error);
+                (Outcome::Reject, dead)
+            }
+        };
+        terminal.1.at = std::time::SystemTime::now();
+        settle(&delivery, &context, terminal.0, terminal.1).await;
     }
     .instrument(span)
     .await;
 }
 
+/// The result, unless its JSON is over `max_bytes`: then none, and a note saying why.
+fn bounded(
+    result: Option<serde_json::Value>,
+    max_bytes: usize,
+) -> (Option<serde_json::Value>, Option<String>) {
+    let Some(result) = result else {
+        return (None, None);
+    };
+    let size = serde_json::to_vec(&result).map_or(usize::MAX, |json| json.len());
+    if size > max_bytes {
+        tracing::warn!(target: TASK_LOG, size, "the task's result is over RESULT_MAX_BYTES; dropping it");
+        return (
+            None,
+            Some(format!(
+                "the result ({size} bytes of JSON) was over RESULT_MAX_BYTES ({max_bytes}) and was dropped"
+            )),
+        );
+    }
+    (Some(result), None)
+}
+
+/// How one attempt ended.
+enum Ran {
+    Succeeded(Option<serde_json::Value>),
+    /// A retry may help.
+    Failed(String),
+    /// A retry cannot help.
+    Rejected(String),
+}
+
 /// Runs a handler to its end, its failure, its panic or its deadline.
-async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
+async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
     // Run in this delivery's own task, not one more spawned task: a spawn per delivery wakes
     // a parked runtime thread, which the benchmark showed to be a large share of a worker's
     // time. catch_unwind keeps a panicking handler from unwinding through the worker (the
@@ -305,35 +439,39 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Outcome {
             deadline = %humantime::format_duration(deadline),
             "task ran past HANDLER_TIMEOUT; returning it to the queue for another attempt"
         );
-        return Outcome::Requeue;
+        return Ran::Failed(format!(
+            "ran past HANDLER_TIMEOUT ({})",
+            humantime::format_duration(deadline)
+        ));
     };
     match finished {
-        Ok(Ok(())) => {
+        Ok(Ok(result)) => {
             tracing::info!(target: TASK_LOG, "task completed");
-            Outcome::Ack
+            Ran::Succeeded(result)
         }
         Ok(Err(error)) if error.is_retryable() => {
             tracing::warn!(
                 target: TASK_LOG,
                 "task failed: {error}; returning it to the queue for another attempt"
             );
-            Outcome::Requeue
+            Ran::Failed(error.to_string())
         }
         Ok(Err(error)) => {
             tracing::warn!(target: TASK_LOG, "task failed permanently: {error}; dead-lettering it");
-            Outcome::Reject
+            Ran::Rejected(error.to_string())
         }
         Err(panic) => {
+            let message = offload_common::telemetry::panic_message(panic.as_ref()).to_owned();
             tracing::error!(
                 target: TASK_LOG,
-                "handler panicked: {}; returning the task to the queue",
-                offload_common::telemetry::panic_message(panic.as_ref())
+                "handler panicked: {message}; returning the task to the queue"
             );
-            Outcome::Requeue
+            Ran::Failed(format!("the handler panicked: {message}"))
         }
     }
 }
 
+/// How a delivery is settled.
 enum Outcome {
     /// Done: remove it from the queue.
     Ack,
@@ -344,7 +482,21 @@ enum Outcome {
     Reject,
 }
 
-async fn settle(delivery: &Delivery, outcome: Outcome) {
+/// Publishes the attempt's `event` and waits for the broker's confirm, then settles the
+/// delivery: a status that says `running` therefore always means the task has not finished.
+/// An event the broker did not confirm turns the outcome into a requeue, so the task runs
+/// again (at least once) rather than end without a word on the stream.
+async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event: Event) {
+    let outcome = match &context.events {
+        Some(events) if !events.emit_confirmed(event).await => {
+            tracing::warn!(
+                target: TASK_LOG,
+                "the task's event was not confirmed by the broker; returning the task to the queue"
+            );
+            Outcome::Requeue
+        }
+        _ => outcome,
+    };
     let acker = &delivery.acker;
     let result = match outcome {
         Outcome::Ack => acker.ack(BasicAckOptions::default()).await,

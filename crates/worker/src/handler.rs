@@ -48,13 +48,15 @@ impl Task {
 ///
 /// impl Handler for Resize {
 ///     const KIND: &'static str = "resize";
+///     /// What GET /tasks/{id} shows as the task's result; `()` for none.
+///     type Output = serde_json::Value;
 ///
-///     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
+///     async fn handle(&self, task: Task) -> Result<Self::Output, HandlerError> {
 ///         let Some(url) = task.payload.get("url").and_then(|v| v.as_str()) else {
 ///             return Err(HandlerError::permanent("payload.url must be a string"));
 ///         };
 ///         // ... fetch and resize `url`; `?` on any error retries the task ...
-///         Ok(())
+///         Ok(serde_json::json!({"thumbnail": format!("{url}.small")}))
 ///     }
 /// }
 ///
@@ -64,11 +66,17 @@ pub trait Handler: Send + Sync + 'static {
     /// The task kind this handler runs (1-64 characters of `a-z 0-9 _ . -`).
     const KIND: &'static str;
 
+    /// The task's result, kept on the events stream and shown by GET /tasks/{id}: any
+    /// `Serialize` type, `()` for none. Larger than `RESULT_MAX_BYTES` as JSON, it is dropped
+    /// (the task still succeeds, and its status says why the result is missing).
+    type Output: serde::Serialize + Send + 'static;
+
     /// Runs one task. `Ok` acks it. An error, or a panic, counts as a failed attempt: a
     /// [retryable](HandlerError::from) failure is redelivered until the queue's delivery limit
     /// and then dead-lettered; a [permanent](HandlerError::permanent) one is dead-lettered at
     /// once.
-    fn handle(&self, task: Task) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(&self, task: Task)
+    -> impl Future<Output = Result<Self::Output, HandlerError>> + Send;
 }
 
 /// Why a handler failed, and whether trying again could help.
@@ -117,8 +125,10 @@ impl fmt::Debug for HandlerError {
     }
 }
 
-/// A handler's run, boxed so handlers of different types share one map.
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+/// A handler's run, boxed so handlers of different types share one map; its output as JSON
+/// (`None` for none).
+pub(crate) type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, HandlerError>> + Send>>;
 
 /// Object-safe face of [`Handler`], so handlers of different types share one map.
 trait ErasedHandler: Send + Sync {
@@ -127,7 +137,16 @@ trait ErasedHandler: Send + Sync {
 
 impl<H: Handler> ErasedHandler for H {
     fn call(self: Arc<Self>, task: Task) -> HandlerFuture {
-        Box::pin(async move { self.handle(task).await })
+        Box::pin(async move {
+            let output = self.handle(task).await?;
+            match serde_json::to_value(output) {
+                Ok(serde_json::Value::Null) => Ok(None),
+                Ok(value) => Ok(Some(value)),
+                Err(error) => Err(HandlerError::permanent(format!(
+                    "the handler's result cannot be written as JSON: {error}"
+                ))),
+            }
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 //! # struct MyHandler;
 //! # impl offload_worker::Handler for MyHandler {
 //! #     const KIND: &'static str = "mine";
+//! #     type Output = ();
 //! #     async fn handle(&self, _: offload_worker::Task) -> Result<(), offload_worker::HandlerError> { Ok(()) }
 //! # }
 //! use clap::Parser;

@@ -13,6 +13,7 @@ struct Panics;
 
 impl Handler for Panics {
     const KIND: &'static str = "panic";
+    type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
         panic!(
@@ -27,6 +28,7 @@ struct Crashes;
 
 impl Handler for Crashes {
     const KIND: &'static str = "crash";
+    type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
         tracing::error!(task_id = %task.id, "crash task: aborting the worker process");

@@ -209,6 +209,7 @@ struct AlwaysFails;
 
 impl Handler for AlwaysFails {
     const KIND: &'static str = "always-fails";
+    type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
         Err("scripted failure".into())
@@ -224,6 +225,7 @@ struct Counted {
 
 impl Handler for Counted {
     const KIND: &'static str = "counted";
+    type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;

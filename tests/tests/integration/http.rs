@@ -350,6 +350,7 @@ struct Resize;
 
 impl offload_worker::Handler for Resize {
     const KIND: &'static str = "resize";
+    type Output = ();
 
     async fn handle(
         &self,

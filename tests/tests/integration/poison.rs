@@ -109,6 +109,7 @@ struct AlwaysPanics(Arc<AtomicUsize>);
 
 impl Handler for AlwaysPanics {
     const KIND: &'static str = "explode";
+    type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
         self.0.fetch_add(1, Ordering::SeqCst);
@@ -121,6 +122,7 @@ struct Counts(Arc<AtomicUsize>);
 
 impl Handler for Counts {
     const KIND: &'static str = "count";
+    type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
         self.0.fetch_add(1, Ordering::SeqCst);

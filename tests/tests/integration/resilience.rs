@@ -193,6 +193,7 @@ struct Hangs(Arc<AtomicUsize>);
 
 impl Handler for Hangs {
     const KIND: &'static str = "hang";
+    type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
         self.0.fetch_add(1, Ordering::SeqCst);

@@ -1,14 +1,18 @@
 //! `POST /tasks`: accept a task, publish it, answer 202 once the broker has confirmed it.
+//! `GET /tasks/{id}`: what happened to it, from the events stream, optionally waiting for
+//! its end.
+
+use std::time::Duration;
 
 use axum::{
     Router,
-    extract::State,
-    http::{HeaderValue, StatusCode, header},
+    extract::{Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
-use offload_common::{TaskEnvelope, TaskKind};
+use offload_common::{Event, EventType, TaskEnvelope, TaskKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -18,15 +22,21 @@ use crate::{
     auth::{self, Scope},
     error::{ApiError, Result},
     publisher::PublishError,
+    status::{Claim, ClaimState, Tracker},
 };
 
 pub fn router(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/tasks", post(submit))
-        .route_layer(middleware::from_fn_with_state(
-            (state.access.clone(), Scope::Submit),
-            auth::require,
-        ))
+    let submit_routes =
+        Router::new()
+            .route("/tasks", post(submit))
+            .route_layer(middleware::from_fn_with_state(
+                (state.access.clone(), Scope::Submit),
+                auth::require,
+            ));
+    let read_routes = Router::new().route("/tasks/{id}", get(status)).route_layer(
+        middleware::from_fn_with_state((state.access.clone(), Scope::Read), auth::require),
+    );
+    submit_routes.merge(read_routes)
 }
 
 /// What a client sends: a JSON object, nothing else.
@@ -65,7 +75,44 @@ struct Accepted<'a> {
     status: &'static str,
 }
 
-async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Result<Response> {
+/// The `Idempotency-Key` header, if any: 1 to 255 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|key| (1..=255).contains(&key.len()))
+        .filter(|key| key.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+        .ok_or(ApiError::InvalidIdempotencyKey)?;
+    Ok(Some(key.to_owned()))
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(new): Json<NewTask>,
+) -> Result<Response> {
+    let key = idempotency_key(&headers)?;
+    let _claim = match (&key, &state.tracker) {
+        (None, _) => None,
+        (Some(_), None) => return Err(ApiError::TrackingOff),
+        (Some(key), Some(tracker)) => loop {
+            match tracker.claim(key) {
+                Claim::Done(id) => return Ok(already_accepted(tracker, id)),
+                Claim::Wait(notify) => {
+                    let notified = notify.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if matches!(tracker.claim_state(key), ClaimState::Pending) {
+                        notified.await;
+                    }
+                }
+                Claim::Mine(guard) => break Some(guard),
+            }
+        },
+    };
     let task = TaskEnvelope::new(new.kind, new.payload);
     state
         .publisher
@@ -74,7 +121,11 @@ async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Resu
         .map_err(|error| match error {
             PublishError::UnknownKind => ApiError::UnknownKind {
                 kind: task.kind.to_string(),
-                known: Vec::new(),
+                known: state
+                    .tracker
+                    .as_ref()
+                    .map(Tracker::kinds)
+                    .unwrap_or_default(),
             },
             error => ApiError::Unavailable {
                 error,
@@ -82,6 +133,18 @@ async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Resu
             },
         })?;
     tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
+    if let (Some(tracker), Some(events)) = (&state.tracker, &state.events) {
+        tracker.accepted(
+            task.id,
+            task.kind.as_str(),
+            task.submitted_at,
+            key.as_deref(),
+        );
+        let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
+        queued.submitted_at = Some(task.submitted_at);
+        queued.idempotency_key = key;
+        events.emit(queued);
+    }
     let location = HeaderValue::try_from(format!("/tasks/{}", task.id))
         .expect("a UUID path is a valid header value");
     let body = Json(Accepted {
@@ -90,4 +153,57 @@ async fn submit(State(state): State<AppState>, Json(new): Json<NewTask>) -> Resu
         status: "queued",
     });
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], body).into_response())
+}
+
+/// The answer to a repeated Idempotency-Key: 200 with the first task's id and status.
+fn already_accepted(tracker: &Tracker, id: Uuid) -> Response {
+    let body = tracker.get(id).map_or_else(
+        || serde_json::json!({"id": id, "status": "queued"}),
+        |task| serde_json::json!({"id": id, "kind": task.kind, "status": task.status}),
+    );
+    let location =
+        HeaderValue::try_from(format!("/tasks/{id}")).expect("a UUID path is a valid header value");
+    (
+        StatusCode::OK,
+        [(header::LOCATION, location)],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// `?wait=30s`.
+#[derive(Deserialize)]
+struct StatusQuery {
+    wait: Option<String>,
+}
+
+async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response> {
+    let Some(tracker) = &state.tracker else {
+        return Err(ApiError::TrackingOff);
+    };
+    let wait = match query.wait.as_deref() {
+        None => Duration::ZERO,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|_| ApiError::InvalidWait)?
+            .min(state.max_wait),
+    };
+    let unknown = || {
+        if tracker.is_live() {
+            ApiError::UnknownTask
+        } else {
+            ApiError::Replaying {
+                retry_after: state.retry_after_secs,
+            }
+        }
+    };
+    let id: Uuid = id.parse().map_err(|_| ApiError::UnknownTask)?;
+    let mut task = tracker.wait(id, wait).await.ok_or_else(unknown)?;
+    if let Some(offset) = task.result_offset {
+        task.result = Tracker::read_result(state.publisher.broker(), id, offset).await;
+    }
+    Ok((StatusCode::OK, Json(task)).into_response())
 }

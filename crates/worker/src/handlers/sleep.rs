@@ -45,6 +45,7 @@ impl Sleep {
 
 impl Handler for Sleep {
     const KIND: &'static str = "sleep";
+    type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
         let work = self.work(&task.payload)?;

@@ -1,0 +1,590 @@
+//! The gateway's view of task states, built by reading the events stream: the whole retention
+//! window at start, then following it.
+//!
+//! Bounded: at most `STATUS_CAPACITY` tasks, the oldest forgotten first. Results are not held:
+//! the view keeps the stream offset of a task's `succeeded` event and reads the result back
+//! from the stream when asked for it. Waiters (`?wait=`) park on a `Notify` per task, so ten
+//! thousand of them cost memory, not threads or polling.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, LongString},
+};
+use offload_common::{Broker, Event, EventSink, EventType, broker::session::backoff};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Deliveries the follower lets the broker send ahead (streams need a prefetch).
+const FOLLOW_PREFETCH: u16 = 1000;
+/// Longest a result may take to be read back from the stream.
+const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// On the queue, waiting for a worker (again, after a failed attempt).
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Done.
+    Succeeded,
+    /// It will not run again; it is in the dead-letter queue.
+    Dead,
+}
+
+impl Status {
+    /// Whether the task's life is over (until a redelivery: delivery is at least once).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead)
+    }
+}
+
+/// What GET /tasks/{id} answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    /// The task id.
+    pub id: Uuid,
+    /// Its kind.
+    pub kind: Arc<str>,
+    /// Where it is.
+    pub status: Status,
+    /// Attempts started so far.
+    pub attempts: u64,
+    /// When the gateway accepted it.
+    #[serde(serialize_with = "time")]
+    pub submitted_at: Option<SystemTime>,
+    /// When its latest attempt started.
+    #[serde(serialize_with = "time")]
+    pub started_at: Option<SystemTime>,
+    /// When it succeeded or died.
+    #[serde(serialize_with = "time")]
+    pub finished_at: Option<SystemTime>,
+    /// The latest error, if any.
+    pub error: Option<Arc<str>>,
+    /// The handler's result, once succeeded (read back from the stream).
+    pub result: Option<serde_json::Value>,
+    /// Stream offset of the `succeeded` event holding the result; not shown.
+    #[serde(skip)]
+    pub result_offset: Option<i64>,
+}
+
+#[allow(clippy::ref_option)] // serde's serialize_with hands us `&Option<T>`
+fn time<S: serde::Serializer>(time: &Option<SystemTime>, serializer: S) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
+        None => serializer.serialize_none(),
+    }
+}
+
+struct Entry {
+    view: TaskView,
+    idempotency_key: Option<Box<str>>,
+    waiters: Option<Arc<Notify>>,
+}
+
+#[derive(Default)]
+struct View {
+    tasks: HashMap<Uuid, Entry>,
+    /// Ids in the order they were first seen, to forget the oldest.
+    order: VecDeque<Uuid>,
+    idempotency: HashMap<Box<str>, Uuid>,
+    /// Interned kinds, so a million tasks of five kinds hold five strings.
+    kind_names: HashMap<Box<str>, Arc<str>>,
+    /// Kinds workers announced.
+    announced: BTreeSet<String>,
+}
+
+/// The view, shared by the follower and every request. Cheap to clone.
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    view: Mutex<View>,
+    capacity: usize,
+    /// Set once the follower has read this gateway's start marker back: the view is
+    /// complete up to the present.
+    live: AtomicBool,
+    marker: Uuid,
+    /// Keys being submitted on this gateway right now, so two requests with one key at once
+    /// make one task.
+    claims: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// What an Idempotency-Key stands for, when a request asks.
+pub enum Claim {
+    /// A task was accepted with this key already.
+    Done(Uuid),
+    /// Another request on this gateway is submitting with this key: wait, then ask again.
+    Wait(Arc<Notify>),
+    /// This request submits; the claim is released when the guard drops.
+    Mine(ClaimGuard),
+}
+
+/// Whether another request still holds a key's claim.
+pub enum ClaimState {
+    /// Still being submitted elsewhere on this gateway.
+    Pending,
+    /// Released: ask again.
+    Released,
+}
+
+/// Releases an Idempotency-Key claim when dropped.
+pub struct ClaimGuard {
+    tracker: Tracker,
+    key: String,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(notify) = self.tracker.claims().remove(&self.key) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    /// An empty view holding at most `capacity` tasks.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                view: Mutex::new(View::default()),
+                capacity: capacity.max(1),
+                live: AtomicBool::new(false),
+                marker: Uuid::new_v4(),
+                claims: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn view(&self) -> MutexGuard<'_, View> {
+        // A panic while holding the lock leaves a view that is still consistent enough to
+        // read: every update below is a handful of field writes.
+        self.inner
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn claims(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.inner
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the view has caught up with the stream.
+    pub fn is_live(&self) -> bool {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// How many tasks the view holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.view().tasks.len()
+    }
+
+    /// The kinds workers have announced, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        self.view().announced.iter().cloned().collect()
+    }
+
+    /// The task, if the view knows it.
+    pub fn get(&self, id: Uuid) -> Option<TaskView> {
+        self.view().tasks.get(&id).map(|entry| entry.view.clone())
+    }
+
+    /// Waits until task `id` is terminal, at most `wait`; the task as it then is.
+    pub async fn wait(&self, id: Uuid, wait: Duration) -> Option<TaskView> {
+        let notify = {
+            let mut view = self.view();
+            let entry = view.tasks.get_mut(&id)?;
+            if entry.view.status.is_terminal() || wait.is_zero() {
+                return Some(entry.view.clone());
+            }
+            Arc::clone(entry.waiters.get_or_insert_with(|| Arc::new(Notify::new())))
+        };
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Registered before looking again, so a notification in between is not missed.
+        notified.as_mut().enable();
+        if !self.get(id).is_some_and(|task| task.status.is_terminal()) {
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+        self.get(id)
+    }
+
+    /// Records a task this gateway just accepted, so that it is visible at once.
+    pub fn accepted(&self, id: Uuid, kind: &str, submitted_at: SystemTime, key: Option<&str>) {
+        let mut event = Event::task(EventType::Queued, id, kind);
+        event.submitted_at = Some(submitted_at);
+        event.idempotency_key = key.map(str::to_owned);
+        self.apply(&event, None);
+    }
+
+    /// Claims `key` for a submission, or says what it already stands for.
+    pub fn claim(&self, key: &str) -> Claim {
+        if let Some(id) = self.view().idempotency.get(key).copied() {
+            return Claim::Done(id);
+        }
+        let mut claims = self.claims();
+        if let Some(notify) = claims.get(key) {
+            return Claim::Wait(Arc::clone(notify));
+        }
+        claims.insert(key.to_owned(), Arc::new(Notify::new()));
+        Claim::Mine(ClaimGuard {
+            tracker: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Whether `key` is still claimed by a submission on this gateway.
+    pub fn claim_state(&self, key: &str) -> ClaimState {
+        if self.claims().contains_key(key) {
+            ClaimState::Pending
+        } else {
+            ClaimState::Released
+        }
+    }
+
+    /// Applies one event read from the stream at `offset` (`None`: not from the stream).
+    pub fn apply(&self, event: &Event, offset: Option<i64>) {
+        if event.event == EventType::Gateway {
+            if event.marker == Some(self.inner.marker) {
+                self.inner.live.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut view = self.view();
+        if event.event == EventType::Worker {
+            view.announced.extend(event.kinds.iter().flatten().cloned());
+            return;
+        }
+        let (Some(id), Some(kind)) = (event.id, event.kind.as_deref()) else {
+            return;
+        };
+        if !view.tasks.contains_key(&id) {
+            let kind = intern(&mut view.kind_names, kind);
+            view.tasks.insert(
+                id,
+                Entry {
+                    view: TaskView {
+                        id,
+                        kind,
+                        status: Status::Queued,
+                        attempts: 0,
+                        submitted_at: None,
+                        started_at: None,
+                        finished_at: None,
+                        error: None,
+                        result: None,
+                        result_offset: None,
+                    },
+                    idempotency_key: None,
+                    waiters: None,
+                },
+            );
+            view.order.push_back(id);
+            self.evict(&mut view);
+        }
+        let mut key_to_index = None;
+        if let Some(entry) = view.tasks.get_mut(&id) {
+            let task = &mut entry.view;
+            if let Some(attempt) = event.attempt {
+                task.attempts = task.attempts.max(attempt);
+            }
+            match event.event {
+                EventType::Queued => {
+                    task.submitted_at = event.submitted_at.or(task.submitted_at);
+                    if let Some(key) = &event.idempotency_key {
+                        entry.idempotency_key = Some(key.as_str().into());
+                        key_to_index = Some(key.clone());
+                    }
+                }
+                EventType::Started => {
+                    task.status = Status::Running;
+                    task.started_at = Some(event.at);
+                }
+                EventType::Failed => {
+                    task.status = Status::Queued;
+                    task.error = event.error.as_deref().map(Arc::from);
+                }
+                EventType::Succeeded => {
+                    task.status = Status::Succeeded;
+                    task.finished_at = Some(event.at);
+                    // A note about a dropped result, or nothing.
+                    task.error = event.error.as_deref().map(Arc::from);
+                    task.result_offset = offset.filter(|_| event.result.is_some());
+                    // Applied from this process (not the stream): keep the result as given.
+                    if offset.is_none() {
+                        task.result.clone_from(&event.result);
+                    }
+                }
+                EventType::Dead => {
+                    task.status = Status::Dead;
+                    task.finished_at = Some(event.at);
+                    task.error = event.error.as_deref().map(Arc::from);
+                }
+                EventType::Worker | EventType::Gateway => {}
+            }
+            if event.is_terminal()
+                && let Some(waiters) = entry.waiters.take()
+            {
+                waiters.notify_waiters();
+            }
+        }
+        if let Some(key) = key_to_index {
+            view.idempotency.insert(key.into(), id);
+        }
+    }
+
+    fn evict(&self, view: &mut View) {
+        while view.tasks.len() > self.inner.capacity {
+            let Some(oldest) = view.order.pop_front() else {
+                break;
+            };
+            if let Some(entry) = view.tasks.remove(&oldest) {
+                if let Some(key) = entry.idempotency_key {
+                    view.idempotency.remove(&key);
+                }
+                if let Some(waiters) = entry.waiters {
+                    waiters.notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Reads the stream from its first event, then follows it, applying every event, until
+    /// `shutdown`. Writes a marker through `sink` first, to learn when it has caught up.
+    pub async fn follow(self, mut broker: Broker, sink: EventSink, shutdown: CancellationToken) {
+        let Some(stream) = broker.topology().events_stream() else {
+            return;
+        };
+        let mut next_offset: Option<i64> = None;
+        let mut delays = backoff();
+        loop {
+            let link = tokio::select! {
+                () = shutdown.cancelled() => return,
+                link = broker.connected() => link,
+            };
+            if !self.is_live() {
+                let mut marker = Event::new(EventType::Gateway);
+                marker.marker = Some(self.inner.marker);
+                sink.emit(marker);
+            }
+            let followed = async {
+                let channel = link.connection().create_channel().await?;
+                channel
+                    .basic_qos(FOLLOW_PREFETCH, BasicQosOptions::default())
+                    .await?;
+                let mut consumer = channel
+                    .basic_consume(
+                        stream.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        stream_offset(next_offset),
+                    )
+                    .await?;
+                delays = backoff();
+                while let Some(delivery) = tokio::select! {
+                    () = shutdown.cancelled() => None,
+                    delivery = consumer.next() => delivery,
+                } {
+                    let delivery = delivery?;
+                    let offset = offset_of(&delivery.properties);
+                    for event in offload_common::events::decode_batch(&delivery.data) {
+                        match event {
+                            Ok(event) => self.apply(&event, offset),
+                            Err(problem) => tracing::debug!("skipping a stream entry: {problem}"),
+                        }
+                    }
+                    if let Some(offset) = offset {
+                        next_offset = Some(offset + 1);
+                    }
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+                let _ = channel.close(200, "done following".into()).await;
+                Ok::<_, lapin::Error>(())
+            }
+            .await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(error) = followed {
+                tracing::warn!("reading the events stream failed ({error}); reading on shortly");
+                broker.check_topology();
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))) => {}
+            }
+        }
+    }
+
+    /// Reads the result of task `id` back from the stream entry at `offset`.
+    pub async fn read_result(broker: &Broker, id: Uuid, offset: i64) -> Option<serde_json::Value> {
+        let stream = broker.topology().events_stream()?;
+        let link = broker.link()?;
+        let read = async {
+            let channel = link.connection().create_channel().await.ok()?;
+            channel
+                .basic_qos(1, BasicQosOptions::default())
+                .await
+                .ok()?;
+            let mut consumer = channel
+                .basic_consume(
+                    stream.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    stream_offset(Some(offset)),
+                )
+                .await
+                .ok()?;
+            let delivery = consumer.next().await?.ok()?;
+            let result = offload_common::events::decode_batch(&delivery.data)
+                .filter_map(Result::ok)
+                .find(|event| event.id == Some(id) && event.event == EventType::Succeeded)
+                .and_then(|event| event.result);
+            let _ = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+            let _ = channel.close(200, "result read".into()).await;
+            result
+        };
+        tokio::time::timeout(RESULT_READ_TIMEOUT, read)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+fn intern(names: &mut HashMap<Box<str>, Arc<str>>, kind: &str) -> Arc<str> {
+    if let Some(name) = names.get(kind) {
+        return Arc::clone(name);
+    }
+    let name: Arc<str> = Arc::from(kind);
+    names.insert(kind.into(), Arc::clone(&name));
+    name
+}
+
+/// `x-stream-offset`: from `offset`, or from the first event kept.
+fn stream_offset(offset: Option<i64>) -> FieldTable {
+    let mut args = FieldTable::default();
+    let value = match offset {
+        Some(offset) => AMQPValue::LongLongInt(offset),
+        None => AMQPValue::LongString(LongString::from("first")),
+    };
+    args.insert("x-stream-offset".into(), value);
+    args
+}
+
+/// The stream offset RabbitMQ puts in each delivery's headers.
+fn offset_of(properties: &lapin::BasicProperties) -> Option<i64> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(offset) => Some(*offset),
+        AMQPValue::LongInt(offset) => Some(i64::from(*offset)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event_type: EventType, id: Uuid) -> Event {
+        Event::task(event_type, id, "sleep")
+    }
+
+    #[test]
+    fn a_task_moves_through_its_states() {
+        let tracker = Tracker::new(10);
+        let id = Uuid::new_v4();
+        tracker.accepted(id, "sleep", SystemTime::now(), None);
+        assert_eq!(tracker.get(id).map(|t| t.status), Some(Status::Queued));
+        let mut started = event(EventType::Started, id);
+        started.attempt = Some(1);
+        tracker.apply(&started, Some(1));
+        assert_eq!(tracker.get(id).map(|t| t.status), Some(Status::Running));
+        let mut failed = event(EventType::Failed, id);
+        failed.error = Some("boom".into());
+        tracker.apply(&failed, Some(2));
+        let task = tracker.get(id).expect("known");
+        assert_eq!(
+            (task.status, task.error.as_deref()),
+            (Status::Queued, Some("boom"))
+        );
+        let mut succeeded = event(EventType::Succeeded, id);
+        succeeded.attempt = Some(2);
+        succeeded.result = Some(serde_json::json!(42));
+        tracker.apply(&succeeded, Some(3));
+        let task = tracker.get(id).expect("known");
+        assert_eq!(task.status, Status::Succeeded);
+        assert_eq!(task.attempts, 2);
+        assert_eq!(task.result_offset, Some(3));
+    }
+
+    #[test]
+    fn the_oldest_tasks_are_forgotten_past_the_capacity() {
+        let tracker = Tracker::new(2);
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for (n, id) in ids.iter().enumerate() {
+            tracker.accepted(*id, "sleep", SystemTime::now(), Some(&format!("key-{n}")));
+        }
+        assert_eq!(tracker.len(), 2);
+        assert!(tracker.get(ids[0]).is_none());
+        assert!(
+            matches!(tracker.claim("key-0"), Claim::Mine(_)),
+            "its key is forgotten too"
+        );
+        assert!(matches!(tracker.claim("key-2"), Claim::Done(id) if id == ids[2]));
+    }
+
+    #[test]
+    fn one_key_claimed_twice_at_once_is_one_submission() {
+        let tracker = Tracker::new(10);
+        let Claim::Mine(guard) = tracker.claim("k") else {
+            panic!("the first claim is ours");
+        };
+        assert!(matches!(tracker.claim("k"), Claim::Wait(_)));
+        drop(guard);
+        assert!(matches!(tracker.claim("k"), Claim::Mine(_)));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_the_task_ends() {
+        let tracker = Tracker::new(10);
+        let id = Uuid::new_v4();
+        tracker.accepted(id, "sleep", SystemTime::now(), None);
+        let waiting = tokio::spawn({
+            let tracker = tracker.clone();
+            async move { tracker.wait(id, Duration::from_secs(30)).await }
+        });
+        tokio::task::yield_now().await;
+        tracker.apply(&event(EventType::Dead, id), Some(9));
+        let task = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken, not timed out")
+            .expect("task")
+            .expect("known");
+        assert_eq!(task.status, Status::Dead);
+    }
+}

@@ -1,0 +1,373 @@
+//! Lifecycle events: every change in a task's life, as small versioned JSON documents on the
+//! `<QUEUE>.events` stream. docs/EVENTS.md is the schema, for other programs reading it.
+//!
+//! Events travel in batches: one stream message holds one or more events, one JSON document
+//! per line (`application/x-ndjson`). [`EventSink`] gathers whatever events are waiting
+//! into one publish (group commit), so a busy process pays one broker round trip for many
+//! events and an idle one adds no delay.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use lapin::{BasicProperties, Confirmation, options::BasicPublishOptions, types::ShortString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::{Broker, envelope::rfc3339};
+
+/// The event format version this build writes and reads.
+pub const EVENTS_VERSION: u32 = 1;
+/// The content type of a batch of events.
+pub const CONTENT_TYPE: &str = "application/x-ndjson";
+
+/// Most events in one stream message.
+const MAX_BATCH: usize = 512;
+/// Events waiting to be published; past it, unconfirmed events are dropped (and counted).
+const QUEUE_CAPACITY: usize = 16_384;
+/// Longest wait for the broker to confirm a batch.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// A gateway accepted the task (the broker confirmed it).
+    Queued,
+    /// A worker started an attempt.
+    Started,
+    /// An attempt succeeded; terminal.
+    Succeeded,
+    /// An attempt failed and the task will be tried again (`retry: true`).
+    Failed,
+    /// The task will not run again: it is in `<QUEUE>.dead`. Terminal.
+    Dead,
+    /// A worker (re)connected and handles `kinds`.
+    Worker,
+    /// A gateway's marker, written at its start to learn when it has read the stream up to
+    /// the present.
+    Gateway,
+}
+
+/// Why a task is dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadReason {
+    /// The handler said a retry cannot help (a permanent failure).
+    Rejected,
+    /// It failed on its last allowed delivery (`DELIVERY_LIMIT`).
+    DeliveryLimit,
+    /// The worker that received it has no handler for its kind.
+    NoHandler,
+    /// The message is not a task envelope this worker can read.
+    Undecodable,
+}
+
+/// One event. A flat document: which fields are present depends on `type` (docs/EVENTS.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Format version, [`EVENTS_VERSION`].
+    pub v: u32,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub event: EventType,
+    /// When.
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+    /// The task's id (every task event; absent only for an undecodable message without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    /// The task's kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `queued`: when the gateway accepted it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub submitted_at: Option<SystemTime>,
+    /// `queued`: the client's Idempotency-Key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// `started`, `succeeded`, `failed`, `dead`: the attempt, 1 for the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u64>,
+    /// `started`, `worker`: which worker (`<host>-<pid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// `succeeded`: how long the attempt took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// `succeeded`: the handler's result, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// `failed`, `dead`: the error; `succeeded`: why a result was dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `failed`: whether the task will be tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<bool>,
+    /// `dead`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DeadReason>,
+    /// `worker`: the kinds it handles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
+    /// `gateway`: the marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<Uuid>,
+}
+
+impl Event {
+    /// An event of type `event`, now, every other field empty.
+    pub fn new(event: EventType) -> Self {
+        Self {
+            v: EVENTS_VERSION,
+            event,
+            at: SystemTime::now(),
+            id: None,
+            kind: None,
+            submitted_at: None,
+            idempotency_key: None,
+            attempt: None,
+            worker: None,
+            duration_ms: None,
+            result: None,
+            error: None,
+            retry: None,
+            reason: None,
+            kinds: None,
+            marker: None,
+        }
+    }
+
+    /// An event about task `id` of `kind`.
+    pub fn task(event: EventType, id: Uuid, kind: &str) -> Self {
+        Self {
+            id: Some(id),
+            kind: Some(kind.to_owned()),
+            ..Self::new(event)
+        }
+    }
+
+    /// Whether this event ends the task's life (until a redelivery, at least once).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.event, EventType::Succeeded | EventType::Dead)
+    }
+}
+
+/// One stream message's body: the events, one JSON document per line.
+pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for event in events {
+        serde_json::to_writer(&mut body, event).expect("an event always serialises");
+        body.push(b'\n');
+    }
+    body
+}
+
+/// The events of one stream message; a line that is not an event of this version is
+/// skipped (and reported), so a newer writer cannot stop an older reader.
+pub fn decode_batch(body: &[u8]) -> impl Iterator<Item = Result<Event, String>> + '_ {
+    body.split(|byte| *byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| match serde_json::from_slice::<Event>(line) {
+            Ok(event) if event.v == EVENTS_VERSION => Ok(event),
+            Ok(event) => Err(format!("event version {} is not supported", event.v)),
+            Err(error) => Err(format!("not an event: {error}")),
+        })
+}
+
+struct Pending {
+    event: Event,
+    confirmed: Option<oneshot::Sender<bool>>,
+}
+
+/// Publishes events to the stream in batches. Cheap to clone.
+#[derive(Clone)]
+pub struct EventSink {
+    sender: mpsc::Sender<Pending>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl EventSink {
+    /// Starts the publishing task on `broker`'s session, writing to `stream`. It ends when
+    /// every clone of the sink is dropped, after publishing what was given to it.
+    pub fn start(broker: Broker, stream: String) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let handle = tokio::spawn(publish_batches(receiver, broker, stream.into()));
+        (
+            Self {
+                sender,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            handle,
+        )
+    }
+
+    /// Publishes `event` when it can, without waiting: for events whose loss costs only
+    /// detail (`queued`, `started`), since the terminal event of the same task is confirmed.
+    pub fn emit(&self, event: Event) {
+        if self
+            .sender
+            .try_send(Pending {
+                event,
+                confirmed: None,
+            })
+            .is_err()
+        {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped,
+                    "events dropped: the broker is not keeping up or not connected"
+                );
+            }
+        }
+    }
+
+    /// Publishes `event` and waits until the broker has confirmed it: `true` once it is on
+    /// the stream, `false` if it could not be published.
+    pub async fn emit_confirmed(&self, event: Event) -> bool {
+        let (confirmed, outcome) = oneshot::channel();
+        let pending = Pending {
+            event,
+            confirmed: Some(confirmed),
+        };
+        if self.sender.send(pending).await.is_err() {
+            return false;
+        }
+        outcome.await.unwrap_or(false)
+    }
+}
+
+async fn publish_batches(
+    mut receiver: mpsc::Receiver<Pending>,
+    broker: Broker,
+    stream: ShortString,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = receiver.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        let published = publish(&broker, &stream, &batch).await;
+        for pending in batch.drain(..) {
+            if let Some(confirmed) = pending.confirmed {
+                let _ = confirmed.send(published);
+            }
+        }
+    }
+}
+
+async fn publish(broker: &Broker, stream: &ShortString, batch: &[Pending]) -> bool {
+    let Some(link) = broker.link() else {
+        return false;
+    };
+    let body = encode_batch(batch.iter().map(|pending| &pending.event));
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_app_id("offload".into());
+    let publish = async {
+        link.publisher()
+            .basic_publish(
+                ShortString::from(""),
+                stream.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Ok(Ok(Confirmation::Ack(None))) => true,
+        Ok(Ok(Confirmation::Ack(Some(_)))) => {
+            // The stream is gone: have the session declare it again.
+            broker.report_unroutable();
+            false
+        }
+        Ok(Ok(_) | Err(_)) | Err(_) => false,
+    }
+}
+
+/// `Option<SystemTime>` as an RFC 3339 string, or absent.
+mod optional_rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` hands us `&Option<T>`
+    pub fn serialize<S: Serializer>(
+        time: &Option<SystemTime>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => super::rfc3339::serialize(time, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::rfc3339")] SystemTime);
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(time)| time))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_round_trips_and_skips_what_it_cannot_read() {
+        let id = Uuid::new_v4();
+        let mut succeeded = Event::task(EventType::Succeeded, id, "sleep");
+        succeeded.attempt = Some(2);
+        succeeded.result =
+            Some(serde_json::json!({"big": 123_456_789_012_345_678_901_234_567_890_u128}));
+        let queued = Event {
+            submitted_at: Some(SystemTime::now()),
+            ..Event::task(EventType::Queued, id, "sleep")
+        };
+        let mut body = encode_batch([&queued, &succeeded]);
+        body.extend_from_slice(
+            b"{\"v\":2,\"type\":\"queued\",\"at\":\"2026-01-01T00:00:00Z\"}\nnot json\n",
+        );
+
+        let decoded: Vec<_> = decode_batch(&body).collect();
+
+        assert_eq!(decoded.len(), 4);
+        let first = decoded[0].as_ref().expect("queued decodes");
+        assert_eq!(first.event, EventType::Queued);
+        assert!(first.submitted_at.is_some());
+        let second = decoded[1].as_ref().expect("succeeded decodes");
+        assert_eq!(second.attempt, Some(2));
+        assert_eq!(second.result, succeeded.result);
+        assert!(decoded[2].is_err() && decoded[3].is_err());
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_of_the_document() {
+        let event = Event::task(EventType::Started, Uuid::nil(), "sleep");
+        let text = String::from_utf8(encode_batch([&event])).expect("UTF-8");
+        assert!(!text.contains("null"), "{text}");
+        assert!(text.contains("\"type\":\"started\""), "{text}");
+    }
+}
