@@ -70,6 +70,9 @@ pub enum ApiError {
     /// No task of that id is known.
     #[error("no task with that id")]
     UnknownTask,
+    /// An Idempotency-Key was sent to a gateway with events off.
+    #[error("Idempotency-Key needs task tracking, which is off on this gateway (EVENTS=off)")]
+    IdempotencyOff,
     /// Events are off, so task states are not tracked.
     #[error("task tracking is off on this gateway (EVENTS=off)")]
     TrackingOff,
@@ -124,9 +127,10 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::UnknownKind { .. } | Self::InvalidIdempotencyKey | Self::InvalidWait => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::UnknownKind { .. }
+            | Self::InvalidIdempotencyKey
+            | Self::InvalidWait
+            | Self::IdempotencyOff => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Replaying { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::TooManyConnections { .. } => {
@@ -156,7 +160,7 @@ impl ApiError {
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
             Self::UnknownTask => "unknown_task",
-            Self::TrackingOff => "tracking_off",
+            Self::TrackingOff | Self::IdempotencyOff => "tracking_off",
             Self::Replaying { .. } => "events_replaying",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable { error, .. } => match error {
@@ -201,6 +205,9 @@ impl ApiError {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
             }
             Self::InvalidIdempotencyKey | Self::InvalidWait => format!("{self}; fix the request"),
+            Self::IdempotencyOff => {
+                format!("{self}; send the task without the header, or turn EVENTS on")
+            }
             Self::UnknownTask => "no task with that id: it was never accepted, or it is older than the events stream keeps (EVENTS_MAX_AGE, EVENTS_MAX_BYTES) or than this gateway remembers (STATUS_CAPACITY)".into(),
             Self::TrackingOff => "task tracking is off on this gateway (EVENTS=off): there is no status to read, and no Idempotency-Key can be honoured; turn EVENTS on".into(),
             Self::Replaying { .. } => "this gateway is still reading the events stream and does not know that task yet; retry after the Retry-After delay".into(),

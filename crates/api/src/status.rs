@@ -20,7 +20,7 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
-use offload_common::{Broker, Event, EventSink, EventType, broker::session::backoff};
+use offload_common::{Broker, DeadReason, Event, EventSink, EventType, broker::session::backoff};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,8 @@ pub struct TaskView {
     pub finished_at: Option<SystemTime>,
     /// The latest error, if any.
     pub error: Option<Arc<str>>,
+    /// Why it is dead, once dead.
+    pub reason: Option<DeadReason>,
     /// The handler's result, once succeeded (read back from the stream).
     pub result: Option<serde_json::Value>,
     /// Stream offset of the `succeeded` event holding the result; not shown.
@@ -274,9 +276,11 @@ impl Tracker {
             view.announced.extend(event.kinds.iter().flatten().cloned());
             return;
         }
-        let (Some(id), Some(kind)) = (event.id, event.kind.as_deref()) else {
+        let Some(id) = event.id else {
             return;
         };
+        // Only an undecodable message's `dead` event may lack a kind.
+        let kind = event.kind.as_deref().unwrap_or("unknown");
         if !view.tasks.contains_key(&id) {
             let kind = intern(&mut view.kind_names, kind);
             view.tasks.insert(
@@ -291,6 +295,7 @@ impl Tracker {
                         started_at: None,
                         finished_at: None,
                         error: None,
+                        reason: None,
                         result: None,
                         result_offset: None,
                     },
@@ -336,6 +341,7 @@ impl Tracker {
                 }
                 EventType::Dead => {
                     task.status = Status::Dead;
+                    task.reason = event.reason;
                     task.finished_at = Some(event.at);
                     task.error = event.error.as_deref().map(Arc::from);
                 }

@@ -312,6 +312,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
             tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
             let mut dead = Event::new(EventType::Dead);
             dead.id = message_id.and_then(|id| id.parse().ok());
+            dead.kind = delivery.properties.kind().as_ref().map(ToString::to_string);
             dead.reason = Some(DeadReason::Undecodable);
             dead.error = Some(error.to_string());
             settle(&delivery, &context, Outcome::Reject, dead).await;

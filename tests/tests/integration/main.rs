@@ -14,3 +14,4 @@ mod poison;
 mod redelivery;
 mod resilience;
 mod shutdown;
+mod status;

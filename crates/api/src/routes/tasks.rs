@@ -97,7 +97,7 @@ async fn submit(
     let key = idempotency_key(&headers)?;
     let _claim = match (&key, &state.tracker) {
         (None, _) => None,
-        (Some(_), None) => return Err(ApiError::TrackingOff),
+        (Some(_), None) => return Err(ApiError::IdempotencyOff),
         (Some(key), Some(tracker)) => loop {
             match tracker.claim(key) {
                 Claim::Done(id) => return Ok(already_accepted(tracker, id)),

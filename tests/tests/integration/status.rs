@@ -1,0 +1,317 @@
+//! What happened to my task: lifecycle events on the stream, GET /tasks/{id}, waiting,
+//! results, idempotency, and events off. Real tasks on the real broker reach each status.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use lapin::BasicProperties;
+use offload_api::Config as GatewayConfig;
+use offload_tests::{InProcessWorker, TestGateway, TestQueue, amqp_url, eventually};
+use offload_worker::{Handler, HandlerError, Registry, Task};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Answers with a result: the payload's `n`, doubled.
+struct Double;
+
+impl Handler for Double {
+    const KIND: &'static str = "count";
+    type Output = Value;
+
+    async fn handle(&self, task: Task) -> Result<Value, HandlerError> {
+        let n = task.payload["n"].as_i64().unwrap_or(0);
+        Ok(json!({"doubled": n * 2}))
+    }
+}
+
+/// Fails its first attempt of every task, then succeeds.
+struct FailsOnce(Arc<AtomicUsize>);
+
+impl Handler for FailsOnce {
+    const KIND: &'static str = "explode";
+    type Output = ();
+
+    async fn handle(&self, task: Task) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        if task.previous_deliveries == 0 {
+            return Err("first attempts fail".into());
+        }
+        Ok(())
+    }
+}
+
+/// Always fails: dead at the delivery limit.
+struct AlwaysFails;
+
+impl Handler for AlwaysFails {
+    const KIND: &'static str = "always-fails";
+    type Output = ();
+
+    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
+        Err("it never works".into())
+    }
+}
+
+fn registry() -> Registry {
+    Registry::default()
+        .register(Double)
+        .register(FailsOnce(Arc::new(AtomicUsize::new(0))))
+        .register(AlwaysFails)
+}
+
+async fn submit(gateway: &TestGateway, body: Value) -> Uuid {
+    let response = gateway.post_task(&body).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.expect("JSON");
+    body["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("an id")
+}
+
+async fn status(gateway: &TestGateway, id: Uuid, query: &str) -> (StatusCode, Value) {
+    let response = gateway
+        .client()
+        .get(gateway.url(&format!("/tasks/{id}{query}")))
+        .send()
+        .await
+        .expect("answer");
+    let code = response.status();
+    (code, response.json().await.expect("JSON"))
+}
+
+/// Waits (with the API's own ?wait=) until the task is terminal.
+async fn finished(gateway: &TestGateway, id: Uuid) -> Value {
+    eventually(DEADLINE, "the task to end", || async {
+        let (code, body) = status(gateway, id, "?wait=5s").await;
+        (code == StatusCode::OK && matches!(body["status"].as_str(), Some("succeeded" | "dead")))
+            .then_some(body)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them() {
+    const LIMIT: u32 = 1;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "status", LIMIT).await;
+    let mut config = GatewayConfig::new(&url, queue.name());
+    config.broker.delivery_limit = LIMIT;
+    let gateway = TestGateway::spawn(config.clone()).await;
+
+    // Queued, visible at once from the gateway that accepted it, before any worker runs.
+    let doubled = submit(&gateway, json!({"kind": "count", "payload": {"n": 21}})).await;
+    let (code, body) = status(&gateway, doubled, "").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["status"], "queued", "{body}");
+    assert_eq!(body["kind"], "count");
+    assert!(body["submitted_at"].is_string(), "{body}");
+
+    let retried = submit(&gateway, json!({"kind": "explode"})).await;
+    let hopeless = submit(&gateway, json!({"kind": "always-fails"})).await;
+    // A message that is not a task, with an id a client could know.
+    let garbage = Uuid::new_v4();
+    queue
+        .publish_raw(
+            b"not an envelope",
+            BasicProperties::default().with_message_id(garbage.to_string().into()),
+        )
+        .await;
+
+    let mut worker_config = offload_worker::Config::new(&url, queue.name());
+    worker_config.broker.delivery_limit = LIMIT;
+    let worker = InProcessWorker::start(worker_config, registry());
+
+    let body = finished(&gateway, doubled).await;
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert_eq!(body["result"], json!({"doubled": 42}));
+    assert_eq!(body["attempts"], 1);
+    assert!(
+        body["started_at"].is_string() && body["finished_at"].is_string(),
+        "{body}"
+    );
+
+    let body = finished(&gateway, retried).await;
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert_eq!(body["attempts"], 2, "failed once, then succeeded: {body}");
+
+    let body = finished(&gateway, hopeless).await;
+    assert_eq!(body["status"], "dead", "{body}");
+    assert_eq!(body["reason"], "delivery_limit", "{body}");
+    assert_eq!(body["error"], "it never works", "{body}");
+
+    let body = finished(&gateway, garbage).await;
+    assert_eq!(body["status"], "dead", "{body}");
+    assert_eq!(body["reason"], "undecodable", "{body}");
+
+    // A gateway started after all this rebuilds the same statuses from the stream.
+    let late = TestGateway::spawn(config).await;
+    for (id, expected) in [
+        (doubled, "succeeded"),
+        (retried, "succeeded"),
+        (hopeless, "dead"),
+        (garbage, "dead"),
+    ] {
+        let body = eventually(DEADLINE, "the late gateway to know the task", || async {
+            let (code, body) = status(&late, id, "").await;
+            (code == StatusCode::OK).then_some(body)
+        })
+        .await;
+        assert_eq!(body["status"], expected, "{body}");
+    }
+    let (_, body) = status(&late, doubled, "").await;
+    assert_eq!(
+        body["result"],
+        json!({"doubled": 42}),
+        "results come back from the stream"
+    );
+
+    worker.stop().await;
+    late.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_ids_are_404_and_a_wait_ends_on_time_with_the_current_state() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "wait", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+
+    // Once the gateway has caught up with the stream, an id nobody accepted is 404, never
+    // a made-up "pending".
+    let (code, body) = eventually(DEADLINE, "a definite answer", || async {
+        let answer = status(&gateway, Uuid::new_v4(), "").await;
+        (answer.0 != StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
+    })
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "unknown_task");
+
+    // No worker runs: a wait ends at its time with the task still queued.
+    let id = submit(&gateway, json!({"kind": "sleep"})).await;
+    let started = std::time::Instant::now();
+    let (code, body) = status(&gateway, id, "?wait=300ms").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["status"], "queued");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // A wait that is not a duration says so.
+    let (code, body) = status(&gateway, id, "?wait=soon").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["code"], "invalid_wait");
+
+    // A waiter is answered as soon as the task ends, not at the end of its wait.
+    let waiting = {
+        let url = gateway.url(&format!("/tasks/{id}?wait=25s"));
+        let client = gateway.client().clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            Some((body, started.elapsed()))
+        })
+    };
+    let worker = InProcessWorker::start(
+        offload_worker::Config::new(&url, queue.name()),
+        offload_worker::handlers::builtin(&offload_worker::Config::new(&url, queue.name())),
+    );
+    let (body, took) = waiting.await.expect("waiter").expect("an answer");
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert!(
+        took < Duration::from_secs(20),
+        "woken when the task ended: {took:?}"
+    );
+    worker.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn one_idempotency_key_makes_one_task_at_once_and_across_gateways() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "idempotent", 5).await;
+    let gateway = Arc::new(TestGateway::start(&url, queue.name()).await);
+    let post = |gateway: Arc<TestGateway>, key: &'static str| async move {
+        let response = gateway
+            .client()
+            .post(gateway.url("/tasks"))
+            .header("idempotency-key", key)
+            .json(&json!({"kind": "sleep"}))
+            .send()
+            .await
+            .expect("answer");
+        let code = response.status();
+        let body: Value = response.json().await.expect("JSON");
+        (code, body["id"].as_str().map(str::to_owned))
+    };
+
+    // Twice at once on one gateway: one task.
+    let (first, second) = tokio::join!(
+        post(Arc::clone(&gateway), "order-1234"),
+        post(Arc::clone(&gateway), "order-1234")
+    );
+    let mut codes = [first.0, second.0];
+    codes.sort();
+    assert_eq!(codes, [StatusCode::OK, StatusCode::ACCEPTED]);
+    assert_eq!(first.1, second.1, "the same task id");
+    assert_eq!(queue.ready().await, 1);
+
+    // On a second gateway, once the first's event is on the stream: the same task.
+    let other = Arc::new(TestGateway::start(&url, queue.name()).await);
+    let id = first.1.clone().expect("an id");
+    eventually(DEADLINE, "the second gateway to know the task", || async {
+        let response = other
+            .client()
+            .get(other.url(&format!("/tasks/{id}")))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    let third = post(Arc::clone(&other), "order-1234").await;
+    assert_eq!(third, (StatusCode::OK, Some(id)));
+    assert_eq!(queue.ready().await, 1, "still one task");
+
+    // A malformed key is refused.
+    let response = gateway
+        .client()
+        .post(gateway.url("/tasks"))
+        .header("idempotency-key", "x".repeat(256))
+        .json(&json!({"kind": "sleep"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn with_events_off_there_is_no_stream_and_status_says_tracking_is_off() {
+    let url = amqp_url();
+    let queue = TestQueue::declare_topology(&url, "no-events", |t| t.with_events(None)).await;
+    let mut config = GatewayConfig::new(&url, queue.name());
+    config.broker.events = false;
+    let gateway = TestGateway::spawn(config).await;
+
+    let id = submit(&gateway, json!({"kind": "sleep"})).await;
+    let (code, body) = status(&gateway, id, "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "tracking_off");
+    let response = gateway
+        .client()
+        .post(gateway.url("/tasks"))
+        .header("idempotency-key", "k")
+        .json(&json!({"kind": "sleep"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(queue.ready().await, 1);
+    gateway.stop().await;
+}
