@@ -18,7 +18,7 @@ use lapin::{
     },
     types::FieldTable,
 };
-use offload_common::{TaskEnvelope, TaskKind, Topology};
+use offload_common::{Event, EventType, TaskEnvelope, TaskKind, Topology};
 
 /// A queue of the benchmark's own, with offload's topology; deleted by [`BenchQueue::delete`].
 pub struct BenchQueue {
@@ -34,7 +34,11 @@ impl BenchQueue {
             "bench-{label}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let topology = Topology::new(name, 5);
+        // As the gateway declares it by default (events on), with the kind the benchmark's
+        // tasks use bound as a worker would bind it.
+        let topology = offload_common::BrokerArgs::new(url, name)
+            .topology()
+            .with_kinds(["sleep"]);
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         topology
             .declare(&connection)
@@ -222,4 +226,48 @@ pub async fn drain_ceiling(
     let rate = per_second(acked, started.elapsed());
     let _ = connection.close(200, "drained".into()).await;
     Ok(rate)
+}
+
+/// Writes `tasks` finished tasks to `stream` as `succeeded` events, `per_message` to a stream
+/// message, as workers would; returns their ids.
+pub async fn write_events(
+    url: &str,
+    stream: &str,
+    tasks: usize,
+    per_message: usize,
+) -> Result<Vec<uuid::Uuid>, lapin::Error> {
+    let (connection, channel) = confirm_channel(url).await?;
+    let ids: Vec<uuid::Uuid> = (0..tasks).map(|_| uuid::Uuid::new_v4()).collect();
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(offload_common::events::CONTENT_TYPE.into());
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for chunk in ids.chunks(per_message.max(1)) {
+        let events: Vec<Event> = chunk
+            .iter()
+            .map(|id| {
+                let mut event = Event::task(EventType::Succeeded, *id, "sleep");
+                event.attempt = Some(1);
+                event.duration_ms = Some(3);
+                event
+            })
+            .collect();
+        let body = offload_common::events::encode_batch(&events);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                stream.into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties.clone(),
+            )
+            .await?;
+        pending.push(confirm);
+        if pending.len() >= 64 {
+            pending.next().await.transpose()?;
+        }
+    }
+    while pending.next().await.transpose()?.is_some() {}
+    let _ = connection.close(200, "events written".into()).await;
+    Ok(ids)
 }

@@ -163,3 +163,66 @@ pub async fn time_one_request(url: &str) -> Option<(u16, Duration)> {
     let response = client(None).get(url).send().await.ok()?;
     Some((response.status().as_u16(), started.elapsed()))
 }
+
+/// `connections` clients each asking `GET <base>/tasks/{id}` back to back for `length`, ids
+/// drawn in turn from `ids`. Returns 200s per second and the number of other answers.
+pub async fn status_throughput(
+    base: &str,
+    ids: Arc<Vec<Uuid>>,
+    connections: usize,
+    length: Duration,
+) -> (f64, u64) {
+    let answered = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let mut clients = Vec::new();
+    for connection in 0..connections {
+        let (base, ids, answered, errors, running) = (
+            base.to_owned(),
+            Arc::clone(&ids),
+            Arc::clone(&answered),
+            Arc::clone(&errors),
+            Arc::clone(&running),
+        );
+        clients.push(tokio::spawn(async move {
+            let client = client(None);
+            let mut next = connection * 7919;
+            while running.load(Ordering::Relaxed) {
+                let id = ids[next % ids.len()];
+                next += connections;
+                let ok = client
+                    .get(format!("{base}/tasks/{id}"))
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status() == StatusCode::OK);
+                if ok {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let rate = measure_rate(&answered, length).await;
+    running.store(false, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    (rate, errors.load(Ordering::Relaxed))
+}
+
+/// Polls `GET <base>/tasks/{id}` until it answers 200 (the gateway has read that far), or
+/// `deadline` passes; whether it did.
+pub async fn wait_for_status(base: &str, id: Uuid, deadline: Duration) -> bool {
+    let client = client(None);
+    let give_up = Instant::now() + deadline;
+    while Instant::now() < give_up {
+        if let Ok(response) = client.get(format!("{base}/tasks/{id}")).send().await
+            && response.status() == StatusCode::OK
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -85,19 +85,21 @@ pub struct WorkerLog {
     pub started: Mutex<Vec<(Uuid, SystemTime)>>,
 }
 
-/// Starts the worker binary with `prefetch`, reading its JSON log as it comes. With
+/// Starts the worker binary with `prefetch` and lifecycle events on or off, reading its JSON log as it comes. With
 /// `record_starts`, every "task started" line is parsed for its task id and timestamp.
 pub fn start_worker(
     binary: &Path,
     url: &str,
     queue: &str,
     prefetch: u16,
+    events: bool,
     record_starts: bool,
 ) -> (Process, Arc<WorkerLog>) {
     let mut child = Command::new(binary)
         .env("AMQP_URL", url)
         .env("QUEUE", queue)
         .env("PREFETCH", prefetch.to_string())
+        .env("EVENTS", if events { "on" } else { "off" })
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -334,6 +334,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     .await
     .is_ok();
 
+    let status_wrong = statuses_disagreeing(&rig.gateway.url(""), &records).await;
     let completions = rig.completions();
     Row::new(
         fault,
@@ -344,7 +345,47 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         poison_promised,
         fault.measures_recovery().then_some(recovery),
         drained,
+        status_wrong,
     )
+}
+
+/// How many tasks that got a 202 do not end with the status that says what happened to
+/// them (`succeeded`, `dead` for poison tasks) on the gateway's GET /tasks/{id}, after
+/// giving the view time to catch up.
+async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
+    let mut waiting: HashMap<Uuid, &'static str> = records
+        .iter()
+        .filter_map(|r| match r.outcome {
+            Outcome::Ok(id) => Some((id, if r.poison { "dead" } else { "succeeded" })),
+            _ => None,
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let give_up = Instant::now() + STEP_DEADLINE;
+    while !waiting.is_empty() && Instant::now() < give_up {
+        let mut agreed = Vec::new();
+        for (id, expected) in &waiting {
+            let Ok(response) = client.get(format!("{base}/tasks/{id}")).send().await else {
+                continue;
+            };
+            let Ok(body) = response.json::<serde_json::Value>().await else {
+                continue;
+            };
+            if body["status"] == *expected {
+                agreed.push(*id);
+            }
+        }
+        for id in agreed {
+            waiting.remove(&id);
+        }
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    for (id, expected) in waiting.iter().take(5) {
+        eprintln!("task {id}: status never became {expected}");
+    }
+    waiting.len()
 }
 
 /// How long after `healed` the first request sent then got its 202.

@@ -39,6 +39,9 @@ pub struct Row {
     pub recovery: Option<Duration>,
     /// Whether every promised task completed before the drain deadline.
     pub drained: bool,
+    /// Tasks with a 202 whose status (GET /tasks/{id}) did not end as what happened to them
+    /// (`succeeded`, or `dead` for a poison task). Must be 0.
+    pub status_wrong: usize,
 }
 
 impl Row {
@@ -53,6 +56,7 @@ impl Row {
         poison: usize,
         recovery: Option<Duration>,
         drained: bool,
+        status_wrong: usize,
     ) -> Self {
         let count =
             |wanted: fn(&Outcome) -> bool| records.iter().filter(|r| wanted(&r.outcome)).count();
@@ -76,16 +80,21 @@ impl Row {
             longest_wait: records.iter().map(|r| r.took).max().unwrap_or_default(),
             recovery,
             drained,
+            status_wrong,
         }
     }
 
-    /// Whether the scenario kept the promise: nothing lost, every poison task dead-lettered.
+    /// Whether the scenario kept the promise: nothing lost, every poison task dead-lettered,
+    /// and every status agrees with what happened.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.drained && self.dead_lettered == self.poison
+        self.lost == 0
+            && self.drained
+            && self.dead_lettered == self.poison
+            && self.status_wrong == 0
     }
 }
 
-const HEADER: [&str; 12] = [
+const HEADER: [&str; 13] = [
     "fault",
     "sent",
     "ok",
@@ -95,12 +104,13 @@ const HEADER: [&str; 12] = [
     "lost",
     "dup",
     "dead-lettered",
+    "status wrong",
     "longest wait",
     "recovery",
     "verdict",
 ];
 
-fn cells(row: &Row) -> [String; 12] {
+fn cells(row: &Row) -> [String; 13] {
     let millis = |d: Duration| format!("{} ms", d.as_millis());
     [
         row.fault.name().to_owned(),
@@ -112,6 +122,7 @@ fn cells(row: &Row) -> [String; 12] {
         row.lost.to_string(),
         row.duplicates.to_string(),
         format!("{} of {}", row.dead_lettered, row.poison),
+        row.status_wrong.to_string(),
         millis(row.longest_wait),
         row.recovery.map_or_else(|| "n/a".to_owned(), millis),
         if row.passed() { "ok" } else { "FAILED" }.to_owned(),
@@ -120,7 +131,7 @@ fn cells(row: &Row) -> [String; 12] {
 
 /// The rows as an aligned plain-text table, for the terminal.
 pub fn table(rows: &[Row]) -> String {
-    let all: Vec<[String; 12]> = std::iter::once(HEADER.map(str::to_owned))
+    let all: Vec<[String; 13]> = std::iter::once(HEADER.map(str::to_owned))
         .chain(rows.iter().map(cells))
         .collect();
     let widths: Vec<usize> = (0..HEADER.len())
