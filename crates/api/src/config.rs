@@ -68,7 +68,8 @@ pub struct Config {
     pub rate_limit_burst: Option<NonZeroU32>,
 
     /// Most tasks whose state this gateway remembers (read from the events stream); past
-    /// it the oldest are forgotten. About 200 bytes each, results not included.
+    /// it the oldest are forgotten. About 200 bytes each at most, results not included
+    /// (docs/PERFORMANCE.md has the measured figure).
     #[arg(long, env = "STATUS_CAPACITY", default_value_t = DEFAULT_STATUS_CAPACITY)]
     pub status_capacity: usize,
 
@@ -106,7 +107,7 @@ pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// Default for `--header-timeout` and `--body-timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for `--status-capacity`.
-pub const DEFAULT_STATUS_CAPACITY: usize = 1_000_000;
+pub const DEFAULT_STATUS_CAPACITY: usize = 100_000;
 /// Default for `--max-wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Default for `--max-body-bytes`: 256 KiB.

@@ -91,10 +91,38 @@ fn time<S: serde::Serializer>(time: &Option<SystemTime>, serializer: S) -> Resul
     }
 }
 
+/// One task, as small as it can be held: a million of them is the default capacity's worth.
+/// Times are milliseconds since the epoch (0: not yet), the kind an index into the view's
+/// interned kinds, and what few tasks have (a key, waiters) sits behind one pointer.
 struct Entry {
-    view: TaskView,
+    kind: u32,
+    status: Status,
+    reason: Option<DeadReason>,
+    attempts: u32,
+    submitted_at: u64,
+    started_at: u64,
+    finished_at: u64,
+    /// Stream offset of the `succeeded` event holding the result; -1: none.
+    result_offset: i64,
+    error: Option<Box<str>>,
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Default)]
+struct Extra {
     idempotency_key: Option<Box<str>>,
     waiters: Option<Arc<Notify>>,
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+fn time_of(millis: u64) -> Option<SystemTime> {
+    (millis != 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
 }
 
 #[derive(Default)]
@@ -104,9 +132,44 @@ struct View {
     order: VecDeque<Uuid>,
     idempotency: HashMap<Box<str>, Uuid>,
     /// Interned kinds, so a million tasks of five kinds hold five strings.
-    kind_names: HashMap<Box<str>, Arc<str>>,
+    kinds: Vec<Arc<str>>,
+    kind_index: HashMap<Arc<str>, u32>,
     /// Kinds workers announced.
     announced: BTreeSet<String>,
+}
+
+impl View {
+    fn intern(&mut self, kind: &str) -> u32 {
+        if let Some(index) = self.kind_index.get(kind) {
+            return *index;
+        }
+        let index = u32::try_from(self.kinds.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(kind);
+        self.kinds.push(Arc::clone(&name));
+        self.kind_index.insert(name, index);
+        index
+    }
+
+    fn task(&self, id: Uuid) -> Option<TaskView> {
+        let entry = self.tasks.get(&id)?;
+        Some(TaskView {
+            id,
+            kind: self
+                .kinds
+                .get(entry.kind as usize)
+                .cloned()
+                .unwrap_or_else(|| Arc::from("unknown")),
+            status: entry.status,
+            attempts: u64::from(entry.attempts),
+            submitted_at: time_of(entry.submitted_at),
+            started_at: time_of(entry.started_at),
+            finished_at: time_of(entry.finished_at),
+            error: entry.error.as_deref().map(Arc::from),
+            reason: entry.reason,
+            result: None,
+            result_offset: (entry.result_offset >= 0).then_some(entry.result_offset),
+        })
+    }
 }
 
 /// The view, shared by the follower and every request. Cheap to clone.
@@ -207,18 +270,20 @@ impl Tracker {
 
     /// The task, if the view knows it.
     pub fn get(&self, id: Uuid) -> Option<TaskView> {
-        self.view().tasks.get(&id).map(|entry| entry.view.clone())
+        self.view().task(id)
     }
 
     /// Waits until task `id` is terminal, at most `wait`; the task as it then is.
     pub async fn wait(&self, id: Uuid, wait: Duration) -> Option<TaskView> {
         let notify = {
             let mut view = self.view();
-            let entry = view.tasks.get_mut(&id)?;
-            if entry.view.status.is_terminal() || wait.is_zero() {
-                return Some(entry.view.clone());
+            let task = view.task(id)?;
+            if task.status.is_terminal() || wait.is_zero() {
+                return Some(task);
             }
-            Arc::clone(entry.waiters.get_or_insert_with(|| Arc::new(Notify::new())))
+            let entry = view.tasks.get_mut(&id)?;
+            let extra = entry.extra.get_or_insert_with(Box::default);
+            Arc::clone(extra.waiters.get_or_insert_with(|| Arc::new(Notify::new())))
         };
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -282,73 +347,69 @@ impl Tracker {
         // Only an undecodable message's `dead` event may lack a kind.
         let kind = event.kind.as_deref().unwrap_or("unknown");
         if !view.tasks.contains_key(&id) {
-            let kind = intern(&mut view.kind_names, kind);
+            let kind = view.intern(kind);
             view.tasks.insert(
                 id,
                 Entry {
-                    view: TaskView {
-                        id,
-                        kind,
-                        status: Status::Queued,
-                        attempts: 0,
-                        submitted_at: None,
-                        started_at: None,
-                        finished_at: None,
-                        error: None,
-                        reason: None,
-                        result: None,
-                        result_offset: None,
-                    },
-                    idempotency_key: None,
-                    waiters: None,
+                    kind,
+                    status: Status::Queued,
+                    reason: None,
+                    attempts: 0,
+                    submitted_at: 0,
+                    started_at: 0,
+                    finished_at: 0,
+                    result_offset: -1,
+                    error: None,
+                    extra: None,
                 },
             );
             view.order.push_back(id);
             self.evict(&mut view);
         }
         let mut key_to_index = None;
-        if let Some(entry) = view.tasks.get_mut(&id) {
-            let task = &mut entry.view;
+        if let Some(task) = view.tasks.get_mut(&id) {
             if let Some(attempt) = event.attempt {
-                task.attempts = task.attempts.max(attempt);
+                task.attempts = task
+                    .attempts
+                    .max(u32::try_from(attempt).unwrap_or(u32::MAX));
             }
+            let error = || event.error.as_deref().map(Box::from);
             match event.event {
                 EventType::Queued => {
-                    task.submitted_at = event.submitted_at.or(task.submitted_at);
+                    if let Some(submitted_at) = event.submitted_at {
+                        task.submitted_at = millis(submitted_at);
+                    }
                     if let Some(key) = &event.idempotency_key {
-                        entry.idempotency_key = Some(key.as_str().into());
+                        task.extra.get_or_insert_with(Box::default).idempotency_key =
+                            Some(key.as_str().into());
                         key_to_index = Some(key.clone());
                     }
                 }
                 EventType::Started => {
                     task.status = Status::Running;
-                    task.started_at = Some(event.at);
+                    task.started_at = millis(event.at);
                 }
                 EventType::Failed => {
                     task.status = Status::Queued;
-                    task.error = event.error.as_deref().map(Arc::from);
+                    task.error = error();
                 }
                 EventType::Succeeded => {
                     task.status = Status::Succeeded;
-                    task.finished_at = Some(event.at);
+                    task.finished_at = millis(event.at);
                     // A note about a dropped result, or nothing.
-                    task.error = event.error.as_deref().map(Arc::from);
-                    task.result_offset = offset.filter(|_| event.result.is_some());
-                    // Applied from this process (not the stream): keep the result as given.
-                    if offset.is_none() {
-                        task.result.clone_from(&event.result);
-                    }
+                    task.error = error();
+                    task.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
                 }
                 EventType::Dead => {
                     task.status = Status::Dead;
                     task.reason = event.reason;
-                    task.finished_at = Some(event.at);
-                    task.error = event.error.as_deref().map(Arc::from);
+                    task.finished_at = millis(event.at);
+                    task.error = error();
                 }
                 EventType::Worker | EventType::Gateway => {}
             }
             if event.is_terminal()
-                && let Some(waiters) = entry.waiters.take()
+                && let Some(waiters) = task.extra.as_mut().and_then(|extra| extra.waiters.take())
             {
                 waiters.notify_waiters();
             }
@@ -363,11 +424,11 @@ impl Tracker {
             let Some(oldest) = view.order.pop_front() else {
                 break;
             };
-            if let Some(entry) = view.tasks.remove(&oldest) {
-                if let Some(key) = entry.idempotency_key {
+            if let Some(extra) = view.tasks.remove(&oldest).and_then(|entry| entry.extra) {
+                if let Some(key) = extra.idempotency_key {
                     view.idempotency.remove(&key);
                 }
-                if let Some(waiters) = entry.waiters {
+                if let Some(waiters) = extra.waiters {
                     waiters.notify_waiters();
                 }
             }
@@ -476,15 +537,6 @@ impl Tracker {
             .ok()
             .flatten()
     }
-}
-
-fn intern(names: &mut HashMap<Box<str>, Arc<str>>, kind: &str) -> Arc<str> {
-    if let Some(name) = names.get(kind) {
-        return Arc::clone(name);
-    }
-    let name: Arc<str> = Arc::from(kind);
-    names.insert(kind.into(), Arc::clone(&name));
-    name
 }
 
 /// `x-stream-offset`: from `offset`, or from the first event kept.

