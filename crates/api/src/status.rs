@@ -483,6 +483,9 @@ impl Tracker {
                         next_offset = Some(offset + 1);
                     }
                     delivery.ack(BasicAckOptions::default()).await?;
+                    // lapin's consumer is always ready while deliveries are buffered, so
+                    // catching up on a backlog would never yield: give requests their turn.
+                    tokio::task::coop::consume_budget().await;
                 }
                 let _ = channel.close(200, "done following".into()).await;
                 Ok::<_, lapin::Error>(())

@@ -299,6 +299,15 @@ async fn hardening(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, l
     let gateway =
         |port, env| process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env);
     let (_off_gateway, _on_gateway) = (gateway(off_port, &off).await, gateway(on_port, &on).await);
+    // A new gateway first reads the whole events stream (millions of events by now): measure
+    // neither while either is still reading.
+    for port in [off_port, on_port] {
+        http::wait_until_live(
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(300),
+        )
+        .await;
+    }
     let (mut bare, mut defended) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         eprintln!(

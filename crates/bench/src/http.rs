@@ -226,3 +226,19 @@ pub async fn wait_for_status(base: &str, id: Uuid, deadline: Duration) -> bool {
     }
     false
 }
+
+/// Waits until the gateway at `base` has read its events stream up to the present: it then
+/// answers 404, not 503 (still reading), for an id nobody submitted.
+pub async fn wait_until_live(base: &str, deadline: Duration) {
+    let client = client(None);
+    let give_up = Instant::now() + deadline;
+    let probe = format!("{base}/tasks/{}", Uuid::new_v4());
+    while Instant::now() < give_up {
+        if let Ok(response) = client.get(&probe).send().await
+            && response.status() == StatusCode::NOT_FOUND
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
