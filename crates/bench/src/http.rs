@@ -227,10 +227,11 @@ pub async fn wait_for_status(base: &str, id: Uuid, deadline: Duration) -> bool {
     false
 }
 
-/// Waits until the gateway at `base` has read its events stream up to the present: it then
-/// answers 404, not 503 (still reading), for an id nobody submitted.
-pub async fn wait_until_live(base: &str, deadline: Duration) {
-    let client = client(None);
+/// Waits until the gateway at `base` (API key `key`, if it wants one) has read its events
+/// stream up to the present: it then answers 404, not 503 (still reading), for an id nobody
+/// submitted.
+pub async fn wait_until_live(base: &str, key: Option<&str>, deadline: Duration) {
+    let client = client(key);
     let give_up = Instant::now() + deadline;
     let probe = format!("{base}/tasks/{}", Uuid::new_v4());
     while Instant::now() < give_up {

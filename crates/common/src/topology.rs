@@ -193,18 +193,7 @@ impl Topology {
         let durable = QueueDeclareOptions::durable();
         let dlx = self.dead_letter_exchange();
         let dead = self.dead_letter_queue();
-        channel
-            .exchange_declare(
-                dlx.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| TopologyError::from_declare("exchange", &dlx, e))?;
+        declare_direct_exchange(channel, &dlx).await?;
         channel
             .queue_declare(
                 dead.as_str().into(),
@@ -227,19 +216,7 @@ impl Topology {
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
             .await
             .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
-        let kinds = self.kinds_exchange();
-        channel
-            .exchange_declare(
-                kinds.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| TopologyError::from_declare("exchange", &kinds, e))?;
+        declare_direct_exchange(channel, &self.kinds_exchange()).await?;
         self.bind_kinds_on(channel).await?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
@@ -353,6 +330,22 @@ impl Topology {
         let _ = channel.close(200, "topology deleted".into()).await;
         Ok(())
     }
+}
+
+/// Declares a durable direct exchange.
+async fn declare_direct_exchange(channel: &Channel, name: &str) -> Result<(), TopologyError> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_declare("exchange", name, e))
 }
 
 /// The events stream's arguments, all explicit.
