@@ -177,16 +177,7 @@ impl Topology {
     /// already exists with the same arguments changes nothing. Uses a channel of its own, so a
     /// refusal from the broker cannot close a channel the caller holds.
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(TopologyError::Broker)?;
-        let result = self.declare_on(&channel).await;
-        // After a refusal the broker has closed the channel already; closing again is moot.
-        if channel.status().connected() {
-            let _ = channel.close(200, "topology declared".into()).await;
-        }
-        result
+        on_own_channel(connection, async |channel| self.declare_on(channel).await).await
     }
 
     async fn declare_on(&self, channel: &Channel) -> Result<(), TopologyError> {
@@ -233,15 +224,10 @@ impl Topology {
         if self.kinds.is_empty() {
             return Ok(());
         }
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(TopologyError::Broker)?;
-        let result = self.bind_kinds_on(&channel).await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "kinds bound".into()).await;
-        }
-        result
+        on_own_channel(connection, async |channel| {
+            self.bind_kinds_on(channel).await
+        })
+        .await
     }
 
     async fn bind_kinds_on(&self, channel: &Channel) -> Result<(), TopologyError> {
@@ -330,6 +316,24 @@ impl Topology {
         let _ = channel.close(200, "topology deleted".into()).await;
         Ok(())
     }
+}
+
+/// Runs `work` on a channel of its own, so that a refusal from the broker (which closes the
+/// channel) cannot close a channel the caller holds; closes it afterwards if still open.
+async fn on_own_channel<T>(
+    connection: &Connection,
+    work: impl AsyncFnOnce(&Channel) -> Result<T, TopologyError>,
+) -> Result<T, TopologyError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(TopologyError::Broker)?;
+    let result = work(&channel).await;
+    // After a refusal the broker has closed the channel already; closing again is moot.
+    if channel.status().connected() {
+        let _ = channel.close(200, "done".into()).await;
+    }
+    result
 }
 
 /// Declares a durable direct exchange.
