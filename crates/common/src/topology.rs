@@ -247,18 +247,10 @@ impl Topology {
         Ok(())
     }
 
-    /// Whether both queues exist (passive declarations, on a channel of its own, which the
-    /// broker closes when a queue is missing). An error means the broker could not be asked.
+    /// Whether every queue exists (passive declarations, each on a channel of its own, which
+    /// the broker closes when a queue is missing). An error means the broker could not be asked.
     pub async fn exists(&self, connection: &Connection) -> Result<bool, TopologyError> {
-        let stream = self.events_stream();
-        for queue in [
-            Some(self.queue.clone()),
-            Some(self.dead_letter_queue()),
-            stream,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for queue in self.queues() {
             let channel = connection
                 .create_channel()
                 .await
@@ -284,21 +276,25 @@ impl Topology {
         Ok(true)
     }
 
-    /// Deletes both queues and the exchange, messages included. For tests and tear-down.
+    /// The queues this topology declares: the work queue, the dead-letter queue and, with
+    /// events on, the events stream.
+    fn queues(&self) -> impl Iterator<Item = String> {
+        [
+            Some(self.queue.clone()),
+            Some(self.dead_letter_queue()),
+            self.events_stream(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Deletes the queues and exchanges, messages included. For tests and tear-down.
     pub async fn delete(&self, connection: &Connection) -> Result<(), TopologyError> {
         let channel = connection
             .create_channel()
             .await
             .map_err(TopologyError::Broker)?;
-        let stream = self.events_stream();
-        for queue in [
-            Some(self.queue.clone()),
-            Some(self.dead_letter_queue()),
-            stream,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for queue in self.queues() {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
