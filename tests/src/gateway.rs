@@ -16,6 +16,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway with `config` (its `bind` should be port 0).
     pub async fn spawn(config: Config) -> Self {
+        crate::show_logs_of_failed_tests();
         let app = Application::build(config).await.expect("gateway starts");
         let addr = app.local_addr();
         let base = format!("http://{addr}");

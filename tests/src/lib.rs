@@ -15,7 +15,7 @@ pub use broker::{PrivateBroker, TlsListener};
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::{TEST_KINDS, TestQueue};
-pub use wait::eventually;
+pub use wait::{eventually, eventually_ok};
 pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess, declare_kinds};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
@@ -49,4 +49,19 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("bind an ephemeral port")
         .port()
+}
+
+/// Sends the log lines of in-process gateways and workers to the test harness, which shows a
+/// test's lines only when it fails. `RUST_LOG` overrides the default level.
+pub fn show_logs_of_failed_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+        // Another subscriber may already be set by the test binary; then that one wins.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }

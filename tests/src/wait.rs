@@ -12,15 +12,30 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    eventually_ok(deadline, what, || {
+        let checked = check();
+        async { checked.await.ok_or("the condition never held") }
+    })
+    .await
+}
+
+/// Polls `check` until it returns `Ok`, and returns that value. Panics with `what` and the
+/// last `Err` (what was seen instead) if `deadline` passes first.
+pub async fn eventually_ok<T, E, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let give_up = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(value) = check().await {
-            return value;
+        match check().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                tokio::time::Instant::now() < give_up,
+                "timed out after {deadline:?} waiting for {what}; last seen: {last}"
+            ),
         }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "timed out after {deadline:?} waiting for {what}"
-        );
         tokio::time::sleep(POLL).await;
     }
 }

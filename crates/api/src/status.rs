@@ -20,7 +20,9 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
-use offload_common::{Broker, DeadReason, Event, EventSink, EventType, broker::session::backoff};
+use offload_common::{
+    Broker, BrokerError, DeadReason, Event, EventSink, EventType, broker::session::backoff,
+};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -454,18 +456,23 @@ impl Tracker {
                 sink.emit(marker);
             }
             let followed = async {
-                let channel = link.connection().create_channel().await?;
-                channel
-                    .basic_qos(FOLLOW_PREFETCH, BasicQosOptions::default())
-                    .await?;
-                let mut consumer = channel
-                    .basic_consume(
-                        stream.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        stream_offset(next_offset),
-                    )
-                    .await?;
+                let subscribe = async {
+                    let channel = link.connection().create_channel().await?;
+                    channel
+                        .basic_qos(FOLLOW_PREFETCH, BasicQosOptions::default())
+                        .await?;
+                    let consumer = channel
+                        .basic_consume(
+                            stream.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            stream_offset(next_offset),
+                        )
+                        .await?;
+                    Ok::<_, lapin::Error>((channel, consumer))
+                };
+                let (channel, mut consumer) =
+                    broker.within("the stream subscription", subscribe).await?;
                 delays = backoff();
                 while let Some(delivery) = tokio::select! {
                     () = shutdown.cancelled() => None,
@@ -482,13 +489,20 @@ impl Tracker {
                     if let Some(offset) = offset {
                         next_offset = Some(offset + 1);
                     }
-                    delivery.ack(BasicAckOptions::default()).await?;
+                    broker
+                        .within("an ack", delivery.ack(BasicAckOptions::default()))
+                        .await?;
                     // lapin's consumer is always ready while deliveries are buffered, so
                     // catching up on a backlog would never yield: give requests their turn.
                     tokio::task::coop::consume_budget().await;
                 }
-                let _ = channel.close(200, "done following".into()).await;
-                Ok::<_, lapin::Error>(())
+                let _ = broker
+                    .within(
+                        "closing the channel",
+                        channel.close(200, "done following".into()),
+                    )
+                    .await;
+                Ok::<_, BrokerError>(())
             }
             .await;
             if shutdown.is_cancelled() {

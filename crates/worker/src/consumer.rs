@@ -125,7 +125,11 @@ impl Worker {
                 ended = &mut *supervisor => return fatal(ended),
                 link = self.broker.connected() => link,
             };
-            let (channel, mut consumer) = match self.subscribe(link.connection()).await {
+            let subscribed = self
+                .broker
+                .within("the subscription", self.subscribe(link.connection()))
+                .await;
+            let (channel, mut consumer) = match subscribed {
                 Ok(subscribed) => subscribed,
                 Err(error) => {
                     tracing::warn!("cannot subscribe ({error}); retrying");
@@ -186,7 +190,13 @@ impl Worker {
             }
             // Tasks already running keep running (and keep their permits); if the channel is
             // gone their acks fail and the broker redelivers them: the at-least-once promise.
-            let _ = channel.close(200, "subscribing again".into()).await;
+            let _ = self
+                .broker
+                .within(
+                    "closing the channel",
+                    channel.close(200, "subscribing again".into()),
+                )
+                .await;
         }
     }
 

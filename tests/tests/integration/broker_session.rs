@@ -14,7 +14,7 @@ use offload_api::Config as GatewayConfig;
 use offload_common::{BrokerArgs, BrokerError};
 use offload_tests::{
     FaultyProxy, InProcessWorker, PrivateBroker, TestGateway, TestQueue, WorkerOptions,
-    WorkerProcess, amqp_url, declare_kinds, eventually,
+    WorkerProcess, amqp_url, declare_kinds, eventually, eventually_ok,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -100,12 +100,16 @@ async fn a_list_of_urls_moves_on_when_one_broker_fails() {
     for (cut, healed) in [(&first, &second), (&second, &first)] {
         healed.heal();
         cut.cut();
-        let id = eventually(DEADLINE, "a 202 through the other broker URL", || async {
+        let id = eventually_ok(DEADLINE, "a 202 through the other broker URL", || async {
             let response = gateway
                 .post_task(&json!({"kind": "sleep", "payload": {"message": "moved"}}))
                 .await;
-            let body: Value = response.json().await.ok()?;
-            body["id"].as_str()?.parse::<uuid::Uuid>().ok()
+            let status = response.status();
+            let body: Value = response.json().await.map_err(|e| e.to_string())?;
+            body["id"]
+                .as_str()
+                .and_then(|id| id.parse::<uuid::Uuid>().ok())
+                .ok_or_else(|| format!("{status} {body}"))
         })
         .await;
         accepted.push(id);

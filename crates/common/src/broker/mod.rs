@@ -211,6 +211,12 @@ impl Connector {
             .join(",")
     }
 
+    /// How long one connection attempt may take; also the bound on any single exchange with
+    /// the broker that a supervisor waits on.
+    pub fn timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Connects to one broker of the list, trying each in turn, starting after the one used
     /// last. Returns the connection and the (redacted) URL it reached; on failure the error of
     /// the last broker tried, after a warning line for each of the others.
@@ -330,6 +336,14 @@ pub enum BrokerError {
     ConnectTimeout {
         /// The URL, password redacted.
         url: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The broker did not answer a request in time (the connection may be dying).
+    #[error("RabbitMQ did not answer {what} within {}", humantime::format_duration(*.timeout))]
+    NoAnswer {
+        /// What was asked.
+        what: &'static str,
         /// How long we waited.
         timeout: Duration,
     },

@@ -107,6 +107,8 @@ pub struct Broker {
 
 struct Shared {
     topology: Topology,
+    /// The connect timeout, which bounds every request the session's loops wait on.
+    timeout: Duration,
     unroutable: AtomicBool,
     check: tokio::sync::Notify,
 }
@@ -131,6 +133,7 @@ impl Broker {
         let connector = args.connector()?;
         let shared = Arc::new(Shared {
             topology,
+            timeout: connector.timeout(),
             unroutable: AtomicBool::new(false),
             check: tokio::sync::Notify::new(),
         });
@@ -193,6 +196,20 @@ impl Broker {
         }
     }
 
+    /// Awaits `request` to the broker for at most the connect timeout: every exchange that a
+    /// loop keeping a subscription alive waits on goes through here, so a connection that
+    /// dies without lapin noticing at once cannot stall it.
+    pub async fn within<T, E>(
+        &self,
+        what: &'static str,
+        request: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, BrokerError>
+    where
+        E: Into<BrokerError>,
+    {
+        within(self.shared.timeout, what, request).await
+    }
+
     /// What a publish could do now.
     pub fn state(&self) -> BrokerState {
         match self.link.borrow().as_ref() {
@@ -218,6 +235,23 @@ impl Broker {
     }
 }
 
+async fn within<T, E>(
+    limit: Duration,
+    what: &'static str,
+    request: impl Future<Output = Result<T, E>>,
+) -> Result<T, BrokerError>
+where
+    E: Into<BrokerError>,
+{
+    match tokio::time::timeout(limit, request).await {
+        Ok(answer) => answer.map_err(Into::into),
+        Err(_) => Err(BrokerError::NoAnswer {
+            what,
+            timeout: limit,
+        }),
+    }
+}
+
 struct SessionTask {
     connector: Connector,
     connection_name: &'static str,
@@ -231,14 +265,21 @@ impl SessionTask {
     /// Connects, declares the topology and opens a confirm-mode channel.
     async fn open(&mut self) -> Result<Link, BrokerError> {
         let (connection, url) = self.connector.connect(self.connection_name).await?;
-        let opened = async {
+        let set_up = async {
             self.shared.topology.declare(&connection).await?;
             let publisher = connection.create_channel().await?;
             publisher
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
             Ok::<_, BrokerError>(publisher)
-        }
+        };
+        // The supervisor awaits nothing unbounded: a connection that dies mid-setup must not
+        // leave it waiting on an answer that never comes.
+        let opened = within(
+            self.connector.timeout(),
+            "the setup of a new connection",
+            set_up,
+        )
         .await;
         match opened {
             Ok(publisher) => {
@@ -251,7 +292,7 @@ impl SessionTask {
                 })
             }
             Err(error) => {
-                let _ = connection.close(200, "could not set up".into()).await;
+                self.close(&connection, 200, "could not set up").await;
                 Err(error)
             }
         }
@@ -267,13 +308,13 @@ impl SessionTask {
                 self.sender.send_replace(None);
                 match lost {
                     None => {
-                        let _ = link.connection.close(200, "shutting down".into()).await;
+                        self.close(&link.connection, 200, "shutting down").await;
                         return Ok(());
                     }
                     Some(reason) => {
                         tracing::warn!("lost the broker connection ({reason}); reconnecting");
                         // Release the socket now; it may already be gone.
-                        let _ = link.connection.close(320, "reconnecting".into()).await;
+                        self.close(&link.connection, 320, "reconnecting").await;
                     }
                 }
             }
@@ -292,6 +333,12 @@ impl SessionTask {
                 Err(error) => tracing::warn!("{error}; retrying"),
             }
         }
+    }
+
+    /// Closes `connection`, waiting for the broker's answer no longer than a connect attempt.
+    async fn close(&self, connection: &Connection, code: u16, reason: &str) {
+        let closing = connection.close(code, reason.into());
+        let _ = tokio::time::timeout(self.connector.timeout(), closing).await;
     }
 
     /// Watches the link until it fails (`Some(reason)`) or shutdown (`None`), healing the
@@ -338,8 +385,20 @@ impl SessionTask {
         }
     }
 
-    /// Declares the queues again if they are gone, and binds this process's kinds again.
+    /// [`SessionTask::check`], bounded: a connection that dies mid-check must not stall the
+    /// supervisor, which has to notice the loss and reconnect.
     async fn heal(&self, connection: &Connection) {
+        let check = async {
+            self.check(connection).await;
+            Ok::<_, BrokerError>(())
+        };
+        if let Err(error) = within(self.connector.timeout(), "the topology check", check).await {
+            tracing::warn!("{error}");
+        }
+    }
+
+    /// Declares the queues again if they are gone, and binds this process's kinds again.
+    async fn check(&self, connection: &Connection) {
         let topology = &self.shared.topology;
         match topology.exists(connection).await {
             Ok(true) => {
