@@ -5,8 +5,19 @@
 //! - **hang**: connections stay open but no byte moves either way, new ones included, until
 //!   healed, as with a dead route or a peer frozen mid-stream;
 //! - **reset**: every open connection is aborted with a TCP RST; new ones pass.
+//! - **hold after a pattern**: the first connection whose client sends the pattern has it
+//!   forwarded, and from then on everything that client sends is swallowed, while the
+//!   broker's side still reaches it: a worker then gets its confirm but its ack never
+//!   arrives.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -30,11 +41,47 @@ struct State {
     resets: u64,
 }
 
+/// Swallows a client's bytes once it has sent a pattern.
+#[derive(Default)]
+struct Tripwire {
+    /// Armed with a pattern; disarmed once a connection trips it.
+    pattern: Mutex<Option<Vec<u8>>>,
+    tripped: AtomicBool,
+}
+
+impl Tripwire {
+    /// Whether `seen` (the end of what a client sent so far) trips the armed pattern; if so
+    /// the wire is disarmed, so one connection trips it at most.
+    fn trips(&self, seen: &[u8]) -> bool {
+        let mut pattern = self
+            .pattern
+            .lock()
+            .expect("the tripwire lock is never poisoned");
+        let found = pattern
+            .as_deref()
+            .is_some_and(|pattern| seen.windows(pattern.len()).any(|w| w == pattern));
+        if found {
+            *pattern = None;
+            self.tripped.store(true, Ordering::SeqCst);
+        }
+        found
+    }
+
+    fn longest(&self) -> usize {
+        self.pattern
+            .lock()
+            .expect("the tripwire lock is never poisoned")
+            .as_ref()
+            .map_or(0, Vec::len)
+    }
+}
+
 /// A running proxy. Stops (closing every connection) when dropped.
 pub struct FaultyProxy {
     addr: SocketAddr,
     state: watch::Sender<State>,
     accept: JoinHandle<()>,
+    tripwire: Arc<Tripwire>,
 }
 
 impl FaultyProxy {
@@ -46,11 +93,18 @@ impl FaultyProxy {
             mode: Mode::Pass,
             resets: 0,
         });
-        let accept = tokio::spawn(accept_loop(listener, upstream, state.subscribe()));
+        let tripwire = Arc::new(Tripwire::default());
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            state.subscribe(),
+            Arc::clone(&tripwire),
+        ));
         Ok(Self {
             addr,
             state,
             accept,
+            tripwire,
         })
     }
 
@@ -74,6 +128,21 @@ impl FaultyProxy {
         self.state.send_modify(|state| state.resets += 1);
     }
 
+    /// Arms the tripwire: the first connection whose client sends `pattern` has those bytes
+    /// forwarded, then everything else it sends swallowed (the broker's side still flows).
+    pub fn hold_client_after(&self, pattern: &[u8]) {
+        *self
+            .tripwire
+            .pattern
+            .lock()
+            .expect("the tripwire lock is never poisoned") = Some(pattern.to_vec());
+    }
+
+    /// Whether a connection has tripped the wire armed by [`FaultyProxy::hold_client_after`].
+    pub fn tripped(&self) -> bool {
+        self.tripwire.tripped.load(Ordering::SeqCst)
+    }
+
     /// Back to forwarding everything.
     pub fn heal(&self) {
         self.state.send_modify(|state| state.mode = Mode::Pass);
@@ -87,7 +156,12 @@ impl Drop for FaultyProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: watch::Receiver<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    state: watch::Receiver<State>,
+    tripwire: Arc<Tripwire>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             // Out of file descriptors, say: let it pass rather than spin.
@@ -98,12 +172,22 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: watch::
             drop(client);
             continue;
         }
-        tokio::spawn(forward(client, upstream, state.clone()));
+        tokio::spawn(forward(
+            client,
+            upstream,
+            state.clone(),
+            Arc::clone(&tripwire),
+        ));
     }
 }
 
 /// Moves bytes both ways until either side closes or a fault ends the connection.
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut state: watch::Receiver<State>) {
+async fn forward(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut state: watch::Receiver<State>,
+    tripwire: Arc<Tripwire>,
+) {
     let born = state.borrow().resets;
     // A hang that starts before the upstream connection exists hangs the connect too.
     while state.borrow().mode == Mode::Hang {
@@ -120,6 +204,9 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut state: watch::
     let _ = server.set_nodelay(true);
     let mut from_client = vec![0_u8; 16 * 1024];
     let mut from_server = vec![0_u8; 16 * 1024];
+    // The client's last bytes, so a pattern split over two reads is still seen.
+    let mut seen = Vec::new();
+    let mut held = false;
     loop {
         let now = *state.borrow_and_update();
         if now.resets != born {
@@ -143,7 +230,19 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut state: watch::
                     },
                     read = client.read(&mut from_client) => match read {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => server.write_all(&from_client[..n]).await,
+                        // Swallowed; still read, so the client's close is noticed.
+                        Ok(_) if held => Ok(()),
+                        Ok(n) => {
+                            let sent = server.write_all(&from_client[..n]).await;
+                            let keep = tripwire.longest();
+                            if keep > 0 {
+                                seen.extend_from_slice(&from_client[..n]);
+                                held = tripwire.trips(&seen);
+                                let excess = seen.len().saturating_sub(keep);
+                                seen.drain(..excess);
+                            }
+                            sent
+                        }
                     },
                     read = server.read(&mut from_server) => match read {
                         Ok(0) | Err(_) => return,

@@ -11,7 +11,10 @@ use std::{
 
 use lapin::BasicProperties;
 use offload_api::Config as GatewayConfig;
-use offload_tests::{InProcessWorker, TestGateway, TestQueue, amqp_url, eventually};
+use offload_tests::{
+    FaultyProxy, InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
+    eventually,
+};
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -176,6 +179,58 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
 
     worker.stop().await;
     late.stop().await;
+    gateway.stop().await;
+}
+
+/// A worker that dies after its `succeeded` event is confirmed but before its ack reaches the
+/// broker: the status already says `succeeded`, the broker redelivers, the task runs again
+/// (at least once), and the stream shows both attempts.
+#[tokio::test]
+async fn a_worker_killed_between_its_terminal_event_and_its_ack_runs_the_task_again() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "ack-lost", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let proxy = FaultyProxy::start("127.0.0.1:5672".parse().expect("address"))
+        .await
+        .expect("proxy");
+    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
+    let mut first =
+        WorkerProcess::start(&through_proxy, queue.name(), &WorkerOptions::default()).await;
+
+    // The event reaches the broker; everything the worker sends after it (its ack) does not.
+    proxy.hold_client_after(br#""type":"succeeded""#);
+    let id = gateway.submit_sleep("once or more").await;
+    let body = finished(&gateway, id).await;
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert_eq!(body["attempts"], 1, "{body}");
+    assert!(proxy.tripped(), "the worker's ack was held back");
+    assert!(first.completed().contains(&id));
+    assert_eq!(
+        queue.ready().await,
+        0,
+        "the task is still in the first worker's hands"
+    );
+
+    first.kill();
+    let second = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    eventually(
+        DEADLINE,
+        "the second worker to run the task again",
+        || async { second.completed().contains(&id).then_some(()) },
+    )
+    .await;
+    let start = second.start_event(id).expect("logged");
+    assert_eq!(start["previous_deliveries"], 1, "{start}");
+    let body = eventually(
+        DEADLINE,
+        "the status to show the second attempt",
+        || async {
+            let (_, body) = status(&gateway, id, "").await;
+            (body["attempts"] == 2 && body["status"] == "succeeded").then_some(body)
+        },
+    )
+    .await;
+    assert!(body["finished_at"].is_string(), "{body}");
     gateway.stop().await;
 }
 
