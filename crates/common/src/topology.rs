@@ -11,7 +11,23 @@
 //!                      <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
 //!
 //!   lifecycle events ──► [<QUEUE>.events] (stream, x-max-age, x-max-length-bytes)
+//!
+//!   delayed (retries, scheduled tasks), routing key = the delay's bits, most significant first
+//!      │
+//!      ▼
+//!   <QUEUE>.delay.21 (topic) ─bit 21 set─► [<QUEUE>.delay.21] (quorum, TTL 2^21 s) ─expired─┐
+//!      │ bit 21 clear                                                                       │
+//!      ▼                                                                                    │
+//!   <QUEUE>.delay.20 (topic) ◄──────────────────────────────────────────────────────────────┘
+//!      ⋮   (each level the same, down to level 0, TTL 1 s)
+//!   <QUEUE>.delay.0 (topic) ─bit 0 clear─► [QUEUE]   ◄─expired─ [<QUEUE>.delay.0]
 //! ```
+//!
+//! A delay of d seconds passes through the levels of d's set bits and no others, so each
+//! level queue holds messages of one TTL only and never blocks a short delay behind a long
+//! one (per-message TTLs expire only at a queue's head). Every hop is at-least-once
+//! dead-lettering between quorum queues, so a broker crash loses no delayed task. This is the
+//! design of NServiceBus's RabbitMQ transport and of kombu's native delayed delivery.
 //!
 //! The bindings of `<QUEUE>.kinds` are the registry of kinds: each worker binds the kinds it
 //! handles, the bindings are durable and outlive the workers, and a task of a kind nobody
@@ -27,6 +43,35 @@ use lapin::{
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+
+/// How many delay levels each work queue has: level n holds a task 2^n seconds.
+pub const DELAY_LEVELS: u32 = 22;
+
+/// The longest delay the levels can hold: 2^22 - 1 seconds, about 48.5 days.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs((1 << DELAY_LEVELS) - 1);
+
+/// The routing key that sends a message through the delay levels for `delay`, rounded to
+/// the nearest second (a delay under half a second goes straight to the work queue) and
+/// capped at [`MAX_DELAY`]: one word per level, `1` or `0`, the longest level first.
+pub fn delay_routing_key(delay: std::time::Duration) -> String {
+    let seconds = (delay.as_millis() + 500) / 1000;
+    let seconds = u64::try_from(seconds)
+        .unwrap_or(u64::MAX)
+        .min(MAX_DELAY.as_secs());
+    (0..DELAY_LEVELS)
+        .rev()
+        .map(|level| if seconds >> level & 1 == 1 { "1" } else { "0" })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The topic pattern that picks the messages whose bit for `level` is `bit`.
+fn level_pattern(level: u32, bit: char) -> String {
+    let mut words: Vec<String> = (level + 1..DELAY_LEVELS).map(|_| "*".to_owned()).collect();
+    words.push(bit.to_string());
+    words.push("#".to_owned());
+    words.join(".")
+}
 
 /// The work queue, its dead-letter path, the kinds exchange and the events stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +179,42 @@ impl Topology {
         format!("{}.dead", self.queue)
     }
 
+    /// The exchange a delayed message is published to: the top level's, with
+    /// [`delay_routing_key`] as routing key.
+    pub fn delay_exchange(&self) -> String {
+        self.delay_level(DELAY_LEVELS - 1)
+    }
+
+    /// Level `level`'s exchange and queue (they share the name).
+    fn delay_level(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.queue)
+    }
+
+    /// The arguments of delay level `level`, all explicit: a quorum queue whose messages
+    /// expire after 2^level seconds and are dead-lettered, at least once, to the next level
+    /// down, or from level 0 to the work queue.
+    pub fn delay_queue_arguments(&self, level: u32) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt((1_i64 << level) * 1000),
+        );
+        if level == 0 {
+            // The default exchange routes by queue name.
+            args.insert("x-dead-letter-exchange".into(), text(""));
+            args.insert("x-dead-letter-routing-key".into(), text(&self.queue));
+        } else {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                text(&self.delay_level(level - 1)),
+            );
+        }
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        args
+    }
+
     /// The arguments of the work queue, all explicit.
     pub fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
@@ -215,6 +296,51 @@ impl Topology {
                 .await
                 .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
         }
+        self.declare_delay_levels(channel).await
+    }
+
+    /// Declares the delay levels from the bottom up, so that each level's dead-letter target
+    /// exists before anything can expire into it.
+    async fn declare_delay_levels(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let durable = QueueDeclareOptions::durable();
+        for level in 0..DELAY_LEVELS {
+            let name = self.delay_level(level);
+            declare_exchange(channel, &name, ExchangeKind::Topic).await?;
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    durable,
+                    self.delay_queue_arguments(level),
+                )
+                .await
+                .map_err(|e| TopologyError::from_declare("queue", &name, e))?;
+            let bind = |destination: &str, bit: char| {
+                channel.queue_bind(
+                    destination.into(),
+                    name.as_str().into(),
+                    level_pattern(level, bit).as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+            };
+            bind(&name, '1').await.map_err(TopologyError::Broker)?;
+            if level == 0 {
+                bind(&self.queue, '0')
+                    .await
+                    .map_err(TopologyError::Broker)?;
+            } else {
+                channel
+                    .exchange_bind(
+                        self.delay_level(level - 1).as_str().into(),
+                        name.as_str().into(),
+                        level_pattern(level, '0').as_str().into(),
+                        lapin::options::ExchangeBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(TopologyError::Broker)?;
+            }
+        }
         Ok(())
     }
 
@@ -294,13 +420,17 @@ impl Topology {
             .create_channel()
             .await
             .map_err(TopologyError::Broker)?;
-        for queue in self.queues() {
+        let levels = (0..DELAY_LEVELS).map(|level| self.delay_level(level));
+        for queue in self.queues().chain(levels.clone()) {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .map_err(TopologyError::Broker)?;
         }
-        for exchange in [self.dead_letter_exchange(), self.kinds_exchange()] {
+        for exchange in [self.dead_letter_exchange(), self.kinds_exchange()]
+            .into_iter()
+            .chain(levels)
+        {
             channel
                 .exchange_delete(
                     exchange.as_str().into(),
@@ -334,10 +464,19 @@ async fn on_own_channel<T>(
 
 /// Declares a durable direct exchange.
 async fn declare_direct_exchange(channel: &Channel, name: &str) -> Result<(), TopologyError> {
+    declare_exchange(channel, name, ExchangeKind::Direct).await
+}
+
+/// Declares a durable exchange of `kind`.
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), TopologyError> {
     channel
         .exchange_declare(
             name.into(),
-            ExchangeKind::Direct,
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -408,4 +547,41 @@ impl TopologyError {
 /// Whether the broker refused an operation with this channel-level error.
 pub fn is_soft(error: &lapin::Error, kind: AMQPSoftError) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if *amqp.kind() == AMQPErrorKind::Soft(kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_delay_sets_the_bits_of_its_levels_longest_first() {
+        let key = delay_routing_key(Duration::from_secs(5));
+        let words: Vec<&str> = key.split('.').collect();
+        assert_eq!(words.len(), DELAY_LEVELS as usize);
+        assert_eq!(words[words.len() - 3..], ["1", "0", "1"]);
+        assert!(words[..words.len() - 3].iter().all(|w| *w == "0"));
+    }
+
+    #[test]
+    fn delays_round_to_the_second_and_are_capped() {
+        let zeros = vec!["0"; DELAY_LEVELS as usize].join(".");
+        assert_eq!(delay_routing_key(Duration::from_millis(499)), zeros);
+        assert_eq!(
+            delay_routing_key(Duration::from_millis(1_500)),
+            delay_routing_key(Duration::from_secs(2))
+        );
+        let ones = vec!["1"; DELAY_LEVELS as usize].join(".");
+        assert_eq!(delay_routing_key(MAX_DELAY), ones);
+        assert_eq!(delay_routing_key(Duration::from_secs(u64::MAX)), ones);
+    }
+
+    #[test]
+    fn each_level_looks_at_its_own_word() {
+        assert_eq!(level_pattern(DELAY_LEVELS - 1, '1'), "1.#");
+        let pattern = level_pattern(0, '0');
+        assert_eq!(pattern.matches('*').count(), DELAY_LEVELS as usize - 1);
+        assert!(pattern.ends_with(".0.#"));
+    }
 }

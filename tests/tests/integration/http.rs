@@ -320,7 +320,11 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
         1,
         "the accepted task is on the new queue"
     );
-    assert_eq!(gateway.health().await.status(), StatusCode::OK);
+    // Health follows once the whole topology (delay levels included) is declared again.
+    eventually(Duration::from_secs(30), "health to be ok again", || async {
+        (gateway.health().await.status() == StatusCode::OK).then_some(())
+    })
+    .await;
     gateway.stop().await;
 }
 

@@ -35,6 +35,10 @@ use crate::topology::{Topology, TopologyError};
 
 /// How often the supervisor looks at the connection's state, as a backstop to its events.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// The bound on declaring the whole topology (two dozen quorum queues when fresh: a quarter
+/// of a second on an idle broker, seconds on a busy one) and on a topology check: generous,
+/// since its only purpose is that a dead connection cannot stall the supervisor for good.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the supervisor checks that the queues still exist.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(3);
 /// The shortest time between two topology checks asked for by callers, so a flood of
@@ -275,12 +279,7 @@ impl SessionTask {
         };
         // The supervisor awaits nothing unbounded: a connection that dies mid-setup must not
         // leave it waiting on an answer that never comes.
-        let opened = within(
-            self.connector.timeout(),
-            "the setup of a new connection",
-            set_up,
-        )
-        .await;
+        let opened = within(DECLARE_TIMEOUT, "the setup of a new connection", set_up).await;
         match opened {
             Ok(publisher) => {
                 self.declared_once = true;
@@ -392,7 +391,7 @@ impl SessionTask {
             self.check(connection).await;
             Ok::<_, BrokerError>(())
         };
-        if let Err(error) = within(self.connector.timeout(), "the topology check", check).await {
+        if let Err(error) = within(DECLARE_TIMEOUT, "the topology check", check).await {
             tracing::warn!("{error}");
         }
     }
@@ -400,8 +399,11 @@ impl SessionTask {
     /// Declares the queues again if they are gone, and binds this process's kinds again.
     async fn check(&self, connection: &Connection) {
         let topology = &self.shared.topology;
+        // A publish came back unrouted although the main queues may exist: a delay level may
+        // be gone, which only declaring everything again repairs.
+        let reported = self.shared.unroutable.load(Ordering::Relaxed);
         match topology.exists(connection).await {
-            Ok(true) => {
+            Ok(true) if !reported => {
                 // Someone else may have declared the queue anew, without our kinds' bindings.
                 if let Err(error) = topology.bind_kinds(connection).await {
                     tracing::warn!("binding this worker's kinds failed: {error}; retrying");
@@ -409,13 +411,13 @@ impl SessionTask {
                 self.shared.unroutable.store(false, Ordering::Relaxed);
                 return;
             }
-            Ok(false) => {}
+            Ok(_) => {}
             // The connection is failing; the liveness check will notice.
             Err(_) => return,
         }
         tracing::warn!(
             queue = topology.queue(),
-            "the queues are gone (deleted by someone?); declaring them again"
+            "queues are gone (deleted by someone?) or a publish came back unrouted; declaring the topology again"
         );
         match topology.declare(connection).await {
             Ok(()) => {
