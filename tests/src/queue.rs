@@ -215,3 +215,15 @@ impl Drop for TestQueue {
         let _ = cleanup.join();
     }
 }
+
+/// A header of a message as text (offload's `x-offload-reason`, say), if present.
+pub fn header_text(message: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let headers = message.delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(text) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}

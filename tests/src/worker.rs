@@ -64,6 +64,9 @@ impl WorkerProcess {
             .env("DELIVERY_LIMIT", options.delivery_limit.to_string())
             // Tests measure work in many short units.
             .env("SLEEP_MAX_UNITS", "100000")
+            // A failed attempt is tried again at once (through the delay levels), unless a
+            // test sets a backoff of its own.
+            .env("RETRY_BASE", "0s")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .envs(options.env.iter().map(|(key, value)| (key, value)))

@@ -37,8 +37,10 @@ const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// On the queue, waiting for a worker (again, after a failed attempt).
+    /// On the queue, waiting for a worker.
     Queued,
+    /// Waiting in the delay levels until `run_at` (a retry's backoff), then queued again.
+    Scheduled,
     /// A worker is running it.
     Running,
     /// Done.
@@ -74,6 +76,9 @@ pub struct TaskView {
     /// When it succeeded or died.
     #[serde(serialize_with = "time")]
     pub finished_at: Option<SystemTime>,
+    /// While scheduled: when its next attempt is due.
+    #[serde(serialize_with = "time")]
+    pub run_at: Option<SystemTime>,
     /// The latest error, if any.
     pub error: Option<Arc<str>>,
     /// Why it is dead, once dead.
@@ -104,6 +109,8 @@ struct Entry {
     submitted_at: u64,
     started_at: u64,
     finished_at: u64,
+    /// While scheduled: when the next attempt is due.
+    run_at: u64,
     /// Stream offset of the `succeeded` event holding the result; -1: none.
     result_offset: i64,
     error: Option<Box<str>>,
@@ -166,6 +173,7 @@ impl View {
             submitted_at: time_of(entry.submitted_at),
             started_at: time_of(entry.started_at),
             finished_at: time_of(entry.finished_at),
+            run_at: time_of(entry.run_at).filter(|_| entry.status == Status::Scheduled),
             error: entry.error.as_deref().map(Arc::from),
             reason: entry.reason,
             result: None,
@@ -360,6 +368,7 @@ impl Tracker {
                     submitted_at: 0,
                     started_at: 0,
                     finished_at: 0,
+                    run_at: 0,
                     result_offset: -1,
                     error: None,
                     extra: None,
@@ -370,6 +379,12 @@ impl Tracker {
         }
         let mut key_to_index = None;
         if let Some(task) = view.tasks.get_mut(&id) {
+            // A failed attempt's event read after the next attempt's start (a retry with no
+            // delay can start on another worker first) is history, not the present.
+            let stale = event.event == EventType::Failed
+                && event
+                    .attempt
+                    .is_some_and(|attempt| attempt < u64::from(task.attempts));
             if let Some(attempt) = event.attempt {
                 task.attempts = task
                     .attempts
@@ -391,9 +406,16 @@ impl Tracker {
                     task.status = Status::Running;
                     task.started_at = millis(event.at);
                 }
+                EventType::Failed if stale => {}
                 EventType::Failed => {
-                    task.status = Status::Queued;
                     task.error = error();
+                    match event.run_at {
+                        Some(run_at) => {
+                            task.status = Status::Scheduled;
+                            task.run_at = millis(run_at);
+                        }
+                        None => task.status = Status::Queued,
+                    }
                 }
                 EventType::Succeeded => {
                     task.status = Status::Succeeded;
@@ -615,6 +637,37 @@ mod tests {
         assert_eq!(task.status, Status::Succeeded);
         assert_eq!(task.attempts, 2);
         assert_eq!(task.result_offset, Some(3));
+    }
+
+    #[test]
+    fn a_retry_is_scheduled_and_a_late_failure_does_not_undo_the_next_start() {
+        let tracker = Tracker::new(10);
+        let id = Uuid::new_v4();
+        let mut failed = event(EventType::Failed, id);
+        failed.attempt = Some(1);
+        failed.retry = Some(true);
+        failed.error = Some("busy".into());
+        let run_at = SystemTime::now() + Duration::from_secs(10);
+        failed.run_at = Some(run_at);
+        tracker.apply(&failed, None);
+        let task = tracker.get(id).expect("known");
+        assert_eq!(task.status, Status::Scheduled);
+        assert_eq!(task.run_at.map(millis), Some(millis(run_at)));
+
+        let mut started = event(EventType::Started, id);
+        started.attempt = Some(2);
+        tracker.apply(&started, None);
+        // Attempt 1's event again (read late, from another process): still running.
+        tracker.apply(&failed, None);
+        let task = tracker.get(id).expect("known");
+        assert_eq!(task.status, Status::Running);
+        assert_eq!(task.run_at, None, "no run_at unless scheduled");
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        // The per-task memory figure in PERFORMANCE.md rests on it.
+        assert!(std::mem::size_of::<Entry>() <= 80);
     }
 
     #[test]

@@ -158,16 +158,32 @@ impl fmt::Display for TaskKind {
 /// How many times the broker has delivered a message before, from the quorum queue's
 /// `x-delivery-count` header (absent on a first delivery).
 pub fn delivery_count(properties: &BasicProperties) -> u64 {
-    let Some(headers) = properties.headers() else {
-        return 0;
-    };
-    let key: ShortString = "x-delivery-count".into();
-    match headers.inner().get(&key) {
-        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
-        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
-        _ => 0,
+    integer_header(properties, "x-delivery-count").unwrap_or(0)
+}
+
+/// The header offload owns that numbers a task's attempts: a copy of the task published for
+/// its next attempt carries that attempt's number (absent: the first). offload counts
+/// attempts itself so that retries behave the same on every RabbitMQ version (4.3 stopped
+/// counting some redeliveries), and the broker's own count only backs it up for crashes.
+pub const ATTEMPT_HEADER: &str = "x-offload-attempt";
+
+/// The attempt a delivered copy of a task starts with: its [`ATTEMPT_HEADER`], or 1.
+pub fn first_attempt(properties: &BasicProperties) -> u32 {
+    integer_header(properties, ATTEMPT_HEADER)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+fn integer_header(properties: &BasicProperties, name: &str) -> Option<u64> {
+    let key: ShortString = name.into();
+    match properties.headers().as_ref()?.inner().get(&key)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        _ => None,
     }
 }
 

@@ -63,7 +63,10 @@ pub enum EventType {
 pub enum DeadReason {
     /// The handler said a retry cannot help (a permanent failure).
     Rejected,
-    /// It failed on its last allowed delivery (`DELIVERY_LIMIT`).
+    /// It failed on its last allowed attempt (`MAX_ATTEMPTS`, or its kind's own).
+    MaxAttempts,
+    /// The broker delivered it more than `DELIVERY_LIMIT` times without an answer (its
+    /// worker crashed or lost its connection each time).
     DeliveryLimit,
     /// The worker that received it has no handler for its kind.
     NoHandler,
@@ -116,6 +119,13 @@ pub struct Event {
     /// `failed`: whether the task will be tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<bool>,
+    /// `failed` with `retry`: when the next attempt is due (after its backoff delay).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub run_at: Option<SystemTime>,
     /// `dead`: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<DeadReason>,
@@ -144,6 +154,7 @@ impl Event {
             result: None,
             error: None,
             retry: None,
+            run_at: None,
             reason: None,
             kinds: None,
             marker: None,

@@ -54,15 +54,23 @@ pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs((1 << 
 /// the nearest second (a delay under half a second goes straight to the work queue) and
 /// capped at [`MAX_DELAY`]: one word per level, `1` or `0`, the longest level first.
 pub fn delay_routing_key(delay: std::time::Duration) -> String {
-    let seconds = (delay.as_millis() + 500) / 1000;
-    let seconds = u64::try_from(seconds)
-        .unwrap_or(u64::MAX)
-        .min(MAX_DELAY.as_secs());
+    let seconds = delay_in_levels(delay).as_secs();
     (0..DELAY_LEVELS)
         .rev()
         .map(|level| if seconds >> level & 1 == 1 { "1" } else { "0" })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// The delay the levels will really hold for `delay`: rounded to the nearest second, at
+/// most [`MAX_DELAY`].
+pub fn delay_in_levels(delay: std::time::Duration) -> std::time::Duration {
+    let seconds = (delay.as_millis() + 500) / 1000;
+    std::time::Duration::from_secs(
+        u64::try_from(seconds)
+            .unwrap_or(u64::MAX)
+            .min(MAX_DELAY.as_secs()),
+    )
 }
 
 /// The topic pattern that picks the messages whose bit for `level` is `bit`.

@@ -5,6 +5,8 @@ use std::time::Duration;
 use clap::Parser;
 use offload_common::{BrokerArgs, LogArgs, LogFormat};
 
+use crate::RetryPolicy;
+
 /// offload worker: consumes tasks from RabbitMQ with fair dispatch and manual acks, and runs
 /// each with the handler registered for its kind.
 #[derive(Debug, Clone, Parser)]
@@ -26,7 +28,7 @@ pub struct Config {
     pub sleep_max_units: u32,
 
     /// Longest a handler may run one task; past it the attempt counts as failed and the task
-    /// is redelivered (or dead-lettered at the delivery limit). Keep it below the broker's
+    /// is retried (or dead after its last attempt). Keep it below the broker's
     /// `consumer_timeout` (30 min by default), which would otherwise close the channel.
     #[arg(long, env = "HANDLER_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub handler_timeout: Duration,
@@ -36,6 +38,21 @@ pub struct Config {
     /// grace period.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Attempts a task gets in all, the first included, before it is dead-lettered; a kind's
+    /// handler may set its own.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = RetryPolicy::DEFAULT.max_attempts, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// Delay after a task's first failed attempt; it doubles after each further one (with
+    /// ±25% jitter), up to RETRY_MAX. Delays are whole seconds: under half a second the task
+    /// is queued again at once.
+    #[arg(long, env = "RETRY_BASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_base: Duration,
+
+    /// Longest delay between two attempts.
+    #[arg(long, env = "RETRY_MAX", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub retry_max: Duration,
 
     /// Largest result a task may have, as JSON; a larger one is dropped (the task still
     /// succeeds, and its status says so).
@@ -70,6 +87,15 @@ pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 impl Config {
+    /// The retry policy of every kind whose handler has none of its own.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            base: self.retry_base,
+            max: self.retry_max,
+        }
+    }
+
     /// Settings for a worker on `amqp_url` consuming `queue`, every other setting at its
     /// default. For tests and embedding; reads no environment variables.
     pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>) -> Self {
@@ -80,6 +106,9 @@ impl Config {
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             result_max_bytes: DEFAULT_RESULT_MAX_BYTES,
+            max_attempts: RetryPolicy::DEFAULT.max_attempts,
+            retry_base: RetryPolicy::DEFAULT.base,
+            retry_max: RetryPolicy::DEFAULT.max,
             declare_only: false,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
@@ -109,6 +138,7 @@ mod tests {
         assert_eq!(parsed.sleep_max_units, built.sleep_max_units);
         assert_eq!(parsed.shutdown_grace, built.shutdown_grace);
         assert_eq!(parsed.handler_timeout, built.handler_timeout);
+        assert_eq!(parsed.retry_policy(), built.retry_policy());
     }
 
     #[test]

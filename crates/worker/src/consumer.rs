@@ -2,28 +2,34 @@
 //! delivery; settle it only after its handler finished; subscribe again when the broker goes
 //! away; drain on shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
-    Channel, Consumer,
+    Channel, Confirmation, Consumer,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-        BasicRejectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+        BasicQosOptions, BasicRejectOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use offload_common::{
-    Broker, BrokerError, DeadReason, Event, EventSink, EventType, TaskEnvelope, Topology,
+    Broker, BrokerError, DeadReason, DecodeError, Event, EventSink, EventType, TaskEnvelope,
+    Topology,
     broker::session::{Supervisor, backoff},
-    envelope::delivery_count,
+    envelope::{ATTEMPT_HEADER, delivery_count, first_attempt},
+    topology::{delay_in_levels, delay_routing_key},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{Config, Registry, Task, handler::HandlerFuture};
+use crate::{Config, Registry, RetryPolicy, Task, handler::HandlerFuture};
 
 /// The log target of every line about one task (started, completed, failed, dead-lettered,
 /// not settled), so operators can filter them as a group:
@@ -74,6 +80,10 @@ pub async fn run(
         worker: worker_name().into(),
         delivery_limit: u64::from(config.broker.delivery_limit),
         result_max_bytes: config.result_max_bytes,
+        policy: config.retry_policy(),
+        delay_exchange: broker.topology().delay_exchange().into(),
+        dead_queue: broker.topology().dead_letter_queue().into(),
+        broker: broker.clone(),
     });
     let worker = Worker {
         broker,
@@ -307,39 +317,37 @@ struct Context {
     worker: Arc<str>,
     delivery_limit: u64,
     result_max_bytes: usize,
+    /// Every kind's retry policy, unless its handler has its own.
+    policy: RetryPolicy,
+    /// Where a task waiting for its next attempt is published.
+    delay_exchange: ShortString,
+    /// `<QUEUE>.dead`, where offload itself moves a task that will not run again.
+    dead_queue: ShortString,
+    /// The session, to publish those copies on.
+    broker: Broker,
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
 async fn process(delivery: Delivery, context: Arc<Context>) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
-        Err(error) => {
-            let message_id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(ToString::to_string);
-            tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
-            let mut dead = Event::new(EventType::Dead);
-            dead.id = message_id.and_then(|id| id.parse().ok());
-            dead.kind = delivery.properties.kind().as_ref().map(ToString::to_string);
-            dead.reason = Some(DeadReason::Undecodable);
-            dead.error = Some(error.to_string());
-            settle(&delivery, &context, Outcome::Reject, dead).await;
-            return;
-        }
+        Err(error) => return undecodable(&delivery, &context, &error).await,
     };
     let previous_deliveries = delivery_count(&delivery.properties);
-    let attempt = previous_deliveries + 1;
-    let task = Task::new(envelope, previous_deliveries);
+    // The attempt this copy started with, plus the broker's redeliveries of it (crashes,
+    // lost connections).
+    let attempt = first_attempt(&delivery.properties)
+        .saturating_add(u32::try_from(previous_deliveries).unwrap_or(u32::MAX));
+    let task = Task::new(envelope, previous_deliveries, attempt);
     let span = tracing::info_span!("task", task_id = %task.id, kind = %task.kind);
     async move {
         let (id, kind) = (task.id, task.kind.clone());
         let event = |event_type| {
             let mut event = Event::task(event_type, id, &kind);
-            event.attempt = Some(attempt);
+            event.attempt = Some(u64::from(attempt));
             event
         };
+        let policy = context.registry.policy(&kind).unwrap_or(context.policy);
         let running = match context.registry.dispatch(task) {
             Ok(running) => running,
             Err(task) => {
@@ -354,7 +362,8 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
                     "this worker has no handler for kind '{}'",
                     task.kind
                 ));
-                settle(&delivery, &context, Outcome::Reject, dead).await;
+                let outcome = to_dead(&context, &dead, attempt);
+                settle(&delivery, &context, outcome, dead).await;
                 return;
             }
         };
@@ -379,24 +388,33 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
                 (succeeded.result, succeeded.error) = bounded(result, context.result_max_bytes);
                 (Outcome::Ack, succeeded)
             }
-            // The broker dead-letters a task requeued on its last allowed delivery.
-            Ran::Failed(error) if previous_deliveries >= context.delivery_limit => {
+            // The backstop for tasks that crash their worker: the broker dead-letters a task
+            // requeued on its last allowed delivery.
+            Ran::Failed(error, _) if previous_deliveries >= context.delivery_limit => {
                 let mut dead = event(EventType::Dead);
                 dead.reason = Some(DeadReason::DeliveryLimit);
                 dead.error = Some(error);
                 (Outcome::Requeue, dead)
             }
-            Ran::Failed(error) => {
+            Ran::Failed(error, _) if policy.is_last(attempt) => {
+                let mut dead = event(EventType::Dead);
+                dead.reason = Some(DeadReason::MaxAttempts);
+                dead.error = Some(error);
+                (to_dead(&context, &dead, attempt), dead)
+            }
+            Ran::Failed(error, asked) => {
+                let delay = delay_in_levels(
+                    asked.unwrap_or_else(|| policy.delay_after(attempt, fastrand::f64())),
+                );
                 let mut failed = event(EventType::Failed);
-                failed.retry = Some(true);
                 failed.error = Some(error);
-                (Outcome::Requeue, failed)
+                (retry_later(&context, attempt, delay, &mut failed), failed)
             }
             Ran::Rejected(error) => {
                 let mut dead = event(EventType::Dead);
                 dead.reason = Some(DeadReason::Rejected);
                 dead.error = Some(error);
-                (Outcome::Reject, dead)
+                (to_dead(&context, &dead, attempt), dead)
             }
         };
         terminal.1.at = std::time::SystemTime::now();
@@ -404,6 +422,23 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
     }
     .instrument(span)
     .await;
+}
+
+/// Moves a message that is not a task envelope to the dead-letter queue, with its reason.
+async fn undecodable(delivery: &Delivery, context: &Context, error: &DecodeError) {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(ToString::to_string);
+    tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
+    let mut dead = Event::new(EventType::Dead);
+    dead.id = message_id.and_then(|id| id.parse().ok());
+    dead.kind = delivery.properties.kind().as_ref().map(ToString::to_string);
+    dead.reason = Some(DeadReason::Undecodable);
+    dead.error = Some(error.to_string());
+    let outcome = to_dead(context, &dead, 1);
+    settle(delivery, context, outcome, dead).await;
 }
 
 /// The result, unless its JSON is over `max_bytes`: then none, and a note saying why.
@@ -430,8 +465,8 @@ fn bounded(
 /// How one attempt ended.
 enum Ran {
     Succeeded(Option<serde_json::Value>),
-    /// A retry may help.
-    Failed(String),
+    /// A retry may help; after the delay the handler asked for, if it did.
+    Failed(String, Option<Duration>),
     /// A retry cannot help.
     Rejected(String),
 }
@@ -448,12 +483,15 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
         tracing::warn!(
             target: TASK_LOG,
             deadline = %humantime::format_duration(deadline),
-            "task ran past HANDLER_TIMEOUT; returning it to the queue for another attempt"
+            "task ran past HANDLER_TIMEOUT"
         );
-        return Ran::Failed(format!(
-            "ran past HANDLER_TIMEOUT ({})",
-            humantime::format_duration(deadline)
-        ));
+        return Ran::Failed(
+            format!(
+                "ran past HANDLER_TIMEOUT ({})",
+                humantime::format_duration(deadline)
+            ),
+            None,
+        );
     };
     match finished {
         Ok(Ok(result)) => {
@@ -461,11 +499,8 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
             Ran::Succeeded(result)
         }
         Ok(Err(error)) if error.is_retryable() => {
-            tracing::warn!(
-                target: TASK_LOG,
-                "task failed: {error}; returning it to the queue for another attempt"
-            );
-            Ran::Failed(error.to_string())
+            tracing::warn!(target: TASK_LOG, "task failed: {error}");
+            Ran::Failed(error.to_string(), error.requested_delay())
         }
         Ok(Err(error)) => {
             tracing::warn!(target: TASK_LOG, "task failed permanently: {error}; dead-lettering it");
@@ -473,11 +508,8 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
         }
         Err(panic) => {
             let message = offload_common::telemetry::panic_message(panic.as_ref()).to_owned();
-            tracing::error!(
-                target: TASK_LOG,
-                "handler panicked: {message}; returning the task to the queue"
-            );
-            Ran::Failed(format!("the handler panicked: {message}"))
+            tracing::error!(target: TASK_LOG, "handler panicked: {message}");
+            Ran::Failed(format!("the handler panicked: {message}"), None)
         }
     }
 }
@@ -486,11 +518,154 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
 enum Outcome {
     /// Done: remove it from the queue.
     Ack,
-    /// Failed: deliver it again (the quorum queue counts attempts and dead-letters at the
-    /// limit).
+    /// Deliver it again now (the quorum queue counts these deliveries and dead-letters past
+    /// its limit).
     Requeue,
-    /// Cannot ever succeed: dead-letter it now.
+    /// Publish a copy elsewhere (the delay levels, the dead-letter queue) and, once the broker
+    /// has confirmed it, ack this one.
+    Move(Move),
+}
+
+/// Where a copy of the delivery goes.
+struct Move {
+    exchange: ShortString,
+    routing_key: ShortString,
+    /// Set on the copy, over the original's own headers.
+    headers: FieldTable,
+    /// What to do if the copy is not confirmed.
+    otherwise: InPlace,
+}
+
+/// Settling a delivery without a copy: the fallback when a copy is not confirmed.
+#[derive(Clone, Copy)]
+enum InPlace {
+    /// Deliver it again now.
+    Requeue,
+    /// Dead-letter it through the broker (`x-death` says only `rejected`).
     Reject,
+}
+
+/// Sends the task through the delay levels for its next attempt after `delay`, numbered in
+/// its attempt header; if that publish fails, it is requeued at once instead (the delivery
+/// limit still bounds that). Marks the `failed` event with when the next attempt is due.
+fn retry_later(context: &Context, attempt: u32, delay: Duration, failed: &mut Event) -> Outcome {
+    failed.retry = Some(true);
+    failed.run_at = Some(SystemTime::now() + delay);
+    tracing::info!(
+        target: TASK_LOG,
+        delay = %humantime::format_duration(delay),
+        next_attempt = attempt.saturating_add(1),
+        "retrying the task after a delay"
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(attempt.saturating_add(1))),
+    );
+    Outcome::Move(Move {
+        exchange: context.delay_exchange.clone(),
+        routing_key: delay_routing_key(delay).into(),
+        headers,
+        otherwise: InPlace::Requeue,
+    })
+}
+
+/// Moves a task that will not run again to `<QUEUE>.dead` with offload's reason, last error
+/// and attempts in its headers (dead-lettering by the broker could only say `rejected`);
+/// if that publish fails, the broker's dead-lettering still takes it there.
+fn to_dead(context: &Context, dead: &Event, attempts: u32) -> Outcome {
+    let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+    let mut headers = FieldTable::default();
+    if let Some(reason) = dead.reason {
+        let reason = serde_json::to_value(reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        headers.insert("x-offload-reason".into(), text(&reason));
+    }
+    if let Some(error) = &dead.error {
+        headers.insert("x-offload-error".into(), text(truncate(error, 1024)));
+    }
+    headers.insert(
+        "x-offload-attempts".into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    Outcome::Move(Move {
+        exchange: "".into(),
+        routing_key: context.dead_queue.clone(),
+        headers,
+        otherwise: InPlace::Reject,
+    })
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Headers the broker sets, which a copy must not carry: a copy is a new message (its
+/// delivery count starts again, and a stale `x-delivery-count` would be read as the broker's).
+const BROKER_HEADERS: [&str; 5] = [
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+];
+
+/// How long a worker waits for the broker to confirm a copy.
+const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes a copy of `delivery` as `to` says, persistent and mandatory, and waits for the
+/// broker's confirm.
+async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Result<(), String> {
+    let link = context.broker.link().ok_or("not connected to RabbitMQ")?;
+    let mut headers = FieldTable::default();
+    if let Some(original) = delivery.properties.headers() {
+        for (key, value) in original.inner() {
+            if !BROKER_HEADERS.contains(&key.as_str()) && !key.as_str().starts_with("x-last-death")
+            {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for (key, value) in to.headers.inner() {
+        headers.insert(key.clone(), value.clone());
+    }
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let publish = async {
+        link.publisher()
+            .basic_publish(
+                to.exchange.clone(),
+                to.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(COPY_CONFIRM_TIMEOUT, publish).await {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => {
+            context.broker.report_unroutable();
+            Err(format!("{} returned it unrouted", to.exchange))
+        }
+        Ok(Ok(_)) => Err("the broker refused it (nack)".into()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no confirm in time".into()),
+    }
 }
 
 /// Publishes the attempt's `event` and waits for the broker's confirm, then settles the
@@ -508,13 +683,32 @@ async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event:
         }
         _ => outcome,
     };
+    let in_place = match outcome {
+        Outcome::Ack => None,
+        Outcome::Requeue => Some(InPlace::Requeue),
+        Outcome::Move(to) => match publish_copy(delivery, context, &to).await {
+            Ok(()) => None,
+            Err(error) => {
+                let target = if to.exchange.as_str().is_empty() {
+                    to.routing_key.as_str()
+                } else {
+                    to.exchange.as_str()
+                };
+                tracing::warn!(
+                    target: TASK_LOG,
+                    "could not move the task to {target} ({error}); settling it in place"
+                );
+                Some(to.otherwise)
+            }
+        },
+    };
     let acker = &delivery.acker;
-    let result = match outcome {
-        Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+    let result = match in_place {
+        None => acker.ack(BasicAckOptions::default()).await,
         // reject, not nack: from RabbitMQ 4.3 a nack no longer counts toward a quorum queue's
         // delivery limit, so a task that always fails would be retried forever.
-        Outcome::Requeue => acker.reject(BasicRejectOptions { requeue: true }).await,
-        Outcome::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+        Some(InPlace::Requeue) => acker.reject(BasicRejectOptions { requeue: true }).await,
+        Some(InPlace::Reject) => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(error) = result {
         // The channel is gone; the broker requeues the delivery by itself.

@@ -1,8 +1,17 @@
 //! The `Handler` trait and the registry that maps task kinds to handlers.
 
-use std::{collections::HashMap, fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use offload_common::TaskEnvelope;
+
+use crate::RetryPolicy;
 use uuid::Uuid;
 
 /// Any error a handler wants to report.
@@ -23,18 +32,22 @@ pub struct Task {
     pub payload: serde_json::Value,
     /// When the gateway accepted the task.
     pub submitted_at: SystemTime,
-    /// How many times the broker delivered this task before (0 on the first delivery).
+    /// How many times the broker delivered this copy of the task before (0 on its first
+    /// delivery): more than 0 after a worker crash or a lost connection.
     pub previous_deliveries: u64,
+    /// Which attempt this is, 1 for the first: failed attempts and redeliveries both count.
+    pub attempt: u32,
 }
 
 impl Task {
-    pub(crate) fn new(envelope: TaskEnvelope, previous_deliveries: u64) -> Self {
+    pub(crate) fn new(envelope: TaskEnvelope, previous_deliveries: u64, attempt: u32) -> Self {
         Self {
             id: envelope.id,
             kind: envelope.kind.into(),
             payload: envelope.payload,
             submitted_at: envelope.submitted_at,
             previous_deliveries,
+            attempt,
         }
     }
 }
@@ -72,17 +85,25 @@ pub trait Handler: Send + Sync + 'static {
     type Output: serde::Serialize + Send + 'static;
 
     /// Runs one task. `Ok` acks it. An error, or a panic, counts as a failed attempt: a
-    /// [retryable](HandlerError::from) failure is redelivered until the queue's delivery limit
-    /// and then dead-lettered; a [permanent](HandlerError::permanent) one is dead-lettered at
+    /// [retryable](HandlerError::from) failure is tried again after a backoff delay (or the
+    /// one the handler asked for, [`HandlerError::retry_after`]) until its last attempt, and
+    /// then dead-lettered; a [permanent](HandlerError::permanent) one is dead-lettered at
     /// once.
     fn handle(&self, task: Task)
     -> impl Future<Output = Result<Self::Output, HandlerError>> + Send;
+
+    /// This kind's own retry policy; `None` (the default) takes the worker's `MAX_ATTEMPTS`,
+    /// `RETRY_BASE` and `RETRY_MAX`.
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        None
+    }
 }
 
-/// Why a handler failed, and whether trying again could help.
+/// Why a handler failed, and whether (and when) trying again could help.
 pub struct HandlerError {
     source: BoxError,
     retry: bool,
+    retry_after: Option<Duration>,
 }
 
 impl HandlerError {
@@ -91,12 +112,28 @@ impl HandlerError {
         Self {
             source: error.into(),
             retry: false,
+            retry_after: None,
         }
     }
 
-    /// Whether the task should be redelivered.
+    /// A failure to try again after `delay` rather than after the backoff's own delay (a
+    /// service answered 429 with `Retry-After`, say). It still counts as an attempt.
+    pub fn retry_after(error: impl Into<BoxError>, delay: Duration) -> Self {
+        Self {
+            source: error.into(),
+            retry: true,
+            retry_after: Some(delay),
+        }
+    }
+
+    /// Whether the task should be tried again.
     pub fn is_retryable(&self) -> bool {
         self.retry
+    }
+
+    /// The delay the handler asked for before the next attempt, if any.
+    pub fn requested_delay(&self) -> Option<Duration> {
+        self.retry_after
     }
 }
 
@@ -106,6 +143,7 @@ impl<E: Into<BoxError>> From<E> for HandlerError {
         Self {
             source: error.into(),
             retry: true,
+            retry_after: None,
         }
     }
 }
@@ -121,6 +159,7 @@ impl fmt::Debug for HandlerError {
         f.debug_struct("HandlerError")
             .field("source", &self.source)
             .field("retry", &self.retry)
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -133,9 +172,14 @@ pub(crate) type HandlerFuture =
 /// Object-safe face of [`Handler`], so handlers of different types share one map.
 trait ErasedHandler: Send + Sync {
     fn call(self: Arc<Self>, task: Task) -> HandlerFuture;
+    fn policy(&self) -> Option<RetryPolicy>;
 }
 
 impl<H: Handler> ErasedHandler for H {
+    fn policy(&self) -> Option<RetryPolicy> {
+        self.retry_policy()
+    }
+
     fn call(self: Arc<Self>, task: Task) -> HandlerFuture {
         Box::pin(async move {
             let output = self.handle(task).await?;
@@ -174,6 +218,11 @@ impl Registry {
         let mut kinds: Vec<_> = self.handlers.keys().copied().collect();
         kinds.sort_unstable();
         kinds
+    }
+
+    /// The retry policy of `kind`'s handler, if it has one of its own.
+    pub(crate) fn policy(&self, kind: &str) -> Option<RetryPolicy> {
+        self.handlers.get(kind).and_then(|handler| handler.policy())
     }
 
     /// Starts the handler for `task`'s kind, or gives the task back if there is none.

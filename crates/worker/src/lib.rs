@@ -23,6 +23,7 @@ mod config;
 mod consumer;
 mod handler;
 pub mod handlers;
+mod retry;
 
 pub use config::{
     Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
@@ -30,3 +31,4 @@ pub use config::{
 };
 pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
+pub use retry::RetryPolicy;

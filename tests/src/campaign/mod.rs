@@ -162,6 +162,9 @@ impl Rig {
             env: vec![
                 ("HEARTBEAT", HEARTBEAT.into()),
                 ("CONNECT_TIMEOUT", CONNECT_TIMEOUT.into()),
+                // Poison tasks die after as many attempts as the delivery limit allows
+                // redeliveries; retries go through the delay levels at once (RETRY_BASE 0s).
+                ("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string()),
             ],
         };
         let mut workers = Vec::new();

@@ -14,5 +14,6 @@ mod logging;
 mod poison;
 mod redelivery;
 mod resilience;
+mod retries;
 mod shutdown;
 mod status;

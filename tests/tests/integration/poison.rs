@@ -12,6 +12,7 @@ use lapin::BasicProperties;
 use offload_api::Config as GatewayConfig;
 use offload_tests::{
     InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually,
+    header_text,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use serde_json::json;
@@ -49,17 +50,19 @@ async fn undecodable_and_unknown_kind_messages_are_dead_lettered_and_the_worker_
         || async { (queue.dead().await == 2).then_some(()) },
     )
     .await;
-    let dead = queue.take_dead().await.expect("a dead message");
-    let headers = dead
-        .delivery
-        .properties
-        .headers()
-        .clone()
-        .expect("x-death headers");
-    assert!(
-        headers.inner().contains_key("x-first-death-reason"),
-        "the broker records why: {headers:?}"
-    );
+    // offload moves them there itself, saying why in headers of its own.
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let dead = queue.take_dead().await.expect("a dead message");
+        reasons.push(header_text(&dead, "x-offload-reason").expect("a reason"));
+        assert!(header_text(&dead, "x-offload-error").is_some());
+        assert_eq!(
+            header_text(&dead, "x-offload-attempts").as_deref(),
+            Some("1")
+        );
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["no_handler", "undecodable"]);
     let warnings: Vec<String> = worker
         .events()
         .iter()
@@ -101,6 +104,11 @@ async fn a_permanent_failure_is_dead_lettered_at_once() {
     .await;
     assert_eq!(worker.started().len(), 1, "tried once, not retried");
     assert!(worker.completed().is_empty());
+    let dead = queue.take_dead().await.expect("the dead task");
+    assert_eq!(
+        header_text(&dead, "x-offload-reason").as_deref(),
+        Some("rejected")
+    );
     gateway.stop().await;
 }
 
@@ -131,18 +139,16 @@ impl Handler for Counts {
 }
 
 #[tokio::test]
-async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and_the_worker_lives_on()
- {
-    const LIMIT: u32 = 2;
+async fn a_handler_that_always_panics_is_dead_after_its_last_attempt_and_the_worker_lives_on() {
+    const ATTEMPTS: u32 = 3;
     let url = amqp_url();
-    let queue = TestQueue::declare(&url, "panics", LIMIT).await;
-    let mut gateway_config = GatewayConfig::new(&url, queue.name());
-    gateway_config.broker.delivery_limit = LIMIT;
-    let gateway = TestGateway::spawn(gateway_config).await;
+    let queue = TestQueue::declare(&url, "panics", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
     let attempts = Arc::new(AtomicUsize::new(0));
     let completed = Arc::new(AtomicUsize::new(0));
     let mut worker_config = offload_worker::Config::new(&url, queue.name());
-    worker_config.broker.delivery_limit = LIMIT;
+    worker_config.max_attempts = ATTEMPTS;
+    worker_config.retry_base = Duration::ZERO;
     let registry = Registry::default()
         .register(AlwaysPanics(Arc::clone(&attempts)))
         .register(Counts(Arc::clone(&completed)));
@@ -156,8 +162,18 @@ async fn a_handler_that_always_panics_is_dead_lettered_at_the_delivery_limit_and
         || async { (queue.dead().await == 1).then_some(()) },
     )
     .await;
-    // The first delivery plus LIMIT redeliveries, then the broker gives up on it.
-    assert_eq!(attempts.load(Ordering::SeqCst), 1 + LIMIT as usize);
+    assert_eq!(attempts.load(Ordering::SeqCst), ATTEMPTS as usize);
+    let dead = queue.take_dead().await.expect("the dead task");
+    assert_eq!(
+        header_text(&dead, "x-offload-reason").as_deref(),
+        Some("max_attempts")
+    );
+    assert_eq!(
+        header_text(&dead, "x-offload-attempts").as_deref(),
+        Some("3")
+    );
+    let error = header_text(&dead, "x-offload-error").expect("the last error");
+    assert!(error.contains("this handler always panics"), "{error}");
 
     let response = gateway.post_task(&json!({"kind": "count"})).await;
     assert_eq!(response.status(), 202);

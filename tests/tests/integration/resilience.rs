@@ -204,15 +204,14 @@ impl Handler for Hangs {
 
 #[tokio::test]
 async fn a_handler_past_its_deadline_fails_the_attempt_and_ends_dead_lettered() {
-    const LIMIT: u32 = 1;
+    const ATTEMPTS: u32 = 2;
     let url = amqp_url();
-    let queue = TestQueue::declare(&url, "deadline", LIMIT).await;
-    let mut gateway_config = GatewayConfig::new(&url, queue.name());
-    gateway_config.broker.delivery_limit = LIMIT;
-    let gateway = TestGateway::spawn(gateway_config).await;
+    let queue = TestQueue::declare(&url, "deadline", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
     let attempts = Arc::new(AtomicUsize::new(0));
     let mut config = offload_worker::Config::new(&url, queue.name());
-    config.broker.delivery_limit = LIMIT;
+    config.max_attempts = ATTEMPTS;
+    config.retry_base = Duration::ZERO;
     config.handler_timeout = Duration::from_millis(100);
     let registry = Registry::default().register(Hangs(Arc::clone(&attempts)));
     let worker = InProcessWorker::start(config, registry);
@@ -223,7 +222,7 @@ async fn a_handler_past_its_deadline_fails_the_attempt_and_ends_dead_lettered() 
         (queue.dead().await == 1).then_some(())
     })
     .await;
-    assert_eq!(attempts.load(Ordering::SeqCst), 1 + LIMIT as usize);
+    assert_eq!(attempts.load(Ordering::SeqCst), ATTEMPTS as usize);
 
     worker.stop().await;
     gateway.stop().await;

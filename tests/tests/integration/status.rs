@@ -44,14 +44,14 @@ impl Handler for FailsOnce {
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        if task.previous_deliveries == 0 {
+        if task.attempt == 1 {
             return Err("first attempts fail".into());
         }
         Ok(())
     }
 }
 
-/// Always fails: dead at the delivery limit.
+/// Always fails: dead after its last attempt.
 struct AlwaysFails;
 
 impl Handler for AlwaysFails {
@@ -131,6 +131,8 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
 
     let mut worker_config = offload_worker::Config::new(&url, queue.name());
     worker_config.broker.delivery_limit = LIMIT;
+    worker_config.max_attempts = 2;
+    worker_config.retry_base = Duration::ZERO;
     let worker = InProcessWorker::start(worker_config, registry());
 
     let body = finished(&gateway, doubled).await;
@@ -148,7 +150,7 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
 
     let body = finished(&gateway, hopeless).await;
     assert_eq!(body["status"], "dead", "{body}");
-    assert_eq!(body["reason"], "delivery_limit", "{body}");
+    assert_eq!(body["reason"], "max_attempts", "{body}");
     assert_eq!(body["error"], "it never works", "{body}");
 
     let body = finished(&gateway, garbage).await;
