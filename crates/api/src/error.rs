@@ -67,6 +67,19 @@ pub enum ApiError {
     /// `?wait=` is not a duration.
     #[error("?wait= must be a duration such as 30s or 500ms")]
     InvalidWait,
+    /// `delay` or `run_at` is malformed, or both are given.
+    #[error(
+        "give at most one of delay (a duration such as \"90s\" or \"2h\") and run_at (an RFC 3339 time such as \"2026-11-30T09:00:00Z\")"
+    )]
+    InvalidSchedule,
+    /// The task would wait longer than the delay levels can hold.
+    #[error("the task would wait {asked}, longer than the longest delay offload holds ({max})")]
+    DelayTooLong {
+        /// The delay asked for.
+        asked: String,
+        /// The longest one.
+        max: String,
+    },
     /// No task of that id is known.
     #[error("no task with that id")]
     UnknownTask,
@@ -130,6 +143,8 @@ impl ApiError {
             Self::UnknownKind { .. }
             | Self::InvalidIdempotencyKey
             | Self::InvalidWait
+            | Self::InvalidSchedule
+            | Self::DelayTooLong { .. }
             | Self::IdempotencyOff => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Replaying { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -159,6 +174,8 @@ impl ApiError {
             Self::UnknownKind { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
+            Self::InvalidSchedule => "invalid_schedule",
+            Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
             Self::TrackingOff | Self::IdempotencyOff => "tracking_off",
             Self::Replaying { .. } => "events_replaying",
@@ -204,7 +221,12 @@ impl ApiError {
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
             }
-            Self::InvalidIdempotencyKey | Self::InvalidWait => format!("{self}; fix the request"),
+            Self::InvalidIdempotencyKey | Self::InvalidWait | Self::InvalidSchedule => {
+                format!("{self}; fix the request")
+            }
+            Self::DelayTooLong { .. } => {
+                format!("{self}; schedule it nearer, or keep it in your app until nearer the time")
+            }
             Self::IdempotencyOff => {
                 format!("{self}; send the task without the header, or turn EVENTS on")
             }

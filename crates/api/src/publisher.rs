@@ -8,7 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use lapin::{Confirmation, options::BasicPublishOptions, types::ShortString};
-use offload_common::{Broker, BrokerState, TaskEnvelope};
+use offload_common::{Broker, BrokerState, TaskEnvelope, topology::delayed_task_routing_key};
 use tokio::sync::Semaphore;
 
 /// Publishes tasks. Cheap to clone; all clones share one connection.
@@ -74,14 +74,19 @@ impl Publisher {
     }
 
     /// Publishes `task` persistent and mandatory to the kinds exchange, with its kind as
-    /// routing key, and waits for the broker's confirm. `Ok` means the broker has the task on
+    /// routing key (to run after `delay`: the delay's bits, then its kind, which routes it
+    /// through the delay levels), and waits for the broker's confirm. `Ok` means the broker has the task on
     /// the queue; nothing else does. A task of a kind no worker has bound comes back as a
     /// return: [`PublishError::UnknownKind`].
     ///
     /// Fails at once, without touching the broker, when the gateway is disconnected, the
     /// broker is blocking publishers, or `max_in_flight` publishes already await a confirm;
     /// otherwise within the confirm timeout.
-    pub async fn publish(&self, task: &TaskEnvelope) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        task: &TaskEnvelope,
+        delay: Option<Duration>,
+    ) -> Result<(), PublishError> {
         let _permit = self
             .in_flight
             .try_acquire()
@@ -92,11 +97,17 @@ impl Publisher {
         }
         let channel = link.publisher();
         let body = task.to_bytes();
+        // Through the same exchange either way, so an unbound kind comes back as a return
+        // whether it is to run now or later.
+        let routing_key: ShortString = match delay {
+            None => task.kind.as_str().into(),
+            Some(delay) => delayed_task_routing_key(delay, task.kind.as_str()).into(),
+        };
         let publish_and_confirm = async {
             let confirm = channel
                 .basic_publish(
                     self.exchange.clone(),
-                    task.kind.as_str().into(),
+                    routing_key,
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()

@@ -117,6 +117,71 @@ struct Entry {
     extra: Option<Box<Extra>>,
 }
 
+impl Entry {
+    /// Folds one event into the task; the Idempotency-Key to index, if the event brings one.
+    fn fold(&mut self, event: &Event, offset: Option<i64>) -> Option<String> {
+        let mut key_to_index = None;
+        let stale = event.event == EventType::Failed
+            && event
+                .attempt
+                .is_some_and(|attempt| attempt < u64::from(self.attempts));
+        if let Some(attempt) = event.attempt {
+            self.attempts = self
+                .attempts
+                .max(u32::try_from(attempt).unwrap_or(u32::MAX));
+        }
+        let error = || event.error.as_deref().map(Box::from);
+        match event.event {
+            EventType::Queued => {
+                if let Some(submitted_at) = event.submitted_at {
+                    self.submitted_at = millis(submitted_at);
+                }
+                if let Some(run_at) = event.run_at
+                    && self.status == Status::Queued
+                {
+                    self.status = Status::Scheduled;
+                    self.run_at = millis(run_at);
+                }
+                if let Some(key) = &event.idempotency_key {
+                    self.extra.get_or_insert_with(Box::default).idempotency_key =
+                        Some(key.as_str().into());
+                    key_to_index = Some(key.clone());
+                }
+            }
+            EventType::Started => {
+                self.status = Status::Running;
+                self.started_at = millis(event.at);
+            }
+            EventType::Failed if stale => {}
+            EventType::Failed => {
+                self.error = error();
+                match event.run_at {
+                    Some(run_at) => {
+                        self.status = Status::Scheduled;
+                        self.run_at = millis(run_at);
+                    }
+                    None => self.status = Status::Queued,
+                }
+            }
+            EventType::Succeeded => {
+                self.status = Status::Succeeded;
+                self.finished_at = millis(event.at);
+                // A note about a dropped result, or nothing.
+                self.error = error();
+                self.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
+            }
+            EventType::Dead => {
+                self.status = Status::Dead;
+                self.reason = event.reason;
+                self.finished_at = millis(event.at);
+                self.error = error();
+            }
+            EventType::Worker | EventType::Gateway => {}
+        }
+        key_to_index
+    }
+}
+
 #[derive(Default)]
 struct Extra {
     idempotency_key: Option<Box<str>>,
@@ -305,8 +370,10 @@ impl Tracker {
         self.get(id)
     }
 
-    /// Records a task this gateway just accepted, so that it is visible at once.
-    pub fn accepted(&self, id: Uuid, kind: &str, submitted_at: SystemTime, key: Option<&str>) {
+    /// Records a task as the gateway does when it accepts one (its `queued` event, applied
+    /// before it is on the stream).
+    #[cfg(test)]
+    fn accepted(&self, id: Uuid, kind: &str, submitted_at: SystemTime, key: Option<&str>) {
         let mut event = Event::task(EventType::Queued, id, kind);
         event.submitted_at = Some(submitted_at);
         event.idempotency_key = key.map(str::to_owned);
@@ -381,57 +448,7 @@ impl Tracker {
         if let Some(task) = view.tasks.get_mut(&id) {
             // A failed attempt's event read after the next attempt's start (a retry with no
             // delay can start on another worker first) is history, not the present.
-            let stale = event.event == EventType::Failed
-                && event
-                    .attempt
-                    .is_some_and(|attempt| attempt < u64::from(task.attempts));
-            if let Some(attempt) = event.attempt {
-                task.attempts = task
-                    .attempts
-                    .max(u32::try_from(attempt).unwrap_or(u32::MAX));
-            }
-            let error = || event.error.as_deref().map(Box::from);
-            match event.event {
-                EventType::Queued => {
-                    if let Some(submitted_at) = event.submitted_at {
-                        task.submitted_at = millis(submitted_at);
-                    }
-                    if let Some(key) = &event.idempotency_key {
-                        task.extra.get_or_insert_with(Box::default).idempotency_key =
-                            Some(key.as_str().into());
-                        key_to_index = Some(key.clone());
-                    }
-                }
-                EventType::Started => {
-                    task.status = Status::Running;
-                    task.started_at = millis(event.at);
-                }
-                EventType::Failed if stale => {}
-                EventType::Failed => {
-                    task.error = error();
-                    match event.run_at {
-                        Some(run_at) => {
-                            task.status = Status::Scheduled;
-                            task.run_at = millis(run_at);
-                        }
-                        None => task.status = Status::Queued,
-                    }
-                }
-                EventType::Succeeded => {
-                    task.status = Status::Succeeded;
-                    task.finished_at = millis(event.at);
-                    // A note about a dropped result, or nothing.
-                    task.error = error();
-                    task.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
-                }
-                EventType::Dead => {
-                    task.status = Status::Dead;
-                    task.reason = event.reason;
-                    task.finished_at = millis(event.at);
-                    task.error = error();
-                }
-                EventType::Worker | EventType::Gateway => {}
-            }
+            key_to_index = task.fold(event, offset);
             if event.is_terminal()
                 && let Some(waiters) = task.extra.as_mut().and_then(|extra| extra.waiters.take())
             {

@@ -119,7 +119,8 @@ pub struct Event {
     /// `failed`: whether the task will be tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<bool>,
-    /// `failed` with `retry`: when the next attempt is due (after its backoff delay).
+    /// `queued` for a task to run later, and `failed` with `retry`: when the (next) attempt
+    /// is due.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

@@ -1,10 +1,11 @@
 //! The broker topology offload relies on, declared by one idempotent function.
 //!
 //! ```text
-//!   publish, routing key = kind
+//!   publish, routing key = kind (or, to run later, the delay's bits then the kind)
 //!      │
 //!      ▼
-//!   <QUEUE>.kinds (direct) ──one binding per kind a worker handles──► [QUEUE] ──► workers
+//!   <QUEUE>.kinds (topic) ──two bindings per kind a worker handles──► [QUEUE] ──► workers
+//!      │                        (later: to <QUEUE>.delay.21, below)
 //!                                       (quorum, x-delivery-limit)      │
 //!                                   rejected, or delivered more than the limit
 //!                                                                       ▼
@@ -60,6 +61,13 @@ pub fn delay_routing_key(delay: std::time::Duration) -> String {
         .map(|level| if seconds >> level & 1 == 1 { "1" } else { "0" })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// The routing key of a task of `kind` to run after `delay`, published to the kinds
+/// exchange: the delay's bits, then the kind, so that it is routed only if a worker bound the
+/// kind, and then through the delay levels.
+pub fn delayed_task_routing_key(delay: std::time::Duration, kind: &str) -> String {
+    format!("{}.{kind}", delay_routing_key(delay))
 }
 
 /// The delay the levels will really hold for `delay`: rounded to the nearest second, at
@@ -296,15 +304,15 @@ impl Topology {
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
             .await
             .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
-        declare_direct_exchange(channel, &self.kinds_exchange()).await?;
-        self.bind_kinds_on(channel).await?;
+        declare_exchange(channel, &self.kinds_exchange(), ExchangeKind::Topic).await?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
                 .queue_declare(stream.as_str().into(), durable, stream_arguments(retention))
                 .await
                 .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
         }
-        self.declare_delay_levels(channel).await
+        self.declare_delay_levels(channel).await?;
+        self.bind_kinds_on(channel).await
     }
 
     /// Declares the delay levels from the bottom up, so that each level's dead-letter target
@@ -364,6 +372,9 @@ impl Topology {
         .await
     }
 
+    /// Two bindings a kind: its name, to the work queue (tasks to run now), and any delay
+    /// followed by its name, to the top delay level (tasks to run later). Either way a kind
+    /// nobody bound comes back unrouted.
     async fn bind_kinds_on(&self, channel: &Channel) -> Result<(), TopologyError> {
         let exchange = self.kinds_exchange();
         for kind in &self.kinds {
@@ -373,6 +384,17 @@ impl Topology {
                     exchange.as_str().into(),
                     kind.as_str().into(),
                     QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(TopologyError::Broker)?;
+            let later = format!("{}.{kind}", vec!["*"; DELAY_LEVELS as usize].join("."));
+            channel
+                .exchange_bind(
+                    self.delay_exchange().as_str().into(),
+                    exchange.as_str().into(),
+                    later.as_str().into(),
+                    lapin::options::ExchangeBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await

@@ -2,7 +2,7 @@
 //! `GET /tasks/{id}`: what happened to it, from the events stream, optionally waiting for
 //! its end.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::{
     Router,
@@ -12,7 +12,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use offload_common::{Event, EventType, TaskEnvelope, TaskKind};
+use offload_common::{
+    Event, EventType, TaskEnvelope, TaskKind,
+    topology::{MAX_DELAY, delay_in_levels},
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -45,6 +48,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
 struct NewTask {
     kind: TaskKind,
     payload: serde_json::Value,
+    delay: Option<String>,
+    run_at: Option<String>,
 }
 
 /// The object's fields. Read through [`NewTask`] because serde's derived deserializer would
@@ -55,15 +60,30 @@ struct NewTaskFields {
     kind: TaskKind,
     #[serde(default)]
     payload: serde_json::Value,
+    /// Run it after this long: "90s", "2h".
+    #[serde(default)]
+    delay: Option<String>,
+    /// Run it at this time (RFC 3339).
+    #[serde(default)]
+    run_at: Option<String>,
 }
 
 impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
     type Error = serde_json::Error;
 
     fn try_from(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
-        let NewTaskFields { kind, payload } =
-            serde_json::from_value(serde_json::Value::Object(object))?;
-        Ok(Self { kind, payload })
+        let NewTaskFields {
+            kind,
+            payload,
+            delay,
+            run_at,
+        } = serde_json::from_value(serde_json::Value::Object(object))?;
+        Ok(Self {
+            kind,
+            payload,
+            delay,
+            run_at,
+        })
     }
 }
 
@@ -73,6 +93,36 @@ struct Accepted<'a> {
     id: Uuid,
     kind: &'a str,
     status: &'static str,
+    /// When a scheduled task will run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_at: Option<String>,
+}
+
+/// How long a task asked to wait before it runs: `delay`, or the time until `run_at` (none if
+/// that is past), as the delay levels will hold it (whole seconds). `None`: run now.
+fn schedule(delay: Option<&str>, run_at: Option<&str>) -> Result<Option<Duration>> {
+    let wait = match (delay, run_at) {
+        (None, None) => return Ok(None),
+        (Some(delay), None) => {
+            humantime::parse_duration(delay).map_err(|_| ApiError::InvalidSchedule)?
+        }
+        (None, Some(run_at)) => {
+            let at = humantime::parse_rfc3339_weak(run_at)
+                .or_else(|_| humantime::parse_rfc3339(run_at))
+                .map_err(|_| ApiError::InvalidSchedule)?;
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        }
+        (Some(_), Some(_)) => return Err(ApiError::InvalidSchedule),
+    };
+    if wait > MAX_DELAY {
+        return Err(ApiError::DelayTooLong {
+            asked: humantime::format_duration(wait).to_string(),
+            max: humantime::format_duration(MAX_DELAY).to_string(),
+        });
+    }
+    let wait = delay_in_levels(wait);
+    Ok((!wait.is_zero()).then_some(wait))
 }
 
 /// The `Idempotency-Key` header, if any: 1 to 255 printable ASCII characters.
@@ -95,6 +145,7 @@ async fn submit(
     Json(new): Json<NewTask>,
 ) -> Result<Response> {
     let key = idempotency_key(&headers)?;
+    let wait = schedule(new.delay.as_deref(), new.run_at.as_deref())?;
     let _claim = match (&key, &state.tracker) {
         (None, _) => None,
         (Some(_), None) => return Err(ApiError::IdempotencyOff),
@@ -114,9 +165,10 @@ async fn submit(
         },
     };
     let task = TaskEnvelope::new(new.kind, new.payload);
+    let run_at = wait.map(|wait| task.submitted_at + wait);
     state
         .publisher
-        .publish(&task)
+        .publish(&task, wait)
         .await
         .map_err(|error| match error {
             PublishError::UnknownKind => ApiError::UnknownKind {
@@ -134,15 +186,12 @@ async fn submit(
         })?;
     tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
     if let (Some(tracker), Some(events)) = (&state.tracker, &state.events) {
-        tracker.accepted(
-            task.id,
-            task.kind.as_str(),
-            task.submitted_at,
-            key.as_deref(),
-        );
         let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
         queued.submitted_at = Some(task.submitted_at);
         queued.idempotency_key = key;
+        queued.run_at = run_at;
+        // Visible on this gateway at once, before the stream has it.
+        tracker.apply(&queued, None);
         events.emit(queued);
     }
     let location = HeaderValue::try_from(format!("/tasks/{}", task.id))
@@ -150,7 +199,12 @@ async fn submit(
     let body = Json(Accepted {
         id: task.id,
         kind: task.kind.as_str(),
-        status: "queued",
+        status: if run_at.is_some() {
+            "scheduled"
+        } else {
+            "queued"
+        },
+        run_at: run_at.map(|at| humantime::format_rfc3339_millis(at).to_string()),
     });
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], body).into_response())
 }
