@@ -1,7 +1,7 @@
-//! `offload-worker` with two more kinds, for the fault campaign and the poison tests:
-//! `panic`, whose handler panics on every attempt, and `crash`, whose handler takes the
-//! whole process down (as an OOM kill or a segfault in native code would). Everything else
-//! is the shipped worker.
+//! `offload-worker` with three more kinds, for the fault campaign and the poison tests:
+//! `panic`, whose handler panics on every attempt, `crash`, whose handler takes the whole
+//! process down (as an OOM kill or a segfault in native code would), and `flaky`, which fails
+//! its first `payload.fail` attempts. Everything else is the shipped worker.
 
 use std::process::ExitCode;
 
@@ -36,13 +36,30 @@ impl Handler for Crashes {
     }
 }
 
+/// Fails the first `payload.fail` attempts of a task, then succeeds: a scripted flaky task.
+struct Flaky;
+
+impl Handler for Flaky {
+    const KIND: &'static str = "flaky";
+    type Output = ();
+
+    async fn handle(&self, task: Task) -> Result<(), HandlerError> {
+        let fail = task.payload["fail"].as_u64().unwrap_or(0);
+        if u64::from(task.attempt) <= fail {
+            return Err(format!("scripted failure {} of {fail}", task.attempt).into());
+        }
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
     config.log.init();
     let registry = handlers::builtin(&config)
         .register(Panics)
-        .register(Crashes);
+        .register(Crashes)
+        .register(Flaky);
     match offload_worker::run(config, registry, offload_common::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -45,6 +45,10 @@ pub struct LoadShape {
     pub rate: u32,
     /// Every n-th request of a client is a poison task (`{"kind": "panic"}`).
     pub poison_every: Option<u32>,
+    /// With `Some(max_attempts)`, every request is a `flaky` task scripted to fail its first
+    /// 0, 1, ... `max_attempts` attempts in turn; those scripted to fail every attempt they
+    /// get are counted as poison (they must end dead).
+    pub scripted_failures: Option<u32>,
     /// The body of every good task.
     pub task: serde_json::Value,
     /// Longest a client waits for one answer before recording it as unknown.
@@ -117,12 +121,19 @@ async fn run_client(
     while running.load(Ordering::SeqCst) {
         tick.tick().await;
         sent_count = sent_count.wrapping_add(1);
-        let poison = shape
-            .poison_every
-            .is_some_and(|every| sent_count.is_multiple_of(every));
-        let body = if poison { &poison_body } else { &shape.task };
+        let (poison, body) = if let Some(max_attempts) = shape.scripted_failures {
+            let fail = sent_count % (max_attempts + 1);
+            let body = serde_json::json!({"kind": "flaky", "payload": {"fail": fail}});
+            (fail >= max_attempts, body)
+        } else {
+            let poison = shape
+                .poison_every
+                .is_some_and(|every| sent_count.is_multiple_of(every));
+            let body = if poison { &poison_body } else { &shape.task };
+            (poison, body.clone())
+        };
         let sent = Instant::now();
-        let outcome = classify(client.post(&url).json(body).send().await).await;
+        let outcome = classify(client.post(&url).json(&body).send().await).await;
         let record = Record {
             sent,
             took: sent.elapsed(),

@@ -61,11 +61,14 @@ pub enum Fault {
     PoisonTask,
     /// The broker's memory alarm raised, then cleared.
     MemoryAlarm,
+    /// Every task fails a scripted number of times (retried through the delay levels) while
+    /// the broker restarts.
+    RetriesRestart,
 }
 
 impl Fault {
     /// Every fault, in campaign order.
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::BrokerKill,
         Fault::BrokerRestart,
         Fault::BrokerPause,
@@ -76,6 +79,7 @@ impl Fault {
         Fault::GatewayKill,
         Fault::PoisonTask,
         Fault::MemoryAlarm,
+        Fault::RetriesRestart,
     ];
 
     /// Short name, for `--only` and the table.
@@ -91,6 +95,7 @@ impl Fault {
             Fault::GatewayKill => "gateway-kill",
             Fault::PoisonTask => "poison-task",
             Fault::MemoryAlarm => "memory-alarm",
+            Fault::RetriesRestart => "retries-restart",
         }
     }
 
@@ -109,6 +114,9 @@ impl Fault {
             Fault::GatewayKill => "gateway `kill -9`ed under load, started again after 1 s",
             Fault::PoisonTask => "one task in 20 panics its handler on every attempt",
             Fault::MemoryAlarm => "memory alarm raised for 3 s (`set_vm_memory_high_watermark`)",
+            Fault::RetriesRestart => {
+                "every task scripted to fail 0 to 3 times (`MAX_ATTEMPTS` 3, retried after 1-2 s through the delay levels; 3 failures: dead), broker `stop_app`, 2 s, `start_app`"
+            }
         }
     }
 
@@ -134,7 +142,7 @@ struct Rig {
 }
 
 impl Rig {
-    async fn start(label: &str) -> Self {
+    async fn start(label: &str, worker_env: &[(&'static str, String)]) -> Self {
         let broker = PrivateBroker::start().await;
         let upstream = ([127, 0, 0, 1], broker.port()).into();
         let proxy = FaultyProxy::start(upstream).await.expect("start the proxy");
@@ -165,7 +173,10 @@ impl Rig {
                 // Poison tasks die after as many attempts as the delivery limit allows
                 // redeliveries; retries go through the delay levels at once (RETRY_BASE 0s).
                 ("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(worker_env.iter().cloned())
+            .collect(),
         };
         let mut workers = Vec::new();
         for _ in 0..WORKERS {
@@ -228,7 +239,7 @@ impl Rig {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 self.broker.start_again().await;
             }
-            Fault::BrokerRestart => {
+            Fault::BrokerRestart | Fault::RetriesRestart => {
                 self.broker.stop_app();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 self.broker.start_app();
@@ -282,11 +293,17 @@ impl Rig {
 
 /// Runs one scenario and checks it.
 pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
-    let mut rig = Rig::start(fault.name()).await;
     let mut shape = shape.clone();
+    let mut worker_env = Vec::new();
     if fault == Fault::PoisonTask {
         shape.poison_every = Some(20);
     }
+    if fault == Fault::RetriesRestart {
+        shape.scripted_failures = Some(DELIVERY_LIMIT + 1);
+        worker_env.push(("RETRY_BASE", "1s".to_owned()));
+        worker_env.push(("RETRY_MAX", "2s".to_owned()));
+    }
+    let mut rig = Rig::start(fault.name(), &worker_env).await;
     let load = Load::start(&rig.gateway.url("/tasks"), &shape);
 
     let first_ok = eventually(STEP_DEADLINE, "the first 202", || {

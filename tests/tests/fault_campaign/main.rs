@@ -70,6 +70,7 @@ async fn main() -> ExitCode {
         clients: args.clients,
         rate: args.rate,
         poison_every: None,
+        scripted_failures: None,
         task: serde_json::json!({"kind": "sleep", "payload": {"message": "..."}}),
         request_timeout: Duration::from_secs(10),
     };
