@@ -83,6 +83,9 @@ pub enum ApiError {
     /// No task of that id is known.
     #[error("no task with that id")]
     UnknownTask,
+    /// No task of that id is in the dead-letter queue.
+    #[error("no dead task with that id")]
+    DeadTaskNotFound,
     /// An Idempotency-Key was sent to a gateway with events off.
     #[error("Idempotency-Key needs task tracking, which is off on this gateway (EVENTS=off)")]
     IdempotencyOff,
@@ -136,7 +139,10 @@ impl ApiError {
             Self::Json(rejection) => rejection.status(),
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::NotFound { .. } | Self::UnknownTask | Self::TrackingOff => StatusCode::NOT_FOUND,
+            Self::NotFound { .. }
+            | Self::UnknownTask
+            | Self::DeadTaskNotFound
+            | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -177,6 +183,7 @@ impl ApiError {
             Self::InvalidSchedule => "invalid_schedule",
             Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
+            Self::DeadTaskNotFound => "dead_task_not_found",
             Self::TrackingOff | Self::IdempotencyOff => "tracking_off",
             Self::Replaying { .. } => "events_replaying",
             Self::RateLimited { .. } => "rate_limited",
@@ -230,6 +237,7 @@ impl ApiError {
             Self::IdempotencyOff => {
                 format!("{self}; send the task without the header, or turn EVENTS on")
             }
+            Self::DeadTaskNotFound => "no task with that id is in the dead-letter queue: it was never dead, was retried or discarded already, or is being retried right now by another request".into(),
             Self::UnknownTask => "no task with that id: it was never accepted, or it is older than the events stream keeps (EVENTS_MAX_AGE, EVENTS_MAX_BYTES) or than this gateway remembers (STATUS_CAPACITY)".into(),
             Self::TrackingOff => "task tracking is off on this gateway (EVENTS=off): there is no status to read, and no Idempotency-Key can be honoured; turn EVENTS on".into(),
             Self::Replaying { .. } => "this gateway is still reading the events stream and does not know that task yet; retry after the Retry-After delay".into(),

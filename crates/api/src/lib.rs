@@ -4,6 +4,7 @@
 
 mod auth;
 mod config;
+mod dead;
 mod error;
 mod publisher;
 mod routes;

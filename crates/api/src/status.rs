@@ -176,7 +176,17 @@ impl Entry {
                 self.finished_at = millis(event.at);
                 self.error = error();
             }
-            EventType::Worker | EventType::Gateway => {}
+            // Only a dead task comes back; a `retried` read after its new run began (from
+            // another gateway's stream position) changes nothing.
+            EventType::Retried if self.status == Status::Dead => {
+                self.status = Status::Queued;
+                self.reason = None;
+                self.error = None;
+                self.finished_at = 0;
+                self.run_at = 0;
+                self.attempts = 0;
+            }
+            EventType::Retried | EventType::Worker | EventType::Gateway => {}
         }
         key_to_index
     }

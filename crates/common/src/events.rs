@@ -50,6 +50,8 @@ pub enum EventType {
     Failed,
     /// The task will not run again: it is in `<QUEUE>.dead`. Terminal.
     Dead,
+    /// A dead task was put back on the work queue, with fresh attempts (`POST /dead/.../retry`).
+    Retried,
     /// A worker (re)connected and handles `kinds`.
     Worker,
     /// A gateway's marker, written at its start to learn when it has read the stream up to

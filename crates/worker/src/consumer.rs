@@ -590,6 +590,12 @@ fn to_dead(context: &Context, dead: &Event, attempts: u32) -> Outcome {
         "x-offload-attempts".into(),
         AMQPValue::LongLongInt(i64::from(attempts)),
     );
+    let dead_at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
+    headers.insert("x-offload-dead-at".into(), AMQPValue::LongLongInt(dead_at));
     Outcome::Move(Move {
         exchange: "".into(),
         routing_key: context.dead_queue.clone(),

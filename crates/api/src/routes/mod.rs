@@ -1,5 +1,6 @@
 //! HTTP routes. Each module owns its routes; [`router`] merges them.
 
+mod dead;
 mod health;
 mod tasks;
 
@@ -18,6 +19,7 @@ use crate::{AppState, error::ApiError};
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(tasks::router(&state))
+        .merge(dead::router(&state))
         .merge(health::router())
         .fallback(not_found)
         // After every route is merged: it applies to the routes present.

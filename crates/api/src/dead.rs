@@ -1,0 +1,384 @@
+//! The dead-letter queue as an API, on RabbitMQ alone: list, show, retry and discard the
+//! tasks in `<QUEUE>.dead`.
+//!
+//! Every operation *scans* the queue: a consumer on a channel of its own receives up to
+//! [`SCAN_MAX`] messages and holds them unacked. What it acks is gone; when its channel
+//! closes, RabbitMQ puts everything else back. A retry publishes the task to the work queue
+//! and waits for the broker's confirm before it acks the dead copy, so a gateway killed in
+//! the middle leaves the task in both places (it runs again: at least once), never in none.
+//! Two requests after the same task cannot both get it: the broker hands a message to one
+//! consumer at a time, so the second does not see it and answers 404.
+
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+        BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use offload_common::{Broker, Event, EventSink, EventType, TaskEnvelope};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::publisher::PublishError;
+
+/// Most messages one scan reads; a longer queue is listed from its oldest [`SCAN_MAX`].
+pub const SCAN_MAX: u32 = 10_000;
+/// A scan stops waiting for more messages after this long without one.
+const SCAN_IDLE: Duration = Duration::from_millis(250);
+/// Longest wait for the confirm of a task put back on the work queue.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One dead task, as `GET /dead` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadTask {
+    /// The task id (`None` for a message that had none).
+    pub id: Option<Uuid>,
+    /// Its kind, if known.
+    pub kind: Option<String>,
+    /// Why it is dead: offload's reason (`max_attempts`, `rejected`, `no_handler`,
+    /// `undecodable`), or RabbitMQ's when the broker dead-lettered it (`delivery_limit`).
+    pub reason: Option<String>,
+    /// The last error.
+    pub error: Option<String>,
+    /// Attempts it had.
+    pub attempts: Option<i64>,
+    /// When it died.
+    #[serde(serialize_with = "time")]
+    pub died_at: Option<SystemTime>,
+    /// Its payload (`GET /dead/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+}
+
+#[allow(clippy::ref_option)] // serde's serialize_with hands us `&Option<T>`
+fn time<S: serde::Serializer>(time: &Option<SystemTime>, serializer: S) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl DeadTask {
+    fn of(delivery: &Delivery, with_payload: bool) -> Self {
+        let properties = &delivery.properties;
+        let text = |name: &str| match header(properties, name)? {
+            AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into()),
+            _ => None,
+        };
+        let number = |name: &str| match header(properties, name)? {
+            AMQPValue::LongLongInt(n) => Some(*n),
+            AMQPValue::LongInt(n) => Some(i64::from(*n)),
+            _ => None,
+        };
+        let envelope = TaskEnvelope::from_bytes(&delivery.data).ok();
+        Self {
+            id: properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| id.as_str().parse().ok()),
+            kind: properties.kind().as_ref().map(ToString::to_string),
+            reason: text("x-offload-reason").or_else(|| text("x-first-death-reason")),
+            error: text("x-offload-error"),
+            attempts: number("x-offload-attempts"),
+            died_at: number("x-offload-dead-at")
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            payload: with_payload.then(|| {
+                envelope.map_or_else(
+                    || serde_json::Value::String(String::from_utf8_lossy(&delivery.data).into()),
+                    |envelope| envelope.payload,
+                )
+            }),
+        }
+    }
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+/// The dead-letter queue of one work queue.
+#[derive(Clone)]
+pub struct DeadLetters {
+    broker: Broker,
+}
+
+/// A scan in progress: the messages read, held unacked until [`Scan::close`].
+struct Scan {
+    channel: Channel,
+    deliveries: Vec<Delivery>,
+    /// More messages were in the queue than the scan read.
+    truncated: bool,
+}
+
+impl Scan {
+    /// Ends the scan: what was not acked goes back to the queue.
+    async fn close(self) {
+        let _ = self.channel.close(200, "scan done".into()).await;
+    }
+}
+
+impl DeadLetters {
+    /// The dead-letter queue of `broker`'s topology.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+
+    fn queue(&self) -> String {
+        self.broker.topology().dead_letter_queue()
+    }
+
+    /// Up to `limit` dead tasks of `kind` (any if `None`), newest first, after skipping
+    /// `offset`; and how many matched in all, and whether the queue held more than a scan
+    /// reads.
+    pub async fn list(
+        &self,
+        kind: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<DeadTask>, usize, bool), PublishError> {
+        let scan = self.scan().await?;
+        let mut tasks: Vec<DeadTask> = scan
+            .deliveries
+            .iter()
+            .map(|delivery| DeadTask::of(delivery, false))
+            .filter(|task| kind.is_none_or(|kind| task.kind.as_deref() == Some(kind)))
+            .collect();
+        let truncated = scan.truncated;
+        scan.close().await;
+        // The queue is oldest first; a task without a time (dead-lettered by the broker
+        // itself) keeps its place.
+        tasks.reverse();
+        tasks.sort_by_key(|task| std::cmp::Reverse(task.died_at));
+        let total = tasks.len();
+        Ok((
+            tasks.into_iter().skip(offset).take(limit).collect(),
+            total,
+            truncated,
+        ))
+    }
+
+    /// Dead task `id`, with its payload.
+    pub async fn get(&self, id: Uuid) -> Result<Option<DeadTask>, PublishError> {
+        let scan = self.scan().await?;
+        let found = scan
+            .deliveries
+            .iter()
+            .find(|delivery| has_id(delivery, id))
+            .map(|delivery| DeadTask::of(delivery, true));
+        scan.close().await;
+        Ok(found)
+    }
+
+    /// Puts the dead tasks that `pick` picks back on the work queue, with fresh attempts:
+    /// each is confirmed on the work queue before it leaves the dead-letter queue, and its
+    /// `retried` event (when events are on) confirmed on the stream before that, so no event
+    /// of its new run can come before it. Returns how many.
+    pub async fn retry(
+        &self,
+        pick: impl Fn(&Delivery) -> bool,
+        events: Option<&EventSink>,
+    ) -> Result<usize, PublishError> {
+        let scan = self.scan().await?;
+        let result = self.retry_picked(&scan, pick, events).await;
+        scan.close().await;
+        result
+    }
+
+    async fn retry_picked(
+        &self,
+        scan: &Scan,
+        pick: impl Fn(&Delivery) -> bool,
+        events: Option<&EventSink>,
+    ) -> Result<usize, PublishError> {
+        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
+        let queue = self.broker.topology().queue().to_owned();
+        let mut retried = 0;
+        for delivery in scan.deliveries.iter().filter(|delivery| pick(delivery)) {
+            let task = DeadTask::of(delivery, false);
+            if let Some(events) = events {
+                let mut event = Event::new(EventType::Retried);
+                event.id = task.id;
+                event.kind.clone_from(&task.kind);
+                if !events.emit_confirmed(event).await {
+                    return Err(PublishError::Timeout(CONFIRM_TIMEOUT));
+                }
+            }
+            let published = self.put_back(&link, &queue, delivery).await;
+            if let (Err(_), Some(events)) = (&published, events) {
+                // It stays dead: say so again, after the `retried` that said otherwise.
+                let mut dead = Event::new(EventType::Dead);
+                dead.id = task.id;
+                dead.kind = task.kind;
+                dead.error = task.error;
+                events.emit(dead);
+            }
+            published?;
+            delivery.ack(BasicAckOptions::default()).await?;
+            retried += 1;
+        }
+        Ok(retried)
+    }
+
+    /// Publishes a copy of the dead `delivery` to the work queue and waits for the confirm.
+    async fn put_back(
+        &self,
+        link: &offload_common::Link,
+        queue: &str,
+        delivery: &Delivery,
+    ) -> Result<(), PublishError> {
+        {
+            let publish = async {
+                link.publisher()
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &delivery.data,
+                        fresh(&delivery.properties),
+                    )
+                    .await?
+                    .await
+            };
+            match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    Err(PublishError::Returned(returned.reply_text.to_string()))
+                }
+                Ok(Ok(_)) => Err(PublishError::Nacked),
+                Ok(Err(error)) => Err(PublishError::Broker(error)),
+                Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
+            }
+        }
+    }
+
+    /// Discards the dead tasks that `pick` picks. Returns how many.
+    pub async fn discard(&self, pick: impl Fn(&Delivery) -> bool) -> Result<usize, PublishError> {
+        let scan = self.scan().await?;
+        let mut discarded = 0;
+        let mut failed = None;
+        for delivery in scan.deliveries.iter().filter(|delivery| pick(delivery)) {
+            match delivery.ack(BasicAckOptions::default()).await {
+                Ok(_) => discarded += 1,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        scan.close().await;
+        failed.map_or(Ok(discarded), |error| Err(PublishError::Broker(error)))
+    }
+
+    /// Discards every dead task at once (`queue.purge`). Returns how many.
+    pub async fn purge(&self) -> Result<u32, PublishError> {
+        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
+        let channel = link.connection().create_channel().await?;
+        let purged = channel
+            .queue_purge(self.queue().as_str().into(), QueuePurgeOptions::default())
+            .await;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(purged?)
+    }
+
+    /// Reads up to [`SCAN_MAX`] messages of the dead-letter queue, holding them unacked.
+    async fn scan(&self) -> Result<Scan, PublishError> {
+        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
+        let channel = link.connection().create_channel().await?;
+        let queue = self.queue();
+        let ready = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        // Not `ready` alone: messages another scan has just released are on their way back
+        // and not counted yet. Read until the queue stays quiet for a moment.
+        channel
+            .basic_qos(
+                u16::try_from(SCAN_MAX).unwrap_or(u16::MAX),
+                BasicQosOptions::default(),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut deliveries = Vec::new();
+        while deliveries.len() < SCAN_MAX as usize {
+            match tokio::time::timeout(SCAN_IDLE, consumer.next()).await {
+                Ok(Some(Ok(delivery))) => deliveries.push(delivery),
+                Ok(Some(Err(error))) => return Err(PublishError::Broker(error)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        let truncated = ready > SCAN_MAX || deliveries.len() >= SCAN_MAX as usize;
+        Ok(Scan {
+            channel,
+            deliveries,
+            truncated,
+        })
+    }
+}
+
+/// Whether `delivery` is task `id`.
+pub fn has_id(delivery: &Delivery, id: Uuid) -> bool {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .is_some_and(|message_id| message_id.as_str() == id.to_string())
+}
+
+/// Whether `delivery` is a task of `kind`.
+pub fn has_kind(delivery: &Delivery, kind: &str) -> bool {
+    delivery
+        .properties
+        .kind()
+        .as_ref()
+        .is_some_and(|k| k.as_str() == kind)
+}
+
+/// The properties of a retried copy: the task's own, without what its deaths, attempts and
+/// deliveries wrote, so it starts again at attempt 1.
+fn fresh(properties: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(original) = properties.headers() {
+        for (key, value) in original.inner() {
+            let key_text = key.as_str();
+            if !key_text.starts_with("x-offload-")
+                && !key_text.starts_with("x-death")
+                && !key_text.starts_with("x-first-death")
+                && !key_text.starts_with("x-last-death")
+                && key_text != "x-delivery-count"
+            {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
