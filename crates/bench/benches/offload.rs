@@ -115,6 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (e2e, peak) = end_to_end(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await;
     lines.extend(e2e);
     worker_peak = worker_peak.max(peak);
+    lines.extend(scheduled(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
     queue.delete().await;
@@ -458,6 +459,93 @@ async fn end_to_end(
     };
     (line, worker.peak_rss().unwrap_or(0))
 }
+
+/// Tasks asked for in [`SCHEDULED_DELAY`], submitted while plain tasks load the gateway and
+/// a worker at `offered` per second: how late each starts after the `run_at` its 202 gave.
+async fn scheduled(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    tasks_url: &str,
+    offered: f64,
+) -> Option<Line> {
+    const COUNT: usize = 40;
+    eprintln!(
+        "{COUNT} tasks scheduled {} ahead, under load at {} ...",
+        humantime::format_duration(SCHEDULED_DELAY),
+        rate(offered)
+    );
+    let (_worker, log) = process::start_worker(Path::new(WORKER), url, queue.name(), 1, true, true);
+    // Plain tasks throughout, until the scheduled ones are due and a little after.
+    let (load_url, connections) = (tasks_url.to_owned(), args.connections);
+    let load = tokio::spawn(async move {
+        http::open_loop(
+            &load_url,
+            offered,
+            SCHEDULED_DELAY + Duration::from_secs(4),
+            connections,
+        )
+        .await
+    });
+    let client = reqwest::Client::new();
+    let mut due = Vec::new();
+    for _ in 0..COUNT {
+        let response = client
+            .post(tasks_url)
+            .json(&serde_json::json!({
+                "kind": "sleep",
+                "delay": humantime::format_duration(SCHEDULED_DELAY).to_string(),
+            }))
+            .send()
+            .await
+            .ok()?;
+        let body: serde_json::Value = response.json().await.ok()?;
+        let id: uuid::Uuid = body["id"].as_str()?.parse().ok()?;
+        let run_at = humantime::parse_rfc3339(body["run_at"].as_str()?).ok()?;
+        due.push((id, run_at));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = load.await;
+    let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
+    let started = loop {
+        let started: HashMap<uuid::Uuid, SystemTime> =
+            log.started.lock().expect("log lock").iter().copied().collect();
+        if due.iter().all(|(id, _)| started.contains_key(id)) {
+            break started;
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let early = due
+        .iter()
+        .filter(|(id, run_at)| started[id] < *run_at)
+        .count();
+    let mut late: Vec<Duration> = due
+        .iter()
+        .filter_map(|(id, run_at)| started[id].duration_since(*run_at).ok())
+        .collect();
+    let p99 = percentile(&mut late, 99.0);
+    Some(Line {
+        ratio: format!("{early} early"),
+        target: "0 early, p99 < 1.5 s".into(),
+        met: Some(early == 0 && p99.is_some_and(|p99| p99 < Duration::from_millis(1_500))),
+        ..Line::info(
+            format!(
+                "task scheduled {} ahead, under load at {}: start after run_at, p50 / p99 / max",
+                humantime::format_duration(SCHEDULED_DELAY),
+                rate(offered)
+            ),
+            [50.0, 99.0, 100.0]
+                .map(|p| percentile(&mut late, p).map_or("-".into(), millis))
+                .join(" / "),
+        )
+    })
+}
+
+/// How far ahead the benchmark schedules tasks.
+const SCHEDULED_DELAY: Duration = Duration::from_secs(10);
 
 /// `args.tasks` zero-work tasks drained by raw lapin, then by a worker process, at
 /// `prefetch`, with lifecycle events on or off, `args.rounds` times alternating; the medians,
