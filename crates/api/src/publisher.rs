@@ -17,6 +17,8 @@ pub struct Publisher {
     broker: Broker,
     /// `<QUEUE>.kinds`: tasks are published there with their kind as routing key.
     exchange: ShortString,
+    /// `<QUEUE>.later`: tasks to run later.
+    later: ShortString,
     confirm_timeout: Duration,
     in_flight: Arc<Semaphore>,
 }
@@ -57,6 +59,7 @@ impl Publisher {
     pub fn new(broker: Broker, confirm_timeout: Duration, max_in_flight: u32) -> Self {
         Self {
             exchange: broker.topology().kinds_exchange().into(),
+            later: broker.topology().later_exchange().into(),
             broker,
             confirm_timeout,
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
@@ -74,8 +77,9 @@ impl Publisher {
     }
 
     /// Publishes `task` persistent and mandatory to the kinds exchange, with its kind as
-    /// routing key (to run after `delay`: the delay's bits, then its kind, which routes it
-    /// through the delay levels), and waits for the broker's confirm. `Ok` means the broker has the task on
+    /// routing key (to run after `delay`: to the later exchange, with the delay's bits then
+    /// its kind, which routes it through the delay levels), and waits for the broker's
+    /// confirm. `Ok` means the broker has the task on
     /// the queue; nothing else does. A task of a kind no worker has bound comes back as a
     /// return: [`PublishError::UnknownKind`].
     ///
@@ -97,16 +101,19 @@ impl Publisher {
         }
         let channel = link.publisher();
         let body = task.to_bytes();
-        // Through the same exchange either way, so an unbound kind comes back as a return
-        // whether it is to run now or later.
-        let routing_key: ShortString = match delay {
-            None => task.kind.as_str().into(),
-            Some(delay) => delayed_task_routing_key(delay, task.kind.as_str()).into(),
+        // Either exchange routes only the kinds workers bound, so an unbound kind comes back
+        // as a return whether it is to run now or later.
+        let (exchange, routing_key): (ShortString, ShortString) = match delay {
+            None => (self.exchange.clone(), task.kind.as_str().into()),
+            Some(delay) => (
+                self.later.clone(),
+                delayed_task_routing_key(delay, task.kind.as_str()).into(),
+            ),
         };
         let publish_and_confirm = async {
             let confirm = channel
                 .basic_publish(
-                    self.exchange.clone(),
+                    exchange,
                     routing_key,
                     BasicPublishOptions {
                         mandatory: true,

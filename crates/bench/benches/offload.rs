@@ -508,8 +508,13 @@ async fn scheduled(
     let _ = load.await;
     let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
     let started = loop {
-        let started: HashMap<uuid::Uuid, SystemTime> =
-            log.started.lock().expect("log lock").iter().copied().collect();
+        let started: HashMap<uuid::Uuid, SystemTime> = log
+            .started
+            .lock()
+            .expect("log lock")
+            .iter()
+            .copied()
+            .collect();
         if due.iter().all(|(id, _)| started.contains_key(id)) {
             break started;
         }

@@ -1,11 +1,13 @@
 //! The broker topology offload relies on, declared by one idempotent function.
 //!
 //! ```text
-//!   publish, routing key = kind (or, to run later, the delay's bits then the kind)
+//!   publish, routing key = kind
 //!      │
 //!      ▼
-//!   <QUEUE>.kinds (topic) ──two bindings per kind a worker handles──► [QUEUE] ──► workers
-//!      │                        (later: to <QUEUE>.delay.21, below)
+//!   <QUEUE>.kinds (direct) ──one binding per kind a worker handles──► [QUEUE] ──► workers
+//!
+//!   to run later: <QUEUE>.later (topic), routing key = the delay's bits then the kind,
+//!      one binding per kind a worker handles ──► <QUEUE>.delay.21 (below)
 //!                                       (quorum, x-delivery-limit)      │
 //!                                   rejected, or delivered more than the limit
 //!                                                                       ▼
@@ -63,7 +65,7 @@ pub fn delay_routing_key(delay: std::time::Duration) -> String {
         .join(".")
 }
 
-/// The routing key of a task of `kind` to run after `delay`, published to the kinds
+/// The routing key of a task of `kind` to run after `delay`, published to the later
 /// exchange: the delay's bits, then the kind, so that it is routed only if a worker bound the
 /// kind, and then through the delay levels.
 pub fn delayed_task_routing_key(delay: std::time::Duration, kind: &str) -> String {
@@ -146,6 +148,13 @@ impl Topology {
     /// The exchange tasks are published to, with their kind as routing key.
     pub fn kinds_exchange(&self) -> String {
         format!("{}.kinds", self.queue)
+    }
+
+    /// The exchange tasks to run later are published to, with [`delayed_task_routing_key`]:
+    /// a topic exchange of its own, so that tasks to run now keep the direct exchange's
+    /// cheaper routing.
+    pub fn later_exchange(&self) -> String {
+        format!("{}.later", self.queue)
     }
 
     /// The stream of lifecycle events, if events are on.
@@ -304,7 +313,8 @@ impl Topology {
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
             .await
             .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
-        declare_exchange(channel, &self.kinds_exchange(), ExchangeKind::Topic).await?;
+        declare_direct_exchange(channel, &self.kinds_exchange()).await?;
+        declare_exchange(channel, &self.later_exchange(), ExchangeKind::Topic).await?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
                 .queue_declare(stream.as_str().into(), durable, stream_arguments(retention))
@@ -372,9 +382,9 @@ impl Topology {
         .await
     }
 
-    /// Two bindings a kind: its name, to the work queue (tasks to run now), and any delay
-    /// followed by its name, to the top delay level (tasks to run later). Either way a kind
-    /// nobody bound comes back unrouted.
+    /// Two bindings a kind: its name on the kinds exchange, to the work queue (tasks to run
+    /// now), and any delay followed by its name on the later exchange, to the top delay level
+    /// (tasks to run later). Either way a kind nobody bound comes back unrouted.
     async fn bind_kinds_on(&self, channel: &Channel) -> Result<(), TopologyError> {
         let exchange = self.kinds_exchange();
         for kind in &self.kinds {
@@ -392,7 +402,7 @@ impl Topology {
             channel
                 .exchange_bind(
                     self.delay_exchange().as_str().into(),
-                    exchange.as_str().into(),
+                    self.later_exchange().as_str().into(),
                     later.as_str().into(),
                     lapin::options::ExchangeBindOptions::default(),
                     FieldTable::default(),
@@ -457,9 +467,13 @@ impl Topology {
                 .await
                 .map_err(TopologyError::Broker)?;
         }
-        for exchange in [self.dead_letter_exchange(), self.kinds_exchange()]
-            .into_iter()
-            .chain(levels)
+        for exchange in [
+            self.dead_letter_exchange(),
+            self.kinds_exchange(),
+            self.later_exchange(),
+        ]
+        .into_iter()
+        .chain(levels)
         {
             channel
                 .exchange_delete(
