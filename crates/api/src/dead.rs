@@ -31,6 +31,8 @@ use crate::publisher::PublishError;
 pub const SCAN_MAX: u32 = 10_000;
 /// A scan stops waiting for more messages after this long without one.
 const SCAN_IDLE: Duration = Duration::from_millis(250);
+/// Longest a scan may take, from its channel to its last message.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the confirm of a task put back on the work queue.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -294,6 +296,28 @@ impl DeadLetters {
     async fn scan(&self) -> Result<Scan, PublishError> {
         let link = self.broker.link().ok_or(PublishError::Disconnected)?;
         let channel = link.connection().create_channel().await?;
+        let read = tokio::time::timeout(SCAN_TIMEOUT, self.read(&channel)).await;
+        match read {
+            Ok(Ok((deliveries, truncated))) => Ok(Scan {
+                channel,
+                deliveries,
+                truncated,
+            }),
+            // Close the channel on every failure: the messages it holds go back to the queue
+            // at once instead of when the gateway's connection ends.
+            Ok(Err(error)) => {
+                let _ = channel.close(200, "scan failed".into()).await;
+                Err(error)
+            }
+            Err(_) => {
+                let _ = channel.close(200, "scan timed out".into()).await;
+                Err(PublishError::Timeout(SCAN_TIMEOUT))
+            }
+        }
+    }
+
+    /// The reading part of [`DeadLetters::scan`]: the deliveries, and whether there were more.
+    async fn read(&self, channel: &Channel) -> Result<(Vec<Delivery>, bool), PublishError> {
         let queue = self.queue();
         let ready = channel
             .queue_declare(
@@ -330,15 +354,11 @@ impl DeadLetters {
                 Ok(None) | Err(_) => break,
             }
         }
-        let _ = channel
+        channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+            .await?;
         let truncated = ready > SCAN_MAX || deliveries.len() >= SCAN_MAX as usize;
-        Ok(Scan {
-            channel,
-            deliveries,
-            truncated,
-        })
+        Ok((deliveries, truncated))
     }
 }
 
