@@ -39,7 +39,8 @@ const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Status {
     /// On the queue, waiting for a worker.
     Queued,
-    /// Waiting in the delay levels until `run_at` (a retry's backoff), then queued again.
+    /// Waiting in the delay levels until `run_at` (posted with a delay, or a failed attempt's
+    /// backoff), then queued.
     Scheduled,
     /// A worker is running it.
     Running,
