@@ -21,11 +21,14 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
-use offload_common::{Broker, Event, EventSink, EventType, TaskEnvelope};
+use offload_common::{
+    Broker, Event, EventSink, EventType, TaskEnvelope,
+    envelope::{copy_properties, integer_header},
+};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::publisher::PublishError;
+use crate::{publisher::PublishError, status::time_of};
 
 /// Most messages one scan reads; a longer queue is listed from its oldest [`SCAN_MAX`].
 pub const SCAN_MAX: u32 = 10_000;
@@ -49,21 +52,13 @@ pub struct DeadTask {
     /// The last error.
     pub error: Option<String>,
     /// Attempts it had.
-    pub attempts: Option<i64>,
+    pub attempts: Option<u64>,
     /// When it died.
-    #[serde(serialize_with = "time")]
+    #[serde(serialize_with = "crate::status::time")]
     pub died_at: Option<SystemTime>,
     /// Its payload (`GET /dead/{id}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
-}
-
-#[allow(clippy::ref_option)] // serde's serialize_with hands us `&Option<T>`
-fn time<S: serde::Serializer>(time: &Option<SystemTime>, serializer: S) -> Result<S::Ok, S::Error> {
-    match time {
-        Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
-        None => serializer.serialize_none(),
-    }
 }
 
 impl DeadTask {
@@ -71,11 +66,6 @@ impl DeadTask {
         let properties = &delivery.properties;
         let text = |name: &str| match header(properties, name)? {
             AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into()),
-            _ => None,
-        };
-        let number = |name: &str| match header(properties, name)? {
-            AMQPValue::LongLongInt(n) => Some(*n),
-            AMQPValue::LongInt(n) => Some(i64::from(*n)),
             _ => None,
         };
         let envelope = TaskEnvelope::from_bytes(&delivery.data).ok();
@@ -87,10 +77,8 @@ impl DeadTask {
             kind: properties.kind().as_ref().map(ToString::to_string),
             reason: text("x-offload-reason").or_else(|| text("x-first-death-reason")),
             error: text("x-offload-error"),
-            attempts: number("x-offload-attempts"),
-            died_at: number("x-offload-dead-at")
-                .and_then(|ms| u64::try_from(ms).ok())
-                .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            attempts: integer_header(properties, "x-offload-attempts"),
+            died_at: integer_header(properties, "x-offload-dead-at").and_then(time_of),
             payload: with_payload.then(|| {
                 envelope.map_or_else(
                     || serde_json::Value::String(String::from_utf8_lossy(&delivery.data).into()),
@@ -246,7 +234,12 @@ impl DeadLetters {
                             ..BasicPublishOptions::default()
                         },
                         &delivery.data,
-                        fresh(&delivery.properties),
+                        // Fresh attempts: none of what its deaths and attempts wrote.
+                        copy_properties(
+                            &delivery.properties,
+                            |name| name.starts_with("x-offload-"),
+                            &FieldTable::default(),
+                        ),
                     )
                     .await?
                     .await
@@ -368,7 +361,7 @@ pub fn has_id(delivery: &Delivery, id: Uuid) -> bool {
         .properties
         .message_id()
         .as_ref()
-        .is_some_and(|message_id| message_id.as_str() == id.to_string())
+        .is_some_and(|message_id| Uuid::parse_str(message_id.as_str()).ok() == Some(id))
 }
 
 /// Whether `delivery` is a task of `kind`.
@@ -378,27 +371,4 @@ pub fn has_kind(delivery: &Delivery, kind: &str) -> bool {
         .kind()
         .as_ref()
         .is_some_and(|k| k.as_str() == kind)
-}
-
-/// The properties of a retried copy: the task's own, without what its deaths, attempts and
-/// deliveries wrote, so it starts again at attempt 1.
-fn fresh(properties: &BasicProperties) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(original) = properties.headers() {
-        for (key, value) in original.inner() {
-            let key_text = key.as_str();
-            if !key_text.starts_with("x-offload-")
-                && !key_text.starts_with("x-death")
-                && !key_text.starts_with("x-first-death")
-                && !key_text.starts_with("x-last-death")
-                && key_text != "x-delivery-count"
-            {
-                headers.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
 }

@@ -91,8 +91,12 @@ pub struct TaskView {
     pub result_offset: Option<i64>,
 }
 
+/// An optional time as RFC 3339 with milliseconds, or null (for `serialize_with`).
 #[allow(clippy::ref_option)] // serde's serialize_with hands us `&Option<T>`
-fn time<S: serde::Serializer>(time: &Option<SystemTime>, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn time<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match time {
         Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
         None => serializer.serialize_none(),
@@ -206,7 +210,8 @@ fn millis(time: SystemTime) -> u64 {
         })
 }
 
-fn time_of(millis: u64) -> Option<SystemTime> {
+/// Milliseconds since the epoch as a time; 0 (not yet) as none.
+pub(crate) fn time_of(millis: u64) -> Option<SystemTime> {
     (millis != 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
 }
 

@@ -7,7 +7,7 @@ use std::{fmt, time::SystemTime};
 
 use lapin::{
     BasicProperties,
-    types::{AMQPValue, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -175,7 +175,8 @@ pub fn first_attempt(properties: &BasicProperties) -> u32 {
         .unwrap_or(1)
 }
 
-fn integer_header(properties: &BasicProperties, name: &str) -> Option<u64> {
+/// A header of `properties` as an unsigned integer, whichever integer type it was sent as.
+pub fn integer_header(properties: &BasicProperties, name: &str) -> Option<u64> {
     let key: ShortString = name.into();
     match properties.headers().as_ref()?.inner().get(&key)? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
@@ -185,6 +186,38 @@ fn integer_header(properties: &BasicProperties, name: &str) -> Option<u64> {
         AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
         _ => None,
     }
+}
+
+/// The properties of a copy of a delivered message, to publish as a new message: persistent,
+/// without the headers the broker set on the delivery (`x-delivery-count`, which a new
+/// message must not carry or it would be read as the broker's, and the `x-death` family) or
+/// those `drop` picks, and with `extra` set over the rest.
+pub fn copy_properties(
+    properties: &BasicProperties,
+    drop: impl Fn(&str) -> bool,
+    extra: &FieldTable,
+) -> BasicProperties {
+    let broker_set = |name: &str| {
+        name == "x-delivery-count"
+            || name.starts_with("x-death")
+            || name.starts_with("x-first-death")
+            || name.starts_with("x-last-death")
+    };
+    let mut headers = FieldTable::default();
+    if let Some(original) = properties.headers() {
+        for (key, value) in original.inner() {
+            if !broker_set(key.as_str()) && !drop(key.as_str()) {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for (key, value) in extra.inner() {
+        headers.insert(key.clone(), value.clone());
+    }
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
 }
 
 /// RFC 3339 timestamps with millisecond precision, in UTC.

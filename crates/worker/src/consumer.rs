@@ -22,7 +22,7 @@ use offload_common::{
     Broker, BrokerError, DeadReason, DecodeError, Event, EventSink, EventType, TaskEnvelope,
     Topology,
     broker::session::{Supervisor, backoff},
-    envelope::{ATTEMPT_HEADER, delivery_count, first_attempt},
+    envelope::{ATTEMPT_HEADER, copy_properties, delivery_count, first_attempt},
     topology::{delay_in_levels, delay_routing_key},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -613,16 +613,6 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Headers the broker sets, which a copy must not carry: a copy is a new message (its
-/// delivery count starts again, and a stale `x-delivery-count` would be read as the broker's).
-const BROKER_HEADERS: [&str; 5] = [
-    "x-delivery-count",
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-];
-
 /// How long a worker waits for the broker to confirm a copy.
 const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -630,23 +620,7 @@ const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// broker's confirm.
 async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Result<(), String> {
     let link = context.broker.link().ok_or("not connected to RabbitMQ")?;
-    let mut headers = FieldTable::default();
-    if let Some(original) = delivery.properties.headers() {
-        for (key, value) in original.inner() {
-            if !BROKER_HEADERS.contains(&key.as_str()) && !key.as_str().starts_with("x-last-death")
-            {
-                headers.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    for (key, value) in to.headers.inner() {
-        headers.insert(key.clone(), value.clone());
-    }
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2);
+    let properties = copy_properties(&delivery.properties, |_| false, &to.headers);
     let publish = async {
         link.publisher()
             .basic_publish(
