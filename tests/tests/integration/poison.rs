@@ -227,6 +227,9 @@ async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_deliver
             },
         )
         .await;
+        // The task can be dead-lettered between the two checks above by this very worker's
+        // death (the broker sees its connection close when the process is gone): ask again.
+        let died = died || worker.has_exited();
         if !died {
             break worker;
         }
