@@ -57,6 +57,22 @@ impl TestGateway {
         &self.client
     }
 
+    /// `GET /tasks/{id}<query>`: the status code and the JSON body.
+    pub async fn task(
+        &self,
+        id: impl std::fmt::Display,
+        query: &str,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .client
+            .get(self.url(&format!("/tasks/{id}{query}")))
+            .send()
+            .await
+            .expect("answer");
+        let status = response.status();
+        (status, response.json().await.expect("JSON"))
+    }
+
     /// `POST /tasks` with `body` as JSON.
     pub async fn post_task(&self, body: &serde_json::Value) -> Response {
         self.post_raw(body.to_string(), Some("application/json"))

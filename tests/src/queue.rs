@@ -164,30 +164,45 @@ impl TestQueue {
     /// Publishes raw bytes straight onto the work queue, bypassing the gateway: what a buggy
     /// or foreign producer might send.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .expect("open channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirm mode");
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                self.name().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "raw publish confirmed");
-        let _ = channel.close(200, "done".into()).await;
+        publish_confirmed(&self.connection, "", self.name(), body, properties).await;
     }
+}
+
+/// Publishes `body` (mandatory) on a confirm-mode channel of its own and waits for the
+/// broker's confirm: from then on the broker holds it. Panics unless it was routed and
+/// confirmed.
+pub async fn publish_confirmed(
+    connection: &Connection,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) {
+    let channel = connection.create_channel().await.expect("open channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "publish routed and confirmed"
+    );
+    let _ = channel.close(200, "done".into()).await;
 }
 
 impl Drop for TestQueue {

@@ -315,29 +315,20 @@ async fn a_gateway_killed_in_the_middle_of_retrying_loses_no_dead_task() {
     let queue = TestQueue::declare(&url, "dead-kill", 5).await;
     let dead_queue = queue.topology().dead_letter_queue();
     // Dead tasks, as a worker leaves them.
-    let channel = queue.connection().create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
     let mut all = Vec::new();
     for n in 0..TASKS {
         let task = offload_common::TaskEnvelope::new(
             offload_common::TaskKind::try_from("count").expect("kind"),
             json!({"n": n}),
         );
-        channel
-            .basic_publish(
-                "".into(),
-                dead_queue.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &task.to_bytes(),
-                task.properties(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        offload_tests::publish_confirmed(
+            queue.connection(),
+            "",
+            &dead_queue,
+            &task.to_bytes(),
+            task.properties(),
+        )
+        .await;
         all.push(task.id);
     }
 

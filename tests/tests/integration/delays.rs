@@ -7,12 +7,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use offload_common::{BrokerArgs, topology::delay_routing_key};
-use offload_tests::{InProcessWorker, PrivateBroker, TestGateway, TestQueue, amqp_url, eventually};
+use offload_tests::{
+    InProcessWorker, PrivateBroker, TestGateway, TestQueue, amqp_url, eventually, publish_confirmed,
+};
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -20,31 +19,14 @@ use serde_json::{Value, json};
 /// Publishes `body` into the delay levels of `exchange` for `delay`, and waits for the
 /// confirm: from then on the broker holds it.
 async fn publish_delayed(connection: &Connection, exchange: &str, body: &[u8], delay: Duration) {
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            delay_routing_key(delay).as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(
-        confirm.is_ack() && confirm.take_message().is_none(),
-        "routed and confirmed"
-    );
-    let _ = channel.close(200, "done".into()).await;
+    publish_confirmed(
+        connection,
+        exchange,
+        &delay_routing_key(delay),
+        body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -188,21 +170,7 @@ async fn a_task_posted_with_a_delay_or_a_time_is_scheduled_then_runs_on_time() {
             .and_then(|id| id.parse().ok())
             .expect("id")
     };
-    let status_of = |id: uuid::Uuid| {
-        let gateway = &gateway;
-        async move {
-            gateway
-                .client()
-                .get(gateway.url(&format!("/tasks/{id}")))
-                .send()
-                .await
-                .expect("answer")
-                .json::<Value>()
-                .await
-                .expect("JSON")
-        }
-    };
-    let body = status_of(id(&delayed)).await;
+    let body = gateway.task(id(&delayed), "").await.1;
     assert_eq!(body["status"], "scheduled", "{body}");
     assert_eq!(body["run_at"], delayed["run_at"], "{body}");
 
@@ -248,7 +216,7 @@ async fn a_task_posted_with_a_delay_or_a_time_is_scheduled_then_runs_on_time() {
         Duration::from_secs(10),
         "the delayed task's status",
         || async {
-            let body = status_of(id(&delayed)).await;
+            let body = gateway.task(id(&delayed), "").await.1;
             (body["status"] == "succeeded").then_some(body)
         },
     )

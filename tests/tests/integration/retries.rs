@@ -46,18 +46,6 @@ impl Handler for Flaky {
     }
 }
 
-async fn status(gateway: &TestGateway, id: &str) -> Value {
-    gateway
-        .client()
-        .get(gateway.url(&format!("/tasks/{id}")))
-        .send()
-        .await
-        .expect("answer")
-        .json()
-        .await
-        .expect("JSON")
-}
-
 /// Starts a worker whose `count` handler fails `failures` times, submits one task, checks
 /// its status is `scheduled` after the first failure, and returns the attempts' start times
 /// and numbers once it has succeeded.
@@ -91,14 +79,14 @@ async fn run(
 
     // Between the first failure and the next attempt the task is scheduled, with a time.
     let scheduled = eventually(DEADLINE, "the task to be scheduled", || async {
-        let body = status(&gateway, &id).await;
+        let body = gateway.task(&id, "").await.1;
         (body["status"] == "scheduled").then_some(body)
     })
     .await;
     assert!(scheduled["run_at"].is_string(), "{scheduled}");
     assert_eq!(scheduled["error"], format!("failure 1 of {failures}"));
     let body = eventually(DEADLINE, "the task to succeed", || async {
-        let body = status(&gateway, &id).await;
+        let body = gateway.task(&id, "").await.1;
         (body["status"] == "succeeded").then_some(body)
     })
     .await;

@@ -80,21 +80,10 @@ async fn submit(gateway: &TestGateway, body: Value) -> Uuid {
         .expect("an id")
 }
 
-async fn status(gateway: &TestGateway, id: Uuid, query: &str) -> (StatusCode, Value) {
-    let response = gateway
-        .client()
-        .get(gateway.url(&format!("/tasks/{id}{query}")))
-        .send()
-        .await
-        .expect("answer");
-    let code = response.status();
-    (code, response.json().await.expect("JSON"))
-}
-
 /// Waits (with the API's own ?wait=) until the task is terminal.
 async fn finished(gateway: &TestGateway, id: Uuid) -> Value {
     eventually(DEADLINE, "the task to end", || async {
-        let (code, body) = status(gateway, id, "?wait=5s").await;
+        let (code, body) = gateway.task(id, "?wait=5s").await;
         (code == StatusCode::OK && matches!(body["status"].as_str(), Some("succeeded" | "dead")))
             .then_some(body)
     })
@@ -112,7 +101,7 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
 
     // Queued, visible at once from the gateway that accepted it, before any worker runs.
     let doubled = submit(&gateway, json!({"kind": "count", "payload": {"n": 21}})).await;
-    let (code, body) = status(&gateway, doubled, "").await;
+    let (code, body) = gateway.task(doubled, "").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["status"], "queued", "{body}");
     assert_eq!(body["kind"], "count");
@@ -166,13 +155,13 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
         (garbage, "dead"),
     ] {
         let body = eventually(DEADLINE, "the late gateway to know the task", || async {
-            let (code, body) = status(&late, id, "").await;
+            let (code, body) = late.task(id, "").await;
             (code == StatusCode::OK).then_some(body)
         })
         .await;
         assert_eq!(body["status"], expected, "{body}");
     }
-    let (_, body) = status(&late, doubled, "").await;
+    let (_, body) = late.task(doubled, "").await;
     assert_eq!(
         body["result"],
         json!({"doubled": 42}),
@@ -227,7 +216,7 @@ async fn a_worker_killed_between_its_terminal_event_and_its_ack_runs_the_task_ag
         DEADLINE,
         "the status to show the second attempt",
         || async {
-            let (_, body) = status(&gateway, id, "").await;
+            let (_, body) = gateway.task(id, "").await;
             (body["attempts"] == 2 && body["status"] == "succeeded").then_some(body)
         },
     )
@@ -245,7 +234,7 @@ async fn unknown_ids_are_404_and_a_wait_ends_on_time_with_the_current_state() {
     // Once the gateway has caught up with the stream, an id nobody accepted is 404, never
     // a made-up "pending".
     let (code, body) = eventually(DEADLINE, "a definite answer", || async {
-        let answer = status(&gateway, Uuid::new_v4(), "").await;
+        let answer = gateway.task(Uuid::new_v4(), "").await;
         (answer.0 != StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
     })
     .await;
@@ -255,13 +244,13 @@ async fn unknown_ids_are_404_and_a_wait_ends_on_time_with_the_current_state() {
     // No worker runs: a wait ends at its time with the task still queued.
     let id = submit(&gateway, json!({"kind": "sleep"})).await;
     let started = std::time::Instant::now();
-    let (code, body) = status(&gateway, id, "?wait=300ms").await;
+    let (code, body) = gateway.task(id, "?wait=300ms").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["status"], "queued");
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     // A wait that is not a duration says so.
-    let (code, body) = status(&gateway, id, "?wait=soon").await;
+    let (code, body) = gateway.task(id, "?wait=soon").await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["code"], "invalid_wait");
 
@@ -357,7 +346,7 @@ async fn with_events_off_there_is_no_stream_and_status_says_tracking_is_off() {
     let gateway = TestGateway::spawn(config).await;
 
     let id = submit(&gateway, json!({"kind": "sleep"})).await;
-    let (code, body) = status(&gateway, id, "").await;
+    let (code, body) = gateway.task(id, "").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "tracking_off");
     let response = gateway
