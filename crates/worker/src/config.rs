@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use offload_common::{BrokerArgs, LogArgs, LogFormat};
 
-use crate::RetryPolicy;
+use crate::{RetryPolicy, targets::TargetArgs};
 
 /// offload worker: consumes tasks from RabbitMQ with fair dispatch and manual acks, and runs
 /// each with the handler registered for its kind.
@@ -66,6 +66,10 @@ pub struct Config {
 
     #[command(flatten)]
     #[allow(missing_docs)]
+    pub targets: TargetArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
     pub broker: BrokerArgs,
 
     #[command(flatten)]
@@ -110,6 +114,7 @@ impl Config {
             retry_base: RetryPolicy::DEFAULT.base,
             retry_max: RetryPolicy::DEFAULT.max,
             declare_only: false,
+            targets: TargetArgs::default(),
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
                 log_format: LogFormat::Text,

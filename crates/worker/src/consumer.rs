@@ -29,7 +29,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{Config, Registry, RetryPolicy, Task, handler::HandlerFuture};
+use crate::{
+    Config, Registry, RetryPolicy, Task,
+    handler::{Completed, HandlerFuture},
+};
 
 /// The log target of every line about one task (started, completed, failed, dead-lettered,
 /// not settled), so operators can filter them as a group:
@@ -43,6 +46,9 @@ pub enum WorkerError {
     /// fix it.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// TARGETS, TARGETS_FILE or the signing secret is unusable.
+    #[error(transparent)]
+    Targets(#[from] crate::TargetsError),
 }
 
 /// Consumes until `shutdown` resolves, then stops taking deliveries, lets the tasks in hand
@@ -56,6 +62,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let session_shutdown = CancellationToken::new();
+    let registry = config.targets.register(registry)?;
     // Binding its kinds registers them: the gateway accepts tasks of a kind some worker bound.
     let topology = config.broker.topology().with_kinds(registry.kinds());
     if config.declare_only {
@@ -72,7 +79,7 @@ pub async fn run(
         let stream = topology_stream(&broker);
         EventSink::start(broker.clone(), stream).0
     });
-    let kinds = registry.kinds();
+    let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
     let context = Arc::new(Context {
         registry: Arc::new(registry),
         deadline: config.handler_timeout,
@@ -348,7 +355,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
             event
         };
         let policy = context.registry.policy(&kind).unwrap_or(context.policy);
-        let running = match context.registry.dispatch(task) {
+        let running = match context.registry.dispatch(task, context.result_max_bytes) {
             Ok(running) => running,
             Err(task) => {
                 tracing::warn!(
@@ -381,11 +388,11 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
         let began = std::time::Instant::now();
         let ran = run_handler(running, context.deadline).await;
         let mut terminal = match ran {
-            Ran::Succeeded(result) => {
+            Ran::Succeeded(completed) => {
                 let mut succeeded = event(EventType::Succeeded);
                 succeeded.duration_ms =
                     Some(u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX));
-                (succeeded.result, succeeded.error) = bounded(result, context.result_max_bytes);
+                (succeeded.result, succeeded.error) = (completed.result, completed.note);
                 (Outcome::Ack, succeeded)
             }
             // The backstop for tasks that crash their worker: the broker dead-letters a task
@@ -441,30 +448,9 @@ async fn undecodable(delivery: &Delivery, context: &Context, error: &DecodeError
     settle(delivery, context, outcome, dead).await;
 }
 
-/// The result, unless its JSON is over `max_bytes`: then none, and a note saying why.
-fn bounded(
-    result: Option<serde_json::Value>,
-    max_bytes: usize,
-) -> (Option<serde_json::Value>, Option<String>) {
-    let Some(result) = result else {
-        return (None, None);
-    };
-    let size = serde_json::to_vec(&result).map_or(usize::MAX, |json| json.len());
-    if size > max_bytes {
-        tracing::warn!(target: TASK_LOG, size, "the task's result is over RESULT_MAX_BYTES; dropping it");
-        return (
-            None,
-            Some(format!(
-                "the result ({size} bytes of JSON) was over RESULT_MAX_BYTES ({max_bytes}) and was dropped"
-            )),
-        );
-    }
-    (Some(result), None)
-}
-
 /// How one attempt ended.
 enum Ran {
-    Succeeded(Option<serde_json::Value>),
+    Succeeded(Completed),
     /// A retry may help; after the delay the handler asked for, if it did.
     Failed(String, Option<Duration>),
     /// A retry cannot help.

@@ -22,14 +22,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Delivery is at least once: after a worker crash or a lost connection the same task (same
 /// [`Task::id`]) can run again. A handler whose effects must not repeat should record the ids
 /// it has completed, or make its effect idempotent.
+///
+/// `P` is the payload's type: a handler's [`Handler::Payload`], or the JSON as sent.
 #[derive(Debug, Clone)]
-pub struct Task {
+pub struct Task<P = serde_json::Value> {
     /// The task id the gateway returned to the client. Stable across redeliveries.
     pub id: Uuid,
     /// The task kind.
     pub kind: String,
     /// The client's payload.
-    pub payload: serde_json::Value,
+    pub payload: P,
     /// When the gateway accepted the task.
     pub submitted_at: SystemTime,
     /// How many times the broker delivered this copy of the task before (0 on its first
@@ -50,26 +52,48 @@ impl Task {
             attempt,
         }
     }
+
+    /// The same task with its payload read as a `P`.
+    fn decode<P: serde::de::DeserializeOwned>(self) -> Result<Task<P>, serde_json::Error> {
+        Ok(Task {
+            payload: serde_json::from_value(self.payload)?,
+            id: self.id,
+            kind: self.kind,
+            submitted_at: self.submitted_at,
+            previous_deliveries: self.previous_deliveries,
+            attempt: self.attempt,
+        })
+    }
 }
 
 /// Runs tasks of one kind. Implement it in one file, register it with one line.
 ///
 /// ```
 /// use offload_worker::{Handler, HandlerError, Task};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Deserialize)]
+/// struct Image {
+///     url: String,
+/// }
+///
+/// #[derive(Serialize)]
+/// struct Thumbnail {
+///     thumbnail: String,
+/// }
 ///
 /// struct Resize;
 ///
 /// impl Handler for Resize {
 ///     const KIND: &'static str = "resize";
+///     /// A payload that does not fit is a permanent failure, with serde's message as reason.
+///     type Payload = Image;
 ///     /// What GET /tasks/{id} shows as the task's result; `()` for none.
-///     type Output = serde_json::Value;
+///     type Output = Thumbnail;
 ///
-///     async fn handle(&self, task: Task) -> Result<Self::Output, HandlerError> {
-///         let Some(url) = task.payload.get("url").and_then(|v| v.as_str()) else {
-///             return Err(HandlerError::permanent("payload.url must be a string"));
-///         };
-///         // ... fetch and resize `url`; `?` on any error retries the task ...
-///         Ok(serde_json::json!({"thumbnail": format!("{url}.small")}))
+///     async fn handle(&self, task: Task<Image>) -> Result<Thumbnail, HandlerError> {
+///         // ... fetch and resize `task.payload.url`; `?` on any error retries the task ...
+///         Ok(Thumbnail { thumbnail: format!("{}.small", task.payload.url) })
 ///     }
 /// }
 ///
@@ -78,6 +102,12 @@ impl Task {
 pub trait Handler: Send + Sync + 'static {
     /// The task kind this handler runs (1-64 characters of `a-z 0-9 _ . -`).
     const KIND: &'static str;
+
+    /// The payload's type, read from the task's JSON before [`Handler::handle`] runs; a
+    /// payload that does not fit is a permanent failure (dead-lettered at once) with serde's
+    /// message as its reason. `serde_json::Value` takes any payload; `Option<T>` also takes a
+    /// task posted without one.
+    type Payload: serde::de::DeserializeOwned + Send + 'static;
 
     /// The task's result, kept on the events stream and shown by GET /tasks/{id}: any
     /// `Serialize` type, `()` for none. Larger than `RESULT_MAX_BYTES` as JSON, it is dropped
@@ -89,8 +119,10 @@ pub trait Handler: Send + Sync + 'static {
     /// one the handler asked for, [`HandlerError::retry_after`]) until its last attempt, and
     /// then dead-lettered; a [permanent](HandlerError::permanent) one is dead-lettered at
     /// once.
-    fn handle(&self, task: Task)
-    -> impl Future<Output = Result<Self::Output, HandlerError>> + Send;
+    fn handle(
+        &self,
+        task: Task<Self::Payload>,
+    ) -> impl Future<Output = Result<Self::Output, HandlerError>> + Send;
 
     /// This kind's own retry policy; `None` (the default) takes the worker's `MAX_ATTEMPTS`,
     /// `RETRY_BASE` and `RETRY_MAX`.
@@ -164,28 +196,73 @@ impl fmt::Debug for HandlerError {
     }
 }
 
-/// A handler's run, boxed so handlers of different types share one map; its output as JSON
-/// (`None` for none).
-pub(crate) type HandlerFuture =
-    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, HandlerError>> + Send>>;
+/// What a finished handler leaves: its result as JSON (`None` for none), or a note saying why
+/// there is none.
+#[derive(Debug, Default)]
+pub(crate) struct Completed {
+    pub(crate) result: Option<serde_json::Value>,
+    /// Set when the handler's result was dropped (over `RESULT_MAX_BYTES`, say).
+    pub(crate) note: Option<String>,
+}
 
-/// Object-safe face of [`Handler`], so handlers of different types share one map.
-trait ErasedHandler: Send + Sync {
-    fn call(self: Arc<Self>, task: Task) -> HandlerFuture;
+impl Completed {
+    /// `result`, unless its JSON is over `max_bytes`: then none, and a note saying why.
+    pub(crate) fn bounded(result: Option<serde_json::Value>, max_bytes: usize) -> Self {
+        let Some(result) = result else {
+            return Self::default();
+        };
+        let size = serde_json::to_vec(&result).map_or(usize::MAX, |json| json.len());
+        if size > max_bytes {
+            return Self::too_large(size, max_bytes);
+        }
+        Self {
+            result: Some(result),
+            note: None,
+        }
+    }
+
+    /// No result, because the handler's was `size` bytes, over `max_bytes`.
+    pub(crate) fn too_large(size: usize, max_bytes: usize) -> Self {
+        tracing::warn!(target: crate::TASK_LOG, size, "the task's result is over RESULT_MAX_BYTES; dropping it");
+        Self {
+            result: None,
+            note: Some(format!(
+                "the result ({size} bytes of JSON) was over RESULT_MAX_BYTES ({max_bytes}) and was dropped"
+            )),
+        }
+    }
+}
+
+/// A handler's run, boxed so handlers of different types share one map.
+pub(crate) type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<Completed, HandlerError>> + Send>>;
+
+/// Object-safe face of a handler, so handlers of different types (Rust [`Handler`]s, HTTP
+/// targets) share one map.
+pub(crate) trait ErasedHandler: Send + Sync {
+    /// Runs `task`; a result over `result_max_bytes` of JSON is dropped, with a note.
+    fn call(self: Arc<Self>, task: Task, result_max_bytes: usize) -> HandlerFuture;
     fn policy(&self) -> Option<RetryPolicy>;
 }
 
-impl<H: Handler> ErasedHandler for H {
+/// A Rust [`Handler`], behind [`ErasedHandler`].
+struct Typed<H>(H);
+
+impl<H: Handler> ErasedHandler for Typed<H> {
     fn policy(&self) -> Option<RetryPolicy> {
-        self.retry_policy()
+        self.0.retry_policy()
     }
 
-    fn call(self: Arc<Self>, task: Task) -> HandlerFuture {
+    fn call(self: Arc<Self>, task: Task, result_max_bytes: usize) -> HandlerFuture {
         Box::pin(async move {
-            let output = self.handle(task).await?;
+            let kind = task.kind.clone();
+            let task = task.decode::<H::Payload>().map_err(|error| {
+                HandlerError::permanent(format!("the payload does not fit kind '{kind}': {error}"))
+            })?;
+            let output = self.0.handle(task).await?;
             match serde_json::to_value(output) {
-                Ok(serde_json::Value::Null) => Ok(None),
-                Ok(value) => Ok(Some(value)),
+                Ok(serde_json::Value::Null) => Ok(Completed::default()),
+                Ok(value) => Ok(Completed::bounded(Some(value), result_max_bytes)),
                 Err(error) => Err(HandlerError::permanent(format!(
                     "the handler's result cannot be written as JSON: {error}"
                 ))),
@@ -197,7 +274,7 @@ impl<H: Handler> ErasedHandler for H {
 /// The handlers a worker knows, by kind.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
 }
 
 impl Registry {
@@ -209,13 +286,21 @@ impl Registry {
             "handler kind {:?} is not a valid task kind",
             H::KIND
         );
-        self.handlers.insert(H::KIND, Arc::new(handler));
+        self.handlers
+            .insert(H::KIND.to_owned(), Arc::new(Typed(handler)));
+        self
+    }
+
+    /// Adds an HTTP target for its kind, replacing any handler of that kind.
+    pub(crate) fn register_target(mut self, target: crate::targets::HttpTarget) -> Self {
+        self.handlers
+            .insert(target.kind().to_owned(), Arc::new(target));
         self
     }
 
     /// The kinds this registry can run, sorted.
-    pub fn kinds(&self) -> Vec<&'static str> {
-        let mut kinds: Vec<_> = self.handlers.keys().copied().collect();
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut kinds: Vec<_> = self.handlers.keys().map(String::as_str).collect();
         kinds.sort_unstable();
         kinds
     }
@@ -226,9 +311,13 @@ impl Registry {
     }
 
     /// Starts the handler for `task`'s kind, or gives the task back if there is none.
-    pub(crate) fn dispatch(&self, task: Task) -> Result<HandlerFuture, Task> {
+    pub(crate) fn dispatch(
+        &self,
+        task: Task,
+        result_max_bytes: usize,
+    ) -> Result<HandlerFuture, Task> {
         match self.handlers.get(task.kind.as_str()) {
-            Some(handler) => Ok(Arc::clone(handler).call(task)),
+            Some(handler) => Ok(Arc::clone(handler).call(task, result_max_bytes)),
             None => Err(task),
         }
     }

@@ -9,6 +9,7 @@
 //! # struct MyHandler;
 //! # impl offload_worker::Handler for MyHandler {
 //! #     const KIND: &'static str = "mine";
+//! #     type Payload = serde_json::Value;
 //! #     type Output = ();
 //! #     async fn handle(&self, _: offload_worker::Task) -> Result<(), offload_worker::HandlerError> { Ok(()) }
 //! # }
@@ -24,6 +25,7 @@ mod consumer;
 mod handler;
 pub mod handlers;
 mod retry;
+mod targets;
 
 pub use config::{
     Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
@@ -32,3 +34,4 @@ pub use config::{
 pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
 pub use retry::RetryPolicy;
+pub use targets::{DEFAULT_TARGET_TIMEOUT, SigningSecret, TargetArgs, TargetsError};

@@ -13,6 +13,7 @@ struct Panics;
 
 impl Handler for Panics {
     const KIND: &'static str = "panic";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
@@ -28,6 +29,7 @@ struct Crashes;
 
 impl Handler for Crashes {
     const KIND: &'static str = "crash";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
@@ -41,6 +43,7 @@ struct Flaky;
 
 impl Handler for Flaky {
     const KIND: &'static str = "flaky";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {

@@ -213,6 +213,7 @@ struct AlwaysFails;
 
 impl Handler for AlwaysFails {
     const KIND: &'static str = "always-fails";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
@@ -229,6 +230,7 @@ struct Counted {
 
 impl Handler for Counted {
     const KIND: &'static str = "counted";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {

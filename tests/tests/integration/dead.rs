@@ -30,6 +30,7 @@ struct Switch {
 
 impl Handler for Switch {
     const KIND: &'static str = "count";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {

@@ -124,6 +124,7 @@ struct Stamps(Arc<Mutex<Vec<(uuid::Uuid, Instant)>>>);
 
 impl Handler for Stamps {
     const KIND: &'static str = "count";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {

@@ -354,6 +354,7 @@ struct Resize;
 
 impl offload_worker::Handler for Resize {
     const KIND: &'static str = "resize";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(

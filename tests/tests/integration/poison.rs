@@ -117,6 +117,7 @@ struct AlwaysPanics(Arc<AtomicUsize>);
 
 impl Handler for AlwaysPanics {
     const KIND: &'static str = "explode";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
@@ -130,6 +131,7 @@ struct Counts(Arc<AtomicUsize>);
 
 impl Handler for Counts {
     const KIND: &'static str = "count";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {

@@ -193,6 +193,7 @@ struct Hangs(Arc<AtomicUsize>);
 
 impl Handler for Hangs {
     const KIND: &'static str = "hang";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {

@@ -24,6 +24,7 @@ struct Flaky {
 
 impl Handler for Flaky {
     const KIND: &'static str = "count";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {

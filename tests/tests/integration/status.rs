@@ -27,6 +27,7 @@ struct Double;
 
 impl Handler for Double {
     const KIND: &'static str = "count";
+    type Payload = serde_json::Value;
     type Output = Value;
 
     async fn handle(&self, task: Task) -> Result<Value, HandlerError> {
@@ -40,6 +41,7 @@ struct FailsOnce(Arc<AtomicUsize>);
 
 impl Handler for FailsOnce {
     const KIND: &'static str = "explode";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, task: Task) -> Result<(), HandlerError> {
@@ -56,6 +58,7 @@ struct AlwaysFails;
 
 impl Handler for AlwaysFails {
     const KIND: &'static str = "always-fails";
+    type Payload = serde_json::Value;
     type Output = ();
 
     async fn handle(&self, _task: Task) -> Result<(), HandlerError> {

@@ -3,7 +3,7 @@
 
 mod sleep;
 
-pub use sleep::Sleep;
+pub use sleep::{Sleep, SleepPayload};
 
 use crate::{Config, Registry};
 

@@ -3,7 +3,18 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use crate::{Handler, HandlerError, Task};
+
+/// A `sleep` task's payload: `{"message": "Hello..."}`; no payload, or no message, is zero
+/// work.
+#[derive(Debug, Default, Deserialize)]
+pub struct SleepPayload {
+    /// One unit of work per `.`.
+    #[serde(default)]
+    pub message: Option<String>,
+}
 
 /// Sleeps one unit per `.` in `payload.message`; a task without a message is zero work.
 #[derive(Debug, Clone)]
@@ -20,16 +31,10 @@ impl Sleep {
     }
 
     /// How long `payload` takes.
-    fn work(&self, payload: &serde_json::Value) -> Result<Duration, HandlerError> {
-        let dots = match payload.get("message") {
-            None | Some(serde_json::Value::Null) => 0,
-            Some(serde_json::Value::String(message)) => message.matches('.').count(),
-            Some(_) => {
-                return Err(HandlerError::permanent(
-                    "payload.message must be a string (one unit of work per '.')",
-                ));
-            }
-        };
+    fn work(&self, payload: Option<&SleepPayload>) -> Result<Duration, HandlerError> {
+        let dots = payload
+            .and_then(|payload| payload.message.as_deref())
+            .map_or(0, |message| message.matches('.').count());
         let dots = u32::try_from(dots)
             .ok()
             .filter(|dots| *dots <= self.max_units)
@@ -45,10 +50,11 @@ impl Sleep {
 
 impl Handler for Sleep {
     const KIND: &'static str = "sleep";
+    type Payload = Option<SleepPayload>;
     type Output = ();
 
-    async fn handle(&self, task: Task) -> Result<(), HandlerError> {
-        let work = self.work(&task.payload)?;
+    async fn handle(&self, task: Task<Self::Payload>) -> Result<(), HandlerError> {
+        let work = self.work(task.payload.as_ref())?;
         // A zero-length sleep still waits for the timer's next tick (a millisecond), which
         // would cap a worker at about a thousand empty tasks a second.
         if !work.is_zero() {
@@ -65,10 +71,17 @@ mod tests {
 
     use super::*;
 
+    fn payload(json: serde_json::Value) -> Result<Option<SleepPayload>, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn one_unit_per_dot() {
         let sleep = Sleep::new(Duration::from_millis(10), 60);
-        let work = |payload| sleep.work(&payload).map_err(|e| e.to_string());
+        let work = |json| {
+            let payload = payload(json).expect("fits");
+            sleep.work(payload.as_ref()).map_err(|e| e.to_string())
+        };
         assert_eq!(
             work(json!({"message": "Hello..."})),
             Ok(Duration::from_millis(30))
@@ -79,26 +92,26 @@ mod tests {
     }
 
     #[test]
-    fn a_message_that_is_not_text_is_a_permanent_failure() {
-        let sleep = Sleep::new(Duration::from_millis(10), 60);
-        let error = sleep
-            .work(&json!({"message": 3}))
-            .expect_err("numbers are refused");
-        assert!(!error.is_retryable());
+    fn payloads_that_do_not_fit_are_refused_by_serde() {
+        let error = payload(json!({"message": 3})).expect_err("numbers are refused");
+        assert!(error.contains("expected a string"), "{error}");
+        let error = payload(json!("not an object")).expect_err("a string is refused");
+        assert!(error.contains("invalid type"), "{error}");
     }
 
     #[test]
     fn more_than_the_maximum_is_a_permanent_failure() {
         let sleep = Sleep::new(Duration::from_millis(10), 3);
+        let work = |message: &str| {
+            sleep.work(Some(&SleepPayload {
+                message: Some(message.to_owned()),
+            }))
+        };
         assert_eq!(
-            sleep
-                .work(&json!({"message": "..."}))
-                .map_err(|e| e.to_string()),
+            work("...").map_err(|e| e.to_string()),
             Ok(Duration::from_millis(30))
         );
-        let error = sleep
-            .work(&json!({"message": "...."}))
-            .expect_err("four is over three");
+        let error = work("....").expect_err("four is over three");
         assert!(!error.is_retryable());
         assert!(error.to_string().contains("SLEEP_MAX_UNITS"), "{error}");
     }
