@@ -94,15 +94,35 @@ impl TestGateway {
 
     /// Posts a `sleep` task with `message` and returns its id, asserting a 202.
     pub async fn submit_sleep(&self, message: &str) -> uuid::Uuid {
-        let response = self
-            .post_task(&serde_json::json!({"kind": "sleep", "payload": {"message": message}}))
-            .await;
+        self.submit(&serde_json::json!({"kind": "sleep", "payload": {"message": message}}))
+            .await
+    }
+
+    /// Posts `body` as a task and returns its id, asserting a 202.
+    pub async fn submit(&self, body: &serde_json::Value) -> uuid::Uuid {
+        let response = self.post_task(body).await;
         assert_eq!(response.status(), 202, "task accepted");
         let body: serde_json::Value = response.json().await.expect("JSON body");
         body["id"]
             .as_str()
             .and_then(|id| id.parse().ok())
             .expect("the 202 body has a task id")
+    }
+
+    /// Waits (with the API's own `?wait=`) until task `id` is `succeeded` or `dead`, and
+    /// returns its status.
+    pub async fn finished(
+        &self,
+        id: uuid::Uuid,
+        deadline: std::time::Duration,
+    ) -> serde_json::Value {
+        crate::eventually(deadline, &format!("task {id} to end"), || async {
+            let (code, body) = self.task(id, "?wait=5s").await;
+            (code == reqwest::StatusCode::OK
+                && matches!(body["status"].as_str(), Some("succeeded" | "dead")))
+            .then_some(body)
+        })
+        .await
     }
 
     /// `GET /health`.

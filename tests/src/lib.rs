@@ -7,6 +7,7 @@ pub mod campaign;
 pub mod gateway;
 pub mod proxy;
 pub mod queue;
+pub mod target;
 mod tls;
 pub mod wait;
 pub mod worker;
@@ -15,6 +16,7 @@ pub use broker::{PrivateBroker, TlsListener};
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::{TEST_KINDS, TestQueue, header_text, publish_confirmed};
+pub use target::{Example, ExampleTarget};
 pub use wait::{eventually, eventually_ok};
 pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess, declare_kinds};
 

@@ -2,7 +2,8 @@
 //! manual acks, run each with the [`Handler`] registered for its kind, drain on shutdown.
 //!
 //! The `offload-worker` binary runs [`run`] with the built-in [`handlers`]. To run your own
-//! kinds, write a binary that registers them:
+//! kinds, write a binary that registers them (`examples/rust-worker` is one, whole); it takes
+//! the same flags and environment, HTTP targets included:
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), offload_worker::WorkerError> {
@@ -16,7 +17,7 @@
 //! use clap::Parser;
 //! let config = offload_worker::Config::parse();
 //! let registry = offload_worker::handlers::builtin(&config).register(MyHandler);
-//! offload_worker::run(config, registry, offload_common::shutdown::signal()).await
+//! offload_worker::run(config, registry, offload_worker::shutdown_signal()).await
 //! # }
 //! ```
 
@@ -33,5 +34,6 @@ pub use config::{
 };
 pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
+pub use offload_common::shutdown::signal as shutdown_signal;
 pub use retry::RetryPolicy;
 pub use targets::{DEFAULT_TARGET_TIMEOUT, SigningSecret, TargetArgs, TargetsError};

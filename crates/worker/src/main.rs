@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     let config = Config::parse();
     config.log.init();
     let registry = handlers::builtin(&config);
-    match offload_worker::run(config, registry, offload_common::shutdown::signal()).await {
+    match offload_worker::run(config, registry, offload_worker::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -18,3 +18,4 @@ mod resilience;
 mod retries;
 mod shutdown;
 mod status;
+mod targets;

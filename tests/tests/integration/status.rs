@@ -73,26 +73,6 @@ fn registry() -> Registry {
         .register(AlwaysFails)
 }
 
-async fn submit(gateway: &TestGateway, body: Value) -> Uuid {
-    let response = gateway.post_task(&body).await;
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let body: Value = response.json().await.expect("JSON");
-    body["id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
-        .expect("an id")
-}
-
-/// Waits (with the API's own ?wait=) until the task is terminal.
-async fn finished(gateway: &TestGateway, id: Uuid) -> Value {
-    eventually(DEADLINE, "the task to end", || async {
-        let (code, body) = gateway.task(id, "?wait=5s").await;
-        (code == StatusCode::OK && matches!(body["status"].as_str(), Some("succeeded" | "dead")))
-            .then_some(body)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them() {
     const LIMIT: u32 = 1;
@@ -103,15 +83,17 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
     let gateway = TestGateway::spawn(config.clone()).await;
 
     // Queued, visible at once from the gateway that accepted it, before any worker runs.
-    let doubled = submit(&gateway, json!({"kind": "count", "payload": {"n": 21}})).await;
+    let doubled = gateway
+        .submit(&json!({"kind": "count", "payload": {"n": 21}}))
+        .await;
     let (code, body) = gateway.task(doubled, "").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["status"], "queued", "{body}");
     assert_eq!(body["kind"], "count");
     assert!(body["submitted_at"].is_string(), "{body}");
 
-    let retried = submit(&gateway, json!({"kind": "explode"})).await;
-    let hopeless = submit(&gateway, json!({"kind": "always-fails"})).await;
+    let retried = gateway.submit(&json!({"kind": "explode"})).await;
+    let hopeless = gateway.submit(&json!({"kind": "always-fails"})).await;
     // A message that is not a task, with an id a client could know.
     let garbage = Uuid::new_v4();
     queue
@@ -127,7 +109,7 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
     worker_config.retry_base = Duration::ZERO;
     let worker = InProcessWorker::start(worker_config, registry());
 
-    let body = finished(&gateway, doubled).await;
+    let body = gateway.finished(doubled, DEADLINE).await;
     assert_eq!(body["status"], "succeeded", "{body}");
     assert_eq!(body["result"], json!({"doubled": 42}));
     assert_eq!(body["attempts"], 1);
@@ -136,16 +118,16 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
         "{body}"
     );
 
-    let body = finished(&gateway, retried).await;
+    let body = gateway.finished(retried, DEADLINE).await;
     assert_eq!(body["status"], "succeeded", "{body}");
     assert_eq!(body["attempts"], 2, "failed once, then succeeded: {body}");
 
-    let body = finished(&gateway, hopeless).await;
+    let body = gateway.finished(hopeless, DEADLINE).await;
     assert_eq!(body["status"], "dead", "{body}");
     assert_eq!(body["reason"], "max_attempts", "{body}");
     assert_eq!(body["error"], "it never works", "{body}");
 
-    let body = finished(&gateway, garbage).await;
+    let body = gateway.finished(garbage, DEADLINE).await;
     assert_eq!(body["status"], "dead", "{body}");
     assert_eq!(body["reason"], "undecodable", "{body}");
 
@@ -194,7 +176,7 @@ async fn a_worker_killed_between_its_terminal_event_and_its_ack_runs_the_task_ag
     // The event reaches the broker; everything the worker sends after it (its ack) does not.
     proxy.hold_client_after(br#""type":"succeeded""#);
     let id = gateway.submit_sleep("once or more").await;
-    let body = finished(&gateway, id).await;
+    let body = gateway.finished(id, DEADLINE).await;
     assert_eq!(body["status"], "succeeded", "{body}");
     assert_eq!(body["attempts"], 1, "{body}");
     assert!(proxy.tripped(), "the worker's ack was held back");
@@ -245,7 +227,7 @@ async fn unknown_ids_are_404_and_a_wait_ends_on_time_with_the_current_state() {
     assert_eq!(body["code"], "unknown_task");
 
     // No worker runs: a wait ends at its time with the task still queued.
-    let id = submit(&gateway, json!({"kind": "sleep"})).await;
+    let id = gateway.submit(&json!({"kind": "sleep"})).await;
     let started = std::time::Instant::now();
     let (code, body) = gateway.task(id, "?wait=300ms").await;
     assert_eq!(code, StatusCode::OK);
@@ -348,7 +330,7 @@ async fn with_events_off_there_is_no_stream_and_status_says_tracking_is_off() {
     config.broker.events = false;
     let gateway = TestGateway::spawn(config).await;
 
-    let id = submit(&gateway, json!({"kind": "sleep"})).await;
+    let id = gateway.submit(&json!({"kind": "sleep"})).await;
     let (code, body) = gateway.task(id, "").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "tracking_off");

@@ -1,0 +1,317 @@
+//! HTTP targets, with the real example apps of `examples/` (Flask, Express) as targets: signed
+//! calls, round robin over two workers into one app, results, retries after backoff or after
+//! `Retry-After`, permanent failures dead with the answer in their reason, timeouts, and the
+//! per-target concurrency limit. Also: typed payloads of Rust handlers.
+
+use std::{collections::HashMap, io::Write, time::Duration};
+
+use offload_tests::{
+    Example, ExampleTarget, InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess,
+    amqp_url, header_text,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const SECRET: &str = "whsec_integration";
+/// One `.` of the tutorial's work, in the examples.
+const SECONDS_PER_DOT: f64 = 0.05;
+
+#[tokio::test]
+async fn the_python_example_runs_tasks_for_offload() {
+    whole_loop(Example::Python).await;
+}
+
+#[tokio::test]
+async fn the_node_example_runs_tasks_for_offload() {
+    whole_loop(Example::Node).await;
+}
+
+/// One example app behind three kinds (plain, limited to 2 calls in flight per worker, and
+/// cut off after 500 ms), two workers, and every behaviour the answers decide.
+async fn whole_loop(example: Example) {
+    let target = ExampleTarget::start(example, SECRET, SECONDS_PER_DOT).await;
+    refuses_bad_signatures(&target.url()).await;
+
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, &format!("targets-{example:?}").to_lowercase(), 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+    write!(
+        file,
+        r#"
+[targets.work]
+url = "{url}"
+
+[targets.limited]
+url = "{url}"
+concurrency = 2
+
+[targets.hang]
+url = "{url}"
+timeout = "500ms"
+"#,
+        url = target.url()
+    )
+    .expect("write TARGETS_FILE");
+    let options = WorkerOptions {
+        prefetch: 8,
+        env: vec![
+            ("TARGETS_FILE", file.path().display().to_string()),
+            ("TARGET_SIGNING_SECRET", SECRET.into()),
+            ("MAX_ATTEMPTS", "3".into()),
+            ("RETRY_BASE", "1s".into()),
+        ],
+        ..WorkerOptions::default()
+    };
+    let workers = [
+        WorkerProcess::start(&url, queue.name(), &options).await,
+        WorkerProcess::start(&url, queue.name(), &options).await,
+    ];
+
+    // Submitted together, so the slow ones overlap.
+    let flaky = gateway
+        .submit(&json!({"kind": "work", "payload": {"message": ".", "fail_attempts": 2}}))
+        .await;
+    let patient = gateway
+        .submit(&json!({"kind": "work", "payload": {"message": "", "fail_attempts": 1, "retry_after": 3}}))
+        .await;
+    let refused = gateway
+        .submit(&json!({"kind": "work", "payload": {"message": 5}}))
+        .await;
+    let hanging = gateway
+        .submit(&json!({"kind": "hang", "payload": {"message": ".".repeat(100)}}))
+        .await;
+    let mut plain = Vec::new();
+    for _ in 0..10 {
+        plain.push(
+            gateway
+                .submit(&json!({"kind": "work", "payload": {"message": "...."}}))
+                .await,
+        );
+    }
+    let mut limited = Vec::new();
+    for _ in 0..12 {
+        limited.push(
+            gateway
+                .submit(&json!({"kind": "limited", "payload": {"message": "...."}}))
+                .await,
+        );
+    }
+
+    // Round robin into one app, each answer's JSON the task's result.
+    for id in &plain {
+        let status = gateway.finished(*id, DEADLINE).await;
+        assert_eq!(status["status"], "succeeded", "{status}");
+        assert_eq!(status["result"]["dots"], 4, "{status}");
+    }
+    let ran_by: Vec<usize> = workers
+        .iter()
+        .map(|worker| {
+            let started = worker.started();
+            plain.iter().filter(|id| started.contains(id)).count()
+        })
+        .collect();
+    assert!(
+        ran_by.iter().all(|n| *n >= 2) && ran_by.iter().sum::<usize>() == plain.len(),
+        "the two workers share the tasks: {ran_by:?}"
+    );
+
+    // Concurrency: never more than 2 calls in flight from one worker, and 2 were.
+    let mut spans: HashMap<usize, Vec<(f64, f64)>> = HashMap::new();
+    for id in &limited {
+        let status = gateway.finished(*id, DEADLINE).await;
+        assert_eq!(status["status"], "succeeded", "{status}");
+        let worker = workers
+            .iter()
+            .position(|worker| worker.started().contains(id))
+            .expect("some worker started it");
+        let result = &status["result"];
+        spans.entry(worker).or_default().push((
+            result["started"].as_f64().expect("started"),
+            result["finished"].as_f64().expect("finished"),
+        ));
+    }
+    let most = spans.values().map(|spans| most_at_once(spans)).max();
+    assert_eq!(most, Some(2), "calls in flight per worker: {spans:?}");
+
+    // Fails twice (503 without Retry-After), succeeds on its last attempt after the backoff.
+    let status = gateway.finished(flaky, DEADLINE).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["attempts"], 3, "{status}");
+    let took = elapsed(&status);
+    assert!(
+        took >= Duration::from_millis(2500),
+        "backoff of about 1 s then 2 s: {took:?}"
+    );
+
+    // 503 with Retry-After: 3, where the backoff would have been about 1 s.
+    let status = gateway.finished(patient, DEADLINE).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["attempts"], 2, "{status}");
+    let took = elapsed(&status);
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "Retry-After honoured: {took:?}"
+    );
+
+    // 422: dead at once, the answer in its reason.
+    let status = gateway.finished(refused, DEADLINE).await;
+    assert_eq!(status["status"], "dead", "{status}");
+    assert_eq!(status["attempts"], 1, "{status}");
+    let error = status["error"].as_str().expect("an error");
+    assert!(
+        error.contains("422") && error.contains("payload.message must be a string"),
+        "{error}"
+    );
+
+    // Cut off after 500 ms at each of its three attempts, then dead.
+    let status = gateway.finished(hanging, DEADLINE).await;
+    assert_eq!(status["status"], "dead", "{status}");
+    assert_eq!(status["attempts"], 3, "{status}");
+    let error = status["error"].as_str().expect("an error");
+    assert!(error.contains("did not answer within 500ms"), "{error}");
+
+    // Both dead tasks are in the dead-letter queue, with offload's reasons.
+    let mut reasons = Vec::new();
+    while let Some(message) = queue.take_dead().await {
+        reasons.push(header_text(&message, "x-offload-reason").unwrap_or_default());
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["max_attempts", "rejected"]);
+}
+
+/// The example itself refuses calls without offload's signature.
+async fn refuses_bad_signatures(target: &str) {
+    let client = reqwest::Client::new();
+    let body = json!({"id": Uuid::new_v4(), "kind": "work", "payload": {"message": "."}, "attempt": 1, "submitted_at": "2026-11-29T00:00:00Z"}).to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let good = secret(SECRET).sign(now, body.as_bytes());
+    let forged = secret("not the secret").sign(now, body.as_bytes());
+    let stale = secret(SECRET).sign(now - 3600, body.as_bytes());
+    for (signature, expected) in [
+        (Some(good.as_str()), StatusCode::OK),
+        (Some(forged.as_str()), StatusCode::UNAUTHORIZED),
+        (Some(stale.as_str()), StatusCode::UNAUTHORIZED),
+        (None, StatusCode::UNAUTHORIZED),
+    ] {
+        let mut request = client
+            .post(target)
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(signature) = signature {
+            request = request.header("offload-signature", signature);
+        }
+        let response = request.send().await.expect("the example answers");
+        assert_eq!(response.status(), expected, "signature {signature:?}");
+    }
+}
+
+fn secret(text: &str) -> offload_worker::SigningSecret {
+    text.parse().expect("a valid secret")
+}
+
+/// Most spans overlapping at one instant.
+fn most_at_once(spans: &[(f64, f64)]) -> usize {
+    let mut edges: Vec<(f64, i32)> = spans
+        .iter()
+        .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
+        .collect();
+    // Ends before starts at the same instant.
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0, 0);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    usize::try_from(most).expect("never negative")
+}
+
+/// From submission to the end of the task.
+fn elapsed(status: &Value) -> Duration {
+    let time = |field: &str| {
+        humantime::parse_rfc3339_weak(status[field].as_str().expect("a time")).expect("RFC 3339")
+    };
+    time("finished_at")
+        .duration_since(time("submitted_at"))
+        .unwrap_or_default()
+}
+
+/// A Rust handler's payload that does not fit its type is dead at once, with serde's message:
+/// `sleep` with a string payload used to report success.
+#[tokio::test]
+async fn a_payload_that_does_not_fit_the_handlers_type_is_dead_with_serdes_message() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "payload-type", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let config = offload_worker::Config::new(&url, queue.name());
+    let _worker =
+        InProcessWorker::start(config.clone(), offload_worker::handlers::builtin(&config));
+    for (payload, expected) in [
+        (json!("not an object"), "invalid type: string"),
+        (json!({"message": 123}), "expected a string"),
+    ] {
+        let id = gateway
+            .submit(&json!({"kind": "sleep", "payload": payload}))
+            .await;
+        let status = gateway.finished(id, DEADLINE).await;
+        assert_eq!(status["status"], "dead", "{status}");
+        let error = status["error"].as_str().expect("an error");
+        assert!(
+            error.contains("does not fit kind 'sleep'") && error.contains(expected),
+            "{error}"
+        );
+    }
+    let fine = gateway.submit(&json!({"kind": "sleep"})).await;
+    assert_eq!(
+        gateway.finished(fine, DEADLINE).await["status"],
+        "succeeded"
+    );
+}
+
+/// `examples/rust-worker`: a crate of its own on the worker library, with its own kind beside
+/// the built-in ones, configured like `offload-worker`.
+#[tokio::test]
+async fn the_rust_worker_example_runs_its_own_kind_beside_the_builtin_ones() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "rust-example", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let _worker = WorkerProcess::start(
+        &url,
+        queue.name(),
+        &WorkerOptions {
+            binary: "rust-worker-example-under-test",
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    let reversed = gateway
+        .submit(&json!({"kind": "reverse", "payload": {"text": "stressed"}}))
+        .await;
+    let misfit = gateway
+        .submit(&json!({"kind": "reverse", "payload": {"words": "stressed"}}))
+        .await;
+    let slept = gateway.submit_sleep("..").await;
+    let status = gateway.finished(reversed, DEADLINE).await;
+    assert_eq!(
+        status["result"],
+        json!({"reversed": "desserts"}),
+        "{status}"
+    );
+    let status = gateway.finished(misfit, DEADLINE).await;
+    assert_eq!(status["status"], "dead", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("missing field `text`")),
+        "{status}"
+    );
+    assert_eq!(
+        gateway.finished(slept, DEADLINE).await["status"],
+        "succeeded"
+    );
+}
