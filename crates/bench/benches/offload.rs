@@ -16,11 +16,13 @@ use offload_bench::{
     process::{self, Process},
     slow::{self, Attack},
     stats::{self, Line, millis, percent, percentile, rate},
+    target::Target,
 };
 
 /// The benchmark. Every figure is measured beside its ceiling in the same run.
 #[derive(Debug, Parser)]
 #[command(name = "offload-bench")]
+#[allow(clippy::struct_excessive_bools)] // command-line switches, each its own flag
 struct Args {
     /// How long each throughput and latency measurement runs (after a warm-up of a fifth).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -52,6 +54,10 @@ struct Args {
     #[arg(long, conflicts_with = "drain_only")]
     publish_only: bool,
 
+    /// Measure only HTTP-target tasks (quick, when working on targets); writes no report.
+    #[arg(long, conflicts_with_all = ["drain_only", "publish_only"])]
+    targets_only: bool,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -75,6 +81,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = amqp_url();
     let queue = BenchQueue::declare(&url, "run").await?;
     let mut lines = Vec::new();
+    if args.targets_only {
+        lines.extend(http_targets(&args, &url, &queue).await?);
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
 
     // Drains first: the end-to-end measure runs at a rate one worker can keep up with.
     let mut worker_peak = 0;
@@ -116,6 +128,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(e2e);
     worker_peak = worker_peak.max(peak);
     lines.extend(scheduled(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await);
+    lines.extend(http_targets(&args, &url, &queue).await?);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
     queue.delete().await;
@@ -436,7 +449,8 @@ async fn end_to_end(
     offered: f64,
 ) -> (Option<Line>, u64) {
     eprintln!("end to end at {}: 202 to task started ...", rate(offered));
-    let (worker, log) = process::start_worker(Path::new(WORKER), url, queue.name(), 1, true, true);
+    let (worker, log) =
+        process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[], true);
     let run = http::open_loop(tasks_url, offered, args.length, args.connections).await;
     let accepted = u64::try_from(run.accepted.len()).unwrap_or(u64::MAX);
     let line = match log.drained(accepted, DRAIN_DEADLINE).await {
@@ -475,7 +489,8 @@ async fn scheduled(
         humantime::format_duration(SCHEDULED_DELAY),
         rate(offered)
     );
-    let (_worker, log) = process::start_worker(Path::new(WORKER), url, queue.name(), 1, true, true);
+    let (_worker, log) =
+        process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[], true);
     // Plain tasks throughout, until the scheduled ones are due and a little after.
     let (load_url, connections) = (tasks_url.to_owned(), args.connections);
     let load = tokio::spawn(async move {
@@ -568,9 +583,9 @@ async fn drain(
             "drain at prefetch {prefetch}, round {round} of {}: {} tasks ...",
             args.rounds, args.tasks
         );
-        broker::fill(url, queue.name(), args.tasks).await?;
+        broker::fill(url, queue.name(), "sleep", args.tasks).await?;
         raw.push(broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?);
-        broker::fill(url, queue.name(), args.tasks).await?;
+        broker::fill(url, queue.name(), "sleep", args.tasks).await?;
         let (worker, drained) =
             drain_with_worker(url, queue.name(), prefetch, events, args.tasks).await;
         peak = peak.max(worker.peak_rss().unwrap_or(0));
@@ -600,6 +615,94 @@ async fn drain(
         met: target.map(|t| offload / raw >= t),
     };
     Ok((line, offload, peak))
+}
+
+/// HTTP-target tasks: one worker at prefetch 100 calling a target that answers at once,
+/// beside the target alone under 100 callers and the raw consume-and-ack ceiling (medians of
+/// `args.rounds`); and the worker's memory with 1,000 calls in flight.
+async fn http_targets(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+) -> Result<Vec<Line>, lapin::Error> {
+    const PREFETCH: u16 = 100;
+    const HELD: u16 = 1000;
+    let target = Target::start().await;
+    let targets = format!("http={}", target.url());
+    let env = [("TARGETS", targets.as_str())];
+    let (mut raw, mut alone, mut offload) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        eprintln!(
+            "HTTP targets, round {round} of {}: {} tasks ...",
+            args.rounds, args.tasks
+        );
+        broker::fill(url, queue.name(), "http", args.tasks).await?;
+        raw.push(broker::drain_ceiling(url, queue.name(), PREFETCH, args.tasks).await?);
+        alone.push(target.alone(usize::from(PREFETCH), args.length).await);
+        broker::fill(url, queue.name(), "http", args.tasks).await?;
+        let (worker, log) = process::start_worker(
+            Path::new(WORKER),
+            url,
+            queue.name(),
+            (PREFETCH, false),
+            &env,
+            false,
+        );
+        let drained = log.drained(args.tasks, DRAIN_DEADLINE).await;
+        drop(worker);
+        queue.purge().await?;
+        offload.push(drained.map_or(0.0, |took| broker::per_second(args.tasks, took)));
+    }
+    let (raw, alone, offload) = (
+        stats::median(&mut raw),
+        stats::median(&mut alone),
+        stats::median(&mut offload),
+    );
+    let ceiling = raw.min(alone);
+    let mut lines = vec![Line {
+        measure: format!(
+            "HTTP-target tasks, one worker, prefetch {PREFETCH}, EVENTS=off (median of {}; ceiling: the lower of raw consume-and-ack {} and the target alone {})",
+            args.rounds,
+            rate(raw),
+            rate(alone)
+        ),
+        offload: rate(offload),
+        ceiling: rate(ceiling),
+        ratio: percent(offload / ceiling),
+        target: ">= 70%".into(),
+        met: Some(offload / ceiling >= 0.7),
+    }];
+
+    eprintln!("HTTP targets: {HELD} calls in flight ...");
+    target.hold(true);
+    broker::fill(url, queue.name(), "http", u64::from(HELD)).await?;
+    let (worker, log) = process::start_worker(
+        Path::new(WORKER),
+        url,
+        queue.name(),
+        (HELD, false),
+        &env,
+        false,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while target.in_flight() < u64::from(HELD) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let in_flight = target.in_flight();
+    let peak = worker.peak_rss().unwrap_or(0);
+    target.hold(false);
+    let _ = log.drained(u64::from(HELD), DRAIN_DEADLINE).await;
+    drop(worker);
+    queue.purge().await?;
+    lines.push(Line {
+        measure: format!("worker peak resident memory, {in_flight} HTTP calls in flight"),
+        offload: stats::mib(peak),
+        ceiling: String::new(),
+        ratio: String::new(),
+        target: "< 64 MiB".into(),
+        met: Some(in_flight == u64::from(HELD) && peak < 64 * 1024 * 1024),
+    });
+    Ok(lines)
 }
 
 fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
@@ -642,8 +745,14 @@ async fn drain_with_worker(
     events: bool,
     tasks: u64,
 ) -> (Process, Option<Duration>) {
-    let (worker, log) =
-        process::start_worker(Path::new(WORKER), url, queue, prefetch, events, false);
+    let (worker, log) = process::start_worker(
+        Path::new(WORKER),
+        url,
+        queue,
+        (prefetch, events),
+        &[],
+        false,
+    );
     let drained = log.drained(tasks, DRAIN_DEADLINE).await;
     (worker, drained)
 }

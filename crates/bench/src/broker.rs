@@ -72,9 +72,10 @@ impl BenchQueue {
     }
 }
 
-/// A zero-work task exactly as the gateway would publish it: its body and properties.
-pub fn zero_work_task() -> (Vec<u8>, BasicProperties) {
-    let kind = TaskKind::try_from("sleep").expect("'sleep' is a valid kind");
+/// A zero-work task of `kind` exactly as the gateway would publish it: its body and
+/// properties.
+pub fn zero_work_task(kind: &str) -> (Vec<u8>, BasicProperties) {
+    let kind = TaskKind::try_from(kind).expect("the benchmark's kinds are valid");
     let task = TaskEnvelope::new(kind, serde_json::json!({"message": "bench"}));
     (task.to_bytes(), task.properties())
 }
@@ -98,7 +99,7 @@ pub async fn publish_ceiling(
     length: Duration,
 ) -> Result<f64, lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
-    let (body, properties) = zero_work_task();
+    let (body, properties) = zero_work_task("sleep");
     let confirmed = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let mut publishers = Vec::new();
@@ -157,10 +158,11 @@ pub fn per_second(count: u64, elapsed: Duration) -> f64 {
     count / elapsed.as_secs_f64()
 }
 
-/// Puts `count` zero-work tasks on `queue`, confirmed, as fast as the broker takes them.
-pub async fn fill(url: &str, queue: &str, count: u64) -> Result<(), lapin::Error> {
+/// Puts `count` zero-work tasks of `kind` on `queue`, confirmed, as fast as the broker takes
+/// them.
+pub async fn fill(url: &str, queue: &str, kind: &str, count: u64) -> Result<(), lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
-    let (body, properties) = zero_work_task();
+    let (body, properties) = zero_work_task(kind);
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for _ in 0..count {
         let confirm = channel

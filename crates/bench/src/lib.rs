@@ -8,13 +8,15 @@
 //!   worker's log read as it is written;
 //! - [`http`]: `POST /tasks` closed-loop (throughput) and open-loop (latency at a rate);
 //! - [`slow`]: hostile clients (never-ending heads and bodies) for the memory bound;
-//! - [`stats`]: percentiles and the report.
+//! - [`stats`]: percentiles and the report;
+//! - [`target`]: an HTTP target that answers at once, for HTTP-target tasks.
 
 pub mod broker;
 pub mod http;
 pub mod process;
 pub mod slow;
 pub mod stats;
+pub mod target;
 
 /// The broker the benchmark uses: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {

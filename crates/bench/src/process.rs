@@ -85,14 +85,15 @@ pub struct WorkerLog {
     pub started: Mutex<Vec<(Uuid, SystemTime)>>,
 }
 
-/// Starts the worker binary with `prefetch` and lifecycle events on or off, reading its JSON log as it comes. With
-/// `record_starts`, every "task started" line is parsed for its task id and timestamp.
+/// Starts the worker binary with `prefetch`, lifecycle events on or off and `env` on top,
+/// reading its JSON log as it comes. With `record_starts`, every "task started" line is
+/// parsed for its task id and timestamp.
 pub fn start_worker(
     binary: &Path,
     url: &str,
     queue: &str,
-    prefetch: u16,
-    events: bool,
+    (prefetch, events): (u16, bool),
+    env: &[(&str, &str)],
     record_starts: bool,
 ) -> (Process, Arc<WorkerLog>) {
     let mut child = Command::new(binary)
@@ -101,6 +102,7 @@ pub fn start_worker(
         .env("PREFETCH", prefetch.to_string())
         .env("EVENTS", if events { "on" } else { "off" })
         .env("LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

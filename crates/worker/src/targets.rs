@@ -19,7 +19,7 @@ use reqwest::{
     StatusCode, Url,
     header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 
@@ -265,6 +265,16 @@ fn read_file(path: &Path) -> Result<TargetsFile, TargetsError> {
     })
 }
 
+/// The body of a call, in the order docs/TARGETS.md shows.
+#[derive(Serialize)]
+struct Call<'a> {
+    id: uuid::Uuid,
+    kind: &'a str,
+    payload: &'a serde_json::Value,
+    attempt: u32,
+    submitted_at: String,
+}
+
 /// A task kind run by POSTing the task to a URL.
 pub(crate) struct HttpTarget {
     kind: String,
@@ -351,13 +361,13 @@ impl HttpTarget {
             ),
             None => None,
         };
-        let body = serde_json::to_vec(&serde_json::json!({
-            "id": task.id,
-            "kind": task.kind,
-            "payload": task.payload,
-            "attempt": task.attempt,
-            "submitted_at": humantime::format_rfc3339_millis(task.submitted_at).to_string(),
-        }))
+        let body = serde_json::to_vec(&Call {
+            id: task.id,
+            kind: &task.kind,
+            payload: &task.payload,
+            attempt: task.attempt,
+            submitted_at: humantime::format_rfc3339_millis(task.submitted_at).to_string(),
+        })
         .map_err(|error| HandlerError::permanent(format!("cannot write the call: {error}")))?;
         let mut request = self
             .client

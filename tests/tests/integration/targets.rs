@@ -100,8 +100,20 @@ timeout = "500ms"
         );
     }
 
+    spread_and_bounded(&gateway, &workers, &plain, &limited).await;
+    answers_decide(&gateway, &queue, [flaky, patient, refused, hanging]).await;
+}
+
+/// Round robin into one app, each answer's JSON the task's result; and never more calls in
+/// flight from one worker than the target's concurrency.
+async fn spread_and_bounded(
+    gateway: &TestGateway,
+    workers: &[WorkerProcess],
+    plain: &[Uuid],
+    limited: &[Uuid],
+) {
     // Round robin into one app, each answer's JSON the task's result.
-    for id in &plain {
+    for id in plain {
         let status = gateway.finished(*id, DEADLINE).await;
         assert_eq!(status["status"], "succeeded", "{status}");
         assert_eq!(status["result"]["dots"], 4, "{status}");
@@ -120,7 +132,7 @@ timeout = "500ms"
 
     // Concurrency: never more than 2 calls in flight from one worker, and 2 were.
     let mut spans: HashMap<usize, Vec<(f64, f64)>> = HashMap::new();
-    for id in &limited {
+    for id in limited {
         let status = gateway.finished(*id, DEADLINE).await;
         assert_eq!(status["status"], "succeeded", "{status}");
         let worker = workers
@@ -135,7 +147,14 @@ timeout = "500ms"
     }
     let most = spans.values().map(|spans| most_at_once(spans)).max();
     assert_eq!(most, Some(2), "calls in flight per worker: {spans:?}");
+}
 
+/// What the answers decide: backoff, Retry-After, dead at once, timeouts.
+async fn answers_decide(
+    gateway: &TestGateway,
+    queue: &TestQueue,
+    [flaky, patient, refused, hanging]: [Uuid; 4],
+) {
     // Fails twice (503 without Retry-After), succeeds on its last attempt after the backoff.
     let status = gateway.finished(flaky, DEADLINE).await;
     assert_eq!(status["status"], "succeeded", "{status}");
@@ -314,4 +333,184 @@ async fn the_rust_worker_example_runs_its_own_kind_beside_the_builtin_ones() {
         gateway.finished(slept, DEADLINE).await["status"],
         "succeeded"
     );
+}
+
+/// What the echo target received: headers and raw body, per call.
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>;
+
+/// A target in the test process that records every call and answers what the task's payload
+/// asks: `{"status": 302, "location": ..., "json": ..., "text": ...}`.
+async fn echo_target() -> (String, Calls) {
+    use axum::{
+        extract::State,
+        http::{HeaderMap, StatusCode as Code, header},
+        response::{IntoResponse, Response},
+    };
+    async fn answer(
+        State(calls): State<Calls>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Response {
+        calls
+            .lock()
+            .expect("calls lock")
+            .push((headers, body.clone()));
+        let call: Value = serde_json::from_slice(&body).expect("the worker sends JSON");
+        let ask = &call["payload"];
+        let status =
+            Code::from_u16(u16::try_from(ask["status"].as_u64().unwrap_or(200)).expect("a status"))
+                .expect("a valid status");
+        let mut response = if let Some(text) = ask["text"].as_str() {
+            (status, text.to_owned()).into_response()
+        } else {
+            (status, axum::Json(ask["json"].clone())).into_response()
+        };
+        if let Some(location) = ask["location"].as_str() {
+            response
+                .headers_mut()
+                .insert(header::LOCATION, location.parse().expect("a header value"));
+        }
+        response
+    }
+    let calls = Calls::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!(
+        "http://{}/capture",
+        listener.local_addr().expect("an address")
+    );
+    let app = axum::Router::new()
+        .route("/capture", axum::routing::post(answer))
+        .with_state(std::sync::Arc::clone(&calls));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+/// The call for task `done` carries the documented headers, body and signature.
+fn assert_documented_call(calls: &Calls, done: Uuid) {
+    let (headers, body) = calls
+        .lock()
+        .expect("calls lock")
+        .iter()
+        .find(|(headers, _)| headers["offload-task-id"] == done.to_string().as_str())
+        .cloned()
+        .expect("the call was recorded");
+    assert_eq!(headers["offload-attempt"], "1");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["x-app-token"], "t0ken");
+    let text = std::str::from_utf8(&body).expect("UTF-8");
+    assert!(
+        text.starts_with(&format!(r#"{{"id":"{done}","kind":"echo","payload":{{"json":{{"ok":true}}}},"attempt":1,"submitted_at":""#)),
+        "{text}"
+    );
+    let signature = headers["offload-signature"].to_str().expect("ASCII");
+    let t: u64 = signature
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|t| t.parse().ok())
+        .expect("t=<unix seconds>");
+    assert_eq!(signature, secret(SECRET).sign(t, &body));
+}
+
+/// The call as docs/TARGETS.md writes it (body, headers, signature, extra headers from
+/// TARGETS_FILE), and every kind of answer read as documented: JSON and other 2xx bodies,
+/// results over RESULT_MAX_BYTES, redirects not followed, 4xx dead with the body's start,
+/// 5xx and refused connections retried until the last attempt.
+#[tokio::test]
+async fn calls_are_as_documented_and_every_answer_is_read_as_documented() {
+    let (echo, calls) = echo_target().await;
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "echo", 5).await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+    write!(
+        file,
+        "[targets.echo]\nurl = \"{echo}\"\nheaders = {{ x-app-token = \"t0ken\" }}\n"
+    )
+    .expect("write TARGETS_FILE");
+    let mut config = offload_worker::Config::new(&url, queue.name());
+    // Nothing listens there: connections are refused.
+    config.targets.targets = format!("closed=http://127.0.0.1:{}/", offload_tests::free_port());
+    config.targets.targets_file = Some(file.path().to_owned());
+    config.targets.target_signing_secret = Some(secret(SECRET));
+    config.max_attempts = 2;
+    config.retry_base = Duration::ZERO;
+    config.result_max_bytes = 100;
+    let _worker = InProcessWorker::start(config, offload_worker::Registry::default());
+    offload_tests::eventually(DEADLINE, "the worker to bind its kinds", || async {
+        (gateway
+            .post_task(&json!({"kind": "closed", "payload": null}))
+            .await
+            .status()
+            == StatusCode::ACCEPTED)
+            .then_some(())
+    })
+    .await;
+
+    let echo_task = |payload: Value| json!({"kind": "echo", "payload": payload});
+    let done = gateway
+        .submit(&echo_task(json!({"json": {"ok": true}})))
+        .await;
+    let status = gateway.finished(done, DEADLINE).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["result"], json!({"ok": true}), "{status}");
+    assert_documented_call(&calls, done);
+
+    let plain = gateway.submit(&echo_task(json!({"text": "fine"}))).await;
+    let big = gateway
+        .submit(&echo_task(json!({"json": "x".repeat(200)})))
+        .await;
+    let moved = gateway
+        .submit(&echo_task(json!({"status": 302, "location": echo})))
+        .await;
+    let missing = gateway
+        .submit(&echo_task(json!({"status": 404, "text": "no such job"})))
+        .await;
+    let broken = gateway
+        .submit(&echo_task(json!({"status": 500, "text": "boom"})))
+        .await;
+    let refused = gateway
+        .submit(&json!({"kind": "closed", "payload": {}}))
+        .await;
+
+    let status = gateway.finished(plain, DEADLINE).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert!(
+        status["result"].is_null(),
+        "a text body is no result: {status}"
+    );
+    let status = gateway.finished(big, DEADLINE).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert!(status["result"].is_null(), "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|note| note.contains("RESULT_MAX_BYTES")),
+        "{status}"
+    );
+    for (id, attempts, says) in [
+        (moved, 1, "302 Found"),
+        (missing, 1, "404 Not Found: no such job"),
+        (broken, 2, "500 Internal Server Error: boom"),
+        (refused, 2, "onnect"),
+    ] {
+        let status = gateway.finished(id, DEADLINE).await;
+        assert_eq!(status["status"], "dead", "{status}");
+        assert_eq!(status["attempts"], attempts, "{status}");
+        let error = status["error"].as_str().expect("an error");
+        assert!(error.contains(says), "{says:?} in {error}");
+    }
+    // The redirect was not followed: its dead reason is the 302 itself (followed, it would
+    // have been a GET to a POST-only route, a 405), and the target saw one call.
+    let calls_for = |id: Uuid| {
+        calls
+            .lock()
+            .expect("calls lock")
+            .iter()
+            .filter(|(headers, _)| headers["offload-task-id"] == id.to_string().as_str())
+            .count()
+    };
+    assert_eq!(calls_for(moved), 1);
+    assert_eq!(calls_for(broken), 2);
 }
