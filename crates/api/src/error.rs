@@ -375,6 +375,10 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        // For the metrics layer, which counts refusals by code.
+        response
+            .extensions_mut()
+            .insert(crate::metrics::Refusal(self.code()));
         let headers = response.headers_mut();
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -6,6 +6,7 @@ mod auth;
 mod config;
 mod dead;
 mod error;
+mod metrics;
 mod publisher;
 mod routes;
 mod server;
@@ -42,6 +43,7 @@ pub struct AppState {
     retry_after_secs: u32,
     max_body_bytes: usize,
     body_timeout: Duration,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -116,7 +118,13 @@ impl Application {
             }
             None => (None, None),
         };
-        let publisher = Publisher::new(broker, config.confirm_timeout, config.max_in_flight);
+        let metrics = Arc::new(metrics::Metrics::new());
+        let publisher = Publisher::new(
+            broker,
+            config.confirm_timeout,
+            config.max_in_flight,
+            Arc::clone(&metrics),
+        );
         let state = AppState {
             publisher: Arc::new(publisher),
             tracker,
@@ -126,6 +134,7 @@ impl Application {
             retry_after_secs: config.retry_after_secs,
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
+            metrics: Arc::clone(&metrics),
         };
         let limits = server::Limits {
             max_connections: config.max_connections as usize,
@@ -133,6 +142,7 @@ impl Application {
             max_header_bytes: config.max_header_bytes as usize,
             retry_after_secs: config.retry_after_secs,
             drain: config.body_timeout + config.confirm_timeout + Duration::from_secs(1),
+            metrics,
         };
         Ok(Self {
             listener,

@@ -5,11 +5,16 @@
 //! publishes on the shared channel and awaits its own confirm: many publishes are in flight
 //! at once, none waits behind another's confirm.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use lapin::{Confirmation, options::BasicPublishOptions, types::ShortString};
 use offload_common::{Broker, BrokerState, TaskEnvelope, topology::delayed_task_routing_key};
 use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
 
 /// Publishes tasks. Cheap to clone; all clones share one connection.
 #[derive(Clone)]
@@ -21,6 +26,8 @@ pub struct Publisher {
     later: ShortString,
     confirm_timeout: Duration,
     in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a task was not accepted by the broker. Every variant means "not confirmed, try again";
@@ -56,14 +63,26 @@ pub enum PublishError {
 impl Publisher {
     /// A publisher on `broker`'s session that waits at most `confirm_timeout` for each
     /// confirm and lets at most `max_in_flight` publishes await one at once.
-    pub fn new(broker: Broker, confirm_timeout: Duration, max_in_flight: u32) -> Self {
+    pub(crate) fn new(
+        broker: Broker,
+        confirm_timeout: Duration,
+        max_in_flight: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             exchange: broker.topology().kinds_exchange().into(),
             later: broker.topology().later_exchange().into(),
             broker,
             confirm_timeout,
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight: max_in_flight as usize,
+            metrics,
         }
+    }
+
+    /// Publishes awaiting a confirm now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
     }
 
     /// The broker session it publishes through.
@@ -125,7 +144,12 @@ impl Publisher {
                 .await?;
             confirm.await
         };
-        match tokio::time::timeout(self.confirm_timeout, publish_and_confirm).await {
+        let began = Instant::now();
+        let answered = tokio::time::timeout(self.confirm_timeout, publish_and_confirm).await;
+        if answered.is_ok() {
+            self.metrics.confirmed(began.elapsed());
+        }
+        match answered {
             Err(_) => Err(PublishError::Timeout(self.confirm_timeout)),
             Ok(Err(error)) => Err(PublishError::Broker(error)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),

@@ -48,6 +48,8 @@ pub(crate) struct Limits {
     pub retry_after_secs: u32,
     /// The longest a request may still take once shutdown begins.
     pub drain: Duration,
+    /// Counts connections open and turned away.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the requests in flight
@@ -91,9 +93,12 @@ pub(crate) async fn serve(
             },
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            limits.metrics.refused(TOO_MANY_CONNECTIONS);
             turn_away(stream, &rejecting, &too_many);
             continue;
         };
+        let open = limits.metrics.connections();
+        open.inc();
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -106,6 +111,7 @@ pub(crate) async fn serve(
                 tracing::debug!("connection ended: {error}");
             }
             drop(permit);
+            open.dec();
         });
     }
     drop(listener);
@@ -151,11 +157,15 @@ fn turn_away(mut stream: TcpStream, rejecting: &Arc<Semaphore>, response: &Arc<[
 }
 
 /// The whole response to a connection over the cap, body from [`ApiError`] like any other.
+/// The code of the canned 503, for the refusals metric.
+const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+
 fn canned_503(retry_after_secs: u32) -> Vec<u8> {
-    let body = ApiError::TooManyConnections {
+    let refusal = ApiError::TooManyConnections {
         retry_after: retry_after_secs,
-    }
-    .body_bytes();
+    };
+    debug_assert_eq!(refusal.code(), TOO_MANY_CONNECTIONS);
+    let body = refusal.body_bytes();
     let mut response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          retry-after: {retry_after_secs}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",

@@ -76,6 +76,19 @@ pub enum DeadReason {
     Undecodable,
 }
 
+impl DeadReason {
+    /// Its name, as events, dead-letter headers and metrics write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::MaxAttempts => "max_attempts",
+            Self::DeliveryLimit => "delivery_limit",
+            Self::NoHandler => "no_handler",
+            Self::Undecodable => "undecodable",
+        }
+    }
+}
+
 /// One event. A flat document: which fields are present depends on `type` (docs/EVENTS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -374,6 +387,17 @@ mod optional_rfc3339 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dead_reasons_are_named_as_serde_writes_them() {
+        use super::DeadReason::*;
+        for reason in [Rejected, MaxAttempts, DeliveryLimit, NoHandler, Undecodable] {
+            assert_eq!(
+                serde_json::to_value(reason).expect("a reason serializes"),
+                reason.as_str()
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -18,4 +18,4 @@ pub use broker::{
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
 pub use events::{DeadReason, Event, EventSink, EventType};
 pub use telemetry::{LogArgs, LogFormat};
-pub use topology::{Topology, TopologyError};
+pub use topology::{QueueDepth, Topology, TopologyError};

@@ -111,6 +111,19 @@ pub struct EventsRetention {
     pub max_bytes: u64,
 }
 
+/// What [`Topology::depth`] counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Tasks ready on the work queue.
+    pub ready: u32,
+    /// Consumers (worker subscriptions) of the work queue.
+    pub consumers: u32,
+    /// Tasks waiting in the delay levels: retries after a failure, and tasks to run later.
+    pub scheduled: u64,
+    /// Tasks in `<QUEUE>.dead`.
+    pub dead: u32,
+}
+
 impl Topology {
     /// The topology for work queue `queue`, whose tasks are dead-lettered after being
     /// delivered `delivery_limit` times more than once.
@@ -411,6 +424,44 @@ impl Topology {
                 .map_err(TopologyError::Broker)?;
         }
         Ok(())
+    }
+
+    /// How many messages wait in the queues, and how many consumers the work queue has, as
+    /// the broker counts them now (passive declarations on one channel). Messages delivered
+    /// and not yet acknowledged are in none of these counts.
+    pub async fn depth(&self, connection: &Connection) -> Result<QueueDepth, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut depth = QueueDepth::default();
+        let work = channel
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        depth.ready = work.message_count();
+        depth.consumers = work.consumer_count();
+        depth.dead = channel
+            .queue_declare(
+                self.dead_letter_queue().as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        for level in 0..DELAY_LEVELS {
+            let waiting = channel
+                .queue_declare(
+                    self.delay_level(level).as_str().into(),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await?
+                .message_count();
+            depth.scheduled += u64::from(waiting);
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        Ok(depth)
     }
 
     /// Whether every queue exists (passive declarations, each on a channel of its own, which

@@ -59,6 +59,11 @@ pub struct Config {
     #[arg(long, env = "RESULT_MAX_BYTES", default_value_t = DEFAULT_RESULT_MAX_BYTES)]
     pub result_max_bytes: usize,
 
+    /// Where to serve `/metrics` (Prometheus text format) and `/health` (200 while connected
+    /// and consuming), e.g. `0.0.0.0:9090`; unset, no listener. The image sets `0.0.0.0:9090`.
+    #[arg(long, env = "HTTP_BIND")]
+    pub http_bind: Option<std::net::SocketAddr>,
+
     /// Declare the queues and bind this worker's kinds, then exit: registers the kinds with
     /// the gateway (which refuses kinds no worker has bound) before any worker runs.
     #[arg(long)]
@@ -114,6 +119,7 @@ impl Config {
             retry_base: RetryPolicy::DEFAULT.base,
             retry_max: RetryPolicy::DEFAULT.max,
             declare_only: false,
+            http_bind: None,
             targets: TargetArgs::default(),
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {

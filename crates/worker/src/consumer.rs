@@ -32,6 +32,7 @@ use tracing::Instrument;
 use crate::{
     Config, Registry, RetryPolicy, Task,
     handler::{Completed, HandlerFuture},
+    metrics::{self, Metrics},
 };
 
 /// The log target of every line about one task (started, completed, failed, dead-lettered,
@@ -49,6 +50,15 @@ pub enum WorkerError {
     /// TARGETS, TARGETS_FILE or the signing secret is unusable.
     #[error(transparent)]
     Targets(#[from] crate::TargetsError),
+    /// HTTP_BIND cannot be listened on.
+    #[error("cannot listen on HTTP_BIND {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Consumes until `shutdown` resolves, then stops taking deliveries, lets the tasks in hand
@@ -80,6 +90,15 @@ pub async fn run(
         EventSink::start(broker.clone(), stream).0
     });
     let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
+    let metrics = Arc::new(Metrics::new(registry.kinds()));
+    let listener_stop = CancellationToken::new();
+    // Dropped on every way out of `run`, so the listener stops with the worker.
+    let _listener_stop = listener_stop.clone().drop_guard();
+    if let Some(bind) = config.http_bind {
+        metrics::serve(bind, Arc::clone(&metrics), listener_stop)
+            .await
+            .map_err(|source| WorkerError::Listen { addr: bind, source })?;
+    }
     let context = Arc::new(Context {
         registry: Arc::new(registry),
         deadline: config.handler_timeout,
@@ -91,6 +110,7 @@ pub async fn run(
         delay_exchange: broker.topology().delay_exchange().into(),
         dead_queue: broker.topology().dead_letter_queue().into(),
         broker: broker.clone(),
+        metrics,
     });
     let worker = Worker {
         broker,
@@ -136,6 +156,7 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut delays = backoff();
+        let mut subscriptions = 0_u64;
         loop {
             let link = tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -160,6 +181,11 @@ impl Worker {
                 }
             };
             delays = backoff();
+            subscriptions += 1;
+            if subscriptions > 1 {
+                self.context.metrics.reconnected();
+            }
+            self.context.metrics.consuming(true);
             tracing::info!(queue = self.broker.topology().queue(), "consuming");
             if let Some(events) = &self.context.events {
                 let mut announce = Event::new(EventType::Worker);
@@ -205,6 +231,7 @@ impl Worker {
                     }
                 }
             }
+            self.context.metrics.consuming(false);
             // Tasks already running keep running (and keep their permits); if the channel is
             // gone their acks fail and the broker redelivers them: the at-least-once promise.
             let _ = self
@@ -240,12 +267,14 @@ impl Worker {
     fn start(&self, delivery: Delivery, permit: OwnedSemaphorePermit) {
         let context = Arc::clone(&self.context);
         self.tasks.spawn(async move {
+            let in_hand = context.metrics.hold();
             process(delivery, context).await;
-            drop(permit);
+            drop((in_hand, permit));
         });
     }
 
     async fn drain(&self, channel: &Channel, consumer: &Consumer) {
+        self.context.metrics.consuming(false);
         // Stop the broker sending more; what it already sent is in `self.tasks` or will be
         // requeued when the channel closes.
         if let Err(error) = channel
@@ -332,6 +361,7 @@ struct Context {
     dead_queue: ShortString,
     /// The session, to publish those copies on.
     broker: Broker,
+    metrics: Arc<Metrics>,
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
@@ -380,6 +410,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
             redelivered = delivery.redelivered,
             "task started"
         );
+        context.metrics.started(&kind, previous_deliveries > 0);
         if let Some(events) = &context.events {
             let mut started = event(EventType::Started);
             started.worker = Some(context.worker.to_string());
@@ -387,6 +418,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
         }
         let began = std::time::Instant::now();
         let ran = run_handler(running, context.deadline).await;
+        context.metrics.ran(&kind, began.elapsed());
         let mut terminal = match ran {
             Ran::Succeeded(completed) => {
                 let mut succeeded = event(EventType::Succeeded);
@@ -563,11 +595,7 @@ fn to_dead(context: &Context, dead: &Event, attempts: u32) -> Outcome {
     let text = |value: &str| AMQPValue::LongString(LongString::from(value));
     let mut headers = FieldTable::default();
     if let Some(reason) = dead.reason {
-        let reason = serde_json::to_value(reason)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        headers.insert("x-offload-reason".into(), text(&reason));
+        headers.insert("x-offload-reason".into(), text(reason.as_str()));
     }
     if let Some(error) = &dead.error {
         headers.insert("x-offload-error".into(), text(truncate(error, 1024)));
@@ -597,6 +625,20 @@ fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Counts how an attempt ended, once its event is on the stream (or events are off).
+fn count(
+    metrics: &Metrics,
+    (event, kind, reason): (EventType, Option<String>, Option<DeadReason>),
+) {
+    let kind = kind.as_deref().unwrap_or("other");
+    match (event, reason) {
+        (EventType::Succeeded, _) => metrics.succeeded(kind),
+        (EventType::Failed, _) => metrics.retried(kind),
+        (EventType::Dead, Some(reason)) => metrics.dead(kind, reason.as_str()),
+        _ => {}
+    }
 }
 
 /// How long a worker waits for the broker to confirm a copy.
@@ -639,6 +681,7 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
 /// An event the broker did not confirm turns the outcome into a requeue, so the task runs
 /// again (at least once) rather than end without a word on the stream.
 async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event: Event) {
+    let counted = (event.event, event.kind.clone(), event.reason);
     let outcome = match &context.events {
         Some(events) if !events.emit_confirmed(event).await => {
             tracing::warn!(
@@ -647,7 +690,10 @@ async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event:
             );
             Outcome::Requeue
         }
-        _ => outcome,
+        _ => {
+            count(&context.metrics, counted);
+            outcome
+        }
     };
     let in_place = match outcome {
         Outcome::Ack => None,

@@ -25,6 +25,7 @@ mod config;
 mod consumer;
 mod handler;
 pub mod handlers;
+mod metrics;
 mod retry;
 mod targets;
 

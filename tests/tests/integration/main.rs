@@ -12,6 +12,7 @@ mod durability;
 mod hostile;
 mod http;
 mod logging;
+mod metrics;
 mod poison;
 mod redelivery;
 mod resilience;

@@ -2,11 +2,12 @@
 
 mod dead;
 mod health;
+mod metrics;
 mod tasks;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, FromRequest, Request},
+    extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State},
     http::{Method, Uri, header},
     response::{IntoResponse, Response},
 };
@@ -21,9 +22,14 @@ pub fn router(state: AppState) -> Router {
         .merge(tasks::router(&state))
         .merge(dead::router(&state))
         .merge(health::router())
-        .fallback(not_found)
-        // After every route is merged: it applies to the routes present.
+        .merge(metrics::router(&state))
+        // After every route is merged: they apply to the routes present.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
         // Outermost: a bug that panics in a handler answers this one request with a JSON 500
@@ -34,19 +40,31 @@ pub fn router(state: AppState) -> Router {
         }))
 }
 
-async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::NotFound {
+async fn not_found(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
+    let response = ApiError::NotFound {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
+    .into_response();
+    crate::metrics::count_route(&state, None, &method, &response);
+    response
 }
 
 /// axum adds the `Allow` header to what this returns.
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::MethodNotAllowed {
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    method: Method,
+    uri: Uri,
+) -> Response {
+    let response = ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
+    .into_response();
+    // The route layer does not see this fallback: count it here, under its route.
+    crate::metrics::count_route(&state, matched.as_ref(), &method, &response);
+    response
 }
 
 /// `axum::Json`, bounded and with our errors: an announced body over `MAX_BODY_BYTES` is

@@ -185,6 +185,7 @@ async fn submit(
             },
         })?;
     tracing::debug!(task_id = %task.id, kind = %task.kind, "task queued");
+    state.metrics.submitted(task.kind.as_str());
     if let (Some(tracker), Some(events)) = (&state.tracker, &state.events) {
         let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
         queued.submitted_at = Some(task.submitted_at);

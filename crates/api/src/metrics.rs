@@ -1,0 +1,279 @@
+//! The gateway's metrics, `GET /metrics` in the Prometheus text format.
+//!
+//! Label sets are bounded: a route is one of the router's path templates (or `unmatched`), a
+//! method one of the standard ones (or `other`), a status one of the codes the gateway sends,
+//! a refusal one of its error codes, a kind one the workers bound (the gateway refuses the
+//! others). No task id is ever a label.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::Method,
+    middleware::Next,
+    response::Response,
+};
+use offload_common::{BrokerState, QueueDepth};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::AppState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values, written as Prometheus users read them
+enum QueuePart {
+    ready,
+    scheduled,
+    dead,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    state: QueuePart,
+}
+
+/// The error code of a refusal, left on its response for the metrics layer to count.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refusal(pub(crate) &'static str);
+
+/// Everything the gateway counts.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    refusals: Family<CodeLabel, Counter>,
+    confirm: Histogram,
+    in_flight: Gauge,
+    connections: Gauge,
+    broker: Family<StateLabel, Gauge>,
+    submitted: Family<KindLabel, Counter>,
+    queue: Family<QueueLabel, Gauge>,
+    consumers: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("offload");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let refusals = Family::<CodeLabel, Counter>::default();
+        // Seconds, from a quarter of a millisecond to the longest CONFIRM_TIMEOUT one would set.
+        let confirm = Histogram::new([
+            0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            5.0, 10.0,
+        ]);
+        let in_flight = Gauge::default();
+        let connections = Gauge::default();
+        let broker = Family::<StateLabel, Gauge>::default();
+        let submitted = Family::<KindLabel, Counter>::default();
+        let queue = Family::<QueueLabel, Gauge>::default();
+        let consumers = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused, by the error's code",
+            refusals.clone(),
+        );
+        registry.register(
+            "publish_confirm_seconds",
+            "From publishing a task to the broker's confirm (or nack, or return)",
+            confirm.clone(),
+        );
+        registry.register(
+            "publishes_in_flight",
+            "Publishes awaiting the broker's confirm (at most MAX_IN_FLIGHT)",
+            in_flight.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open (at most MAX_CONNECTIONS)",
+            connections.clone(),
+        );
+        registry.register(
+            "broker_state",
+            "1 for the gateway's state of the broker link, 0 for the others",
+            broker.clone(),
+        );
+        registry.register(
+            "tasks_submitted",
+            "Tasks accepted (202), by kind",
+            submitted.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Tasks waiting, as the broker counts them at the scrape: ready on the work queue, scheduled in the delay levels, dead",
+            queue.clone(),
+        );
+        registry.register(
+            "queue_consumers",
+            "Worker subscriptions to the work queue, at the scrape",
+            consumers.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            refusals,
+            confirm,
+            in_flight,
+            connections,
+            broker,
+            submitted,
+            queue,
+            consumers,
+        }
+    }
+
+    /// The open-connections gauge, for the server loop to move.
+    pub(crate) fn connections(&self) -> Gauge {
+        self.connections.clone()
+    }
+
+    /// The refusals counter of `code`, for refusals made outside the router.
+    pub(crate) fn refused(&self, code: &'static str) {
+        self.refusals.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    pub(crate) fn confirmed(&self, took: Duration) {
+        self.confirm.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn submitted(&self, kind: &str) {
+        self.submitted
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text of a scrape, with the gauges read now.
+    pub(crate) fn encode(
+        &self,
+        in_flight: usize,
+        broker: BrokerState,
+        depth: Option<QueueDepth>,
+    ) -> Result<String, std::fmt::Error> {
+        self.in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        for state in [
+            BrokerState::Connected,
+            BrokerState::Blocked,
+            BrokerState::Unroutable,
+            BrokerState::Disconnected,
+        ] {
+            self.broker
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::from(state == broker));
+        }
+        if let Some(depth) = depth {
+            for (state, count) in [
+                (QueuePart::ready, u64::from(depth.ready)),
+                (QueuePart::scheduled, depth.scheduled),
+                (QueuePart::dead, u64::from(depth.dead)),
+            ] {
+                self.queue
+                    .get_or_create(&QueueLabel { state })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+            self.consumers.set(i64::from(depth.consumers));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// A standard method's name, or `other`: a label never takes what a client made up.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Counts each request routed to a route (by its template) and each refusal.
+pub(crate) async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let method = method_label(request.method());
+    let response = next.run(request).await;
+    count(&state, route, method, &response);
+    response
+}
+
+/// Counts `response` to a request for `route`.
+fn count(state: &AppState, route: String, method: &'static str, response: &Response) {
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    if let Some(Refusal(code)) = response.extensions().get::<Refusal>() {
+        state.metrics.refused(code);
+    }
+}
+
+/// Counts a request answered by one of the router's fallbacks, which run outside `track`:
+/// under its route's template when a route matched the path, else as `unmatched`.
+pub(crate) fn count_route(
+    state: &AppState,
+    route: Option<&MatchedPath>,
+    method: &Method,
+    response: &Response,
+) {
+    count(state, route_label(route), method_label(method), response);
+}
+
+fn route_label(route: Option<&MatchedPath>) -> String {
+    route.map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_methods_are_labelled_other() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        let made_up = Method::from_bytes(b"BREW").expect("a valid extension method");
+        assert_eq!(method_label(&made_up), "other");
+    }
+}

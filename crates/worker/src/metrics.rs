@@ -1,0 +1,274 @@
+//! The worker's metrics (Prometheus text format) and health, served on `HTTP_BIND`.
+//!
+//! Label sets are bounded: a kind label is one of the kinds this worker runs, or `other`
+//! (a task of a kind it has no handler for carries whatever kind its sender wrote); a dead
+//! reason is one of offload's few reasons. No task id is ever a label.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+/// The label of metrics counted per kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// The labels of dead tasks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeadLabels {
+    kind: String,
+    reason: String,
+}
+
+/// Seconds, from a millisecond to an hour.
+fn duration_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        900.0, 3600.0,
+    ])
+}
+
+/// Everything the worker counts, and whether it is consuming.
+pub(crate) struct Metrics {
+    registry: Registry,
+    known: HashSet<String>,
+    started: Family<KindLabel, Counter>,
+    succeeded: Family<KindLabel, Counter>,
+    retried: Family<KindLabel, Counter>,
+    dead: Family<DeadLabels, Counter>,
+    duration: Family<KindLabel, Histogram, fn() -> Histogram>,
+    in_hand: Gauge,
+    redeliveries: Counter,
+    reconnects: Counter,
+    consuming: AtomicBool,
+}
+
+impl Metrics {
+    /// Metrics for a worker running `kinds`.
+    pub(crate) fn new<'a>(kinds: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut registry = Registry::with_prefix("offload_worker");
+        let started = Family::<KindLabel, Counter>::default();
+        let succeeded = Family::<KindLabel, Counter>::default();
+        let retried = Family::<KindLabel, Counter>::default();
+        let dead = Family::<DeadLabels, Counter>::default();
+        let duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_buckets,
+        );
+        let in_hand = Gauge::default();
+        let redeliveries = Counter::default();
+        let reconnects = Counter::default();
+        registry.register(
+            "tasks_started",
+            "Attempts started, by kind",
+            started.clone(),
+        );
+        registry.register(
+            "tasks_succeeded",
+            "Tasks that succeeded, by kind",
+            succeeded.clone(),
+        );
+        registry.register(
+            "tasks_retried",
+            "Failed attempts sent to wait for another, by kind",
+            retried.clone(),
+        );
+        registry.register(
+            "tasks_dead",
+            "Tasks that will not run again, by kind and reason",
+            dead.clone(),
+        );
+        registry.register(
+            "task_duration_seconds",
+            "How long attempts ran, by kind (succeeded or failed)",
+            duration.clone(),
+        );
+        registry.register(
+            "tasks_in_hand",
+            "Deliveries held: running, or being settled",
+            in_hand.clone(),
+        );
+        registry.register(
+            "redeliveries",
+            "Deliveries the broker had delivered before (a worker died or lost its connection)",
+            redeliveries.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Times the worker subscribed again after losing its subscription",
+            reconnects.clone(),
+        );
+        let known: HashSet<String> = kinds.into_iter().map(str::to_owned).collect();
+        // Every kind's series from the start, at zero: a rate over a series that appears
+        // with its first task would miss that task.
+        for kind in &known {
+            let label = KindLabel { kind: kind.clone() };
+            drop(started.get_or_create(&label));
+            drop(succeeded.get_or_create(&label));
+            drop(retried.get_or_create(&label));
+            drop(duration.get_or_create(&label));
+        }
+        Self {
+            registry,
+            known,
+            started,
+            succeeded,
+            retried,
+            dead,
+            duration,
+            in_hand,
+            redeliveries,
+            reconnects,
+            consuming: AtomicBool::new(false),
+        }
+    }
+
+    /// `kind` as a label: a kind this worker runs, or `other`.
+    fn kind(&self, kind: &str) -> KindLabel {
+        KindLabel {
+            kind: if self.known.contains(kind) {
+                kind.to_owned()
+            } else {
+                "other".to_owned()
+            },
+        }
+    }
+
+    pub(crate) fn started(&self, kind: &str, redelivered: bool) {
+        self.started.get_or_create(&self.kind(kind)).inc();
+        if redelivered {
+            self.redeliveries.inc();
+        }
+    }
+
+    pub(crate) fn ran(&self, kind: &str, took: Duration) {
+        self.duration
+            .get_or_create(&self.kind(kind))
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn succeeded(&self, kind: &str) {
+        self.succeeded.get_or_create(&self.kind(kind)).inc();
+    }
+
+    pub(crate) fn retried(&self, kind: &str) {
+        self.retried.get_or_create(&self.kind(kind)).inc();
+    }
+
+    pub(crate) fn dead(&self, kind: &str, reason: &str) {
+        let KindLabel { kind } = self.kind(kind);
+        self.dead
+            .get_or_create(&DeadLabels {
+                kind,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A delivery taken in hand; the guard gives it back when dropped.
+    pub(crate) fn hold(self: &Arc<Self>) -> InHand {
+        self.in_hand.inc();
+        InHand(Arc::clone(self))
+    }
+
+    /// The worker subscribed (`true`) or lost its subscription (`false`).
+    pub(crate) fn consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+
+    /// Counts a subscription after the first.
+    pub(crate) fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// One delivery in hand, counted in `tasks_in_hand` until dropped.
+pub(crate) struct InHand(Arc<Metrics>);
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.0.in_hand.dec();
+    }
+}
+
+/// Serves `/metrics` and `/health` on `bind` until `stop` is cancelled.
+pub(crate) async fn serve(
+    bind: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /health");
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(health))
+        .with_state(metrics);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::warn!("the metrics listener stopped: {error}");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    match metrics.encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "the metrics could not be written".to_owned(),
+        ),
+    }
+}
+
+/// 200 while the worker is connected and consuming; 503 otherwise.
+async fn health(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.consuming.load(Ordering::Relaxed) {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok", "consuming": true})),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "unavailable", "consuming": false})),
+        )
+    }
+}
