@@ -220,7 +220,7 @@ impl TargetArgs {
             }
             let target =
                 HttpTarget::new(kind, entry, self.target_timeout, &client, secret.clone())?;
-            tracing::info!(kind = target.kind(), url = %target.url, "HTTP target");
+            tracing::info!(kind = target.kind(), url = %target.shown, "HTTP target");
             registry = registry.register_target(target);
         }
         Ok(registry)
@@ -279,6 +279,8 @@ struct Call<'a> {
 pub(crate) struct HttpTarget {
     kind: String,
     url: Url,
+    /// The URL as logs and errors show it: without its query, which may hold a token.
+    shown: String,
     /// Longest one call may take, answer included.
     timeout: Duration,
     /// Bounds calls in flight to this target, whatever PREFETCH allows.
@@ -305,6 +307,11 @@ impl HttpTarget {
         }
         let url = Url::parse(&entry.url)
             .map_err(|error| fail(format!("{:?} is not a URL: {error}", entry.url)))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(fail(
+                "a URL with credentials in it would put them in logs and errors; send them as a header (TARGETS_FILE `headers`)".into(),
+            ));
+        }
         if !matches!(url.scheme(), "http" | "https") {
             return Err(fail(format!(
                 "{:?} is not an http:// or https:// URL",
@@ -334,8 +341,11 @@ impl HttpTarget {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
+        let mut shown = url.clone();
+        shown.set_query(None);
         Ok(Self {
             kind,
+            shown: shown.to_string(),
             url,
             timeout,
             limit,
@@ -387,7 +397,7 @@ impl HttpTarget {
             .body(body)
             .send()
             .await
-            .map_err(|error| HandlerError::from(describe(&error, &self.url, timeout)))?;
+            .map_err(|error| HandlerError::from(describe(&error, &self.shown, timeout)))?;
         let status = response.status();
         if status.is_success() {
             let is_json = response
@@ -397,7 +407,7 @@ impl HttpTarget {
                 .is_some_and(|value| value.contains("json"));
             let (body, complete) = read_at_most(&mut response, result_max_bytes)
                 .await
-                .map_err(|error| HandlerError::from(describe(&error, &self.url, timeout)))?;
+                .map_err(|error| HandlerError::from(describe(&error, &self.shown, timeout)))?;
             if !complete {
                 return Ok(Completed::too_large(
                     result_max_bytes.saturating_add(1),
@@ -423,7 +433,7 @@ impl HttpTarget {
             .unwrap_or_default();
         let error = format!(
             "{} answered {status}{}",
-            self.url,
+            self.shown,
             match String::from_utf8_lossy(&start).trim() {
                 "" => String::new(),
                 text => format!(": {text}"),
@@ -503,15 +513,24 @@ async fn read_at_most(
     Ok((body, true))
 }
 
-/// A failed call in one line: what happened, to which URL.
-fn describe(error: &reqwest::Error, url: &Url, timeout: Duration) -> String {
+/// A failed call in one line: what happened, to which URL (as shown: no query).
+fn describe(error: &reqwest::Error, url: &str, timeout: Duration) -> String {
     if error.is_timeout() {
         return format!(
             "{url} did not answer within {} (the target's timeout)",
             humantime::format_duration(timeout)
         );
     }
-    let mut text = error.to_string();
+    // reqwest's own text names the whole URL, query included: say it in our words, with
+    // the URL as shown, and the causes' text (which name no URL).
+    let what = if error.is_connect() {
+        "cannot connect"
+    } else if error.is_body() || error.is_decode() {
+        "the answer broke off"
+    } else {
+        "the call failed"
+    };
+    let mut text = format!("{url}: {what}");
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         text.push_str(": ");
@@ -602,6 +621,11 @@ headers = { Authorization = "Bearer abc" }
         };
         assert!(refuse("send-email").contains("kind=url"));
         assert!(refuse("Send=http://a/").contains("target 'Send'"));
+        let leaky = refuse("a=http://user:secret@app:8000/");
+        assert!(
+            leaky.contains("header") && !leaky.contains("secret"),
+            "{leaky}"
+        );
         assert!(refuse("a=ftp://a/").contains("http://"));
         assert!(refuse("a=not a url").contains("not a URL"));
         assert!(refuse("a=http://x/,a=http://y/").contains("named twice"));
