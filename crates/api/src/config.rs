@@ -73,6 +73,11 @@ pub struct Config {
     #[arg(long, env = "STATUS_CAPACITY", default_value_t = DEFAULT_STATUS_CAPACITY)]
     pub status_capacity: usize,
 
+    /// `GET /metrics` and the counting behind it (`on` or `off`); off, /metrics is 404 and
+    /// requests are not counted (the benchmark compares the two).
+    #[arg(long, env = "METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub metrics: bool,
+
     /// Longest a `GET /tasks/{id}?wait=` may wait for the task to end.
     #[arg(long, env = "MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
@@ -137,6 +142,7 @@ impl Config {
             rate_limit_burst: None,
             status_capacity: DEFAULT_STATUS_CAPACITY,
             max_wait: DEFAULT_MAX_WAIT,
+            metrics: true,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,

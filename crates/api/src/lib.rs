@@ -146,7 +146,7 @@ impl Application {
         };
         Ok(Self {
             listener,
-            router: routes::router(state),
+            router: routes::router(state, config.metrics),
             limits,
             shutdown,
             supervisor,

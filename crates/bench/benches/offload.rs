@@ -111,6 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
     lines.extend(replay(&args, &url, sustained).await?);
     lines.push(hardening(&args, &url, &queue).await?);
+    lines.push(metrics_cost(&args, &url, &queue).await?);
     lines.extend(slow_clients(&url, &queue).await);
     if args.publish_only {
         queue.delete().await;
@@ -322,6 +323,39 @@ async fn replay(args: &Args, url: &str, post_rate: f64) -> Result<Vec<Line>, lap
 /// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a
 /// rate limit (too high to refuse anything) on, against a gateway with all three off,
 /// alternating; the medians.
+/// POST /tasks on a gateway with metrics on (the default: every request counted, confirm
+/// latency observed) against one with `METRICS=off`, alternating.
+async fn metrics_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
+    let (off_port, on_port) = (free_port(), free_port());
+    let gateway =
+        |port, env| process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env);
+    let (_off_gateway, _on_gateway) = (
+        gateway(off_port, &[("METRICS", "off")]).await,
+        gateway(on_port, &[]).await,
+    );
+    for port in [off_port, on_port] {
+        http::wait_until_live(
+            &format!("http://127.0.0.1:{port}"),
+            None,
+            Duration::from_secs(300),
+        )
+        .await;
+    }
+    let (on_url, off_url) = (
+        format!("http://127.0.0.1:{on_port}/tasks"),
+        format!("http://127.0.0.1:{off_port}/tasks"),
+    );
+    compare_posts(
+        args,
+        queue,
+        "POST /tasks with metrics on, against METRICS=off",
+        (&on_url, None),
+        (&off_url, None),
+        0.95,
+    )
+    .await
+}
+
 async fn hardening(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
     const KEY: &str = "bench-key";
     let (off_port, on_port) = (free_port(), free_port());

@@ -16,18 +16,22 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{AppState, error::ApiError};
 
-/// The whole HTTP surface.
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The whole HTTP surface; with `metrics`, `GET /metrics` and the counting of requests.
+pub fn router(state: AppState, metrics: bool) -> Router {
+    let mut routes = Router::new()
         .merge(tasks::router(&state))
         .merge(dead::router(&state))
-        .merge(health::router())
-        .merge(metrics::router(&state))
-        // After every route is merged: they apply to the routes present.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::metrics::track,
-        ))
+        .merge(health::router());
+    if metrics {
+        routes = routes
+            .merge(metrics::router(&state))
+            // After every route is merged: it applies to the routes present.
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::metrics::track,
+            ));
+    }
+    routes
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
