@@ -360,7 +360,7 @@ async fn turned_away_connections_are_counted(gateway: &TestGateway, base: &str) 
 }
 
 #[tokio::test]
-async fn gateway_metrics_need_the_read_scope_once_keys_exist() {
+async fn gateway_metrics_need_the_read_scope_once_keys_exist_and_can_be_off() {
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "metrics-keys", 5).await;
     let mut config = offload_api::Config::new(&url, queue.name());
@@ -376,4 +376,16 @@ async fn gateway_metrics_need_the_read_scope_once_keys_exist() {
     assert_eq!(get(None).await, StatusCode::UNAUTHORIZED);
     assert_eq!(get(Some("submitter")).await, StatusCode::FORBIDDEN);
     assert_eq!(get(Some("reader")).await, StatusCode::OK);
+
+    // METRICS=off: no /metrics at all.
+    let mut config = offload_api::Config::new(&url, queue.name());
+    config.metrics = false;
+    let quiet = TestGateway::spawn(config).await;
+    let response = quiet
+        .client()
+        .get(quiet.url("/metrics"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
