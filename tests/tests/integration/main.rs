@@ -13,6 +13,7 @@ mod hostile;
 mod http;
 mod logging;
 mod metrics;
+mod monitoring;
 mod poison;
 mod redelivery;
 mod resilience;
