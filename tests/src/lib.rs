@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod campaign;
 pub mod gateway;
+pub mod handlers;
 pub mod proxy;
 pub mod queue;
 pub mod target;

@@ -320,53 +320,56 @@ async fn replay(args: &Args, url: &str, post_rate: f64) -> Result<Vec<Line>, lap
     ])
 }
 
-/// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a
-/// rate limit (too high to refuse anything) on, against a gateway with all three off,
-/// alternating; the medians.
 /// POST /tasks on a gateway with metrics on (the default: every request counted, confirm
 /// latency observed) against one with `METRICS=off`, alternating.
 async fn metrics_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
-    let (off_port, on_port) = (free_port(), free_port());
-    let gateway =
-        |port, env| process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env);
-    let (_off_gateway, _on_gateway) = (
-        gateway(off_port, &[("METRICS", "off")]).await,
-        gateway(on_port, &[]).await,
-    );
-    for port in [off_port, on_port] {
-        http::wait_until_live(
-            &format!("http://127.0.0.1:{port}"),
-            None,
-            Duration::from_secs(300),
-        )
-        .await;
-    }
-    let (on_url, off_url) = (
-        format!("http://127.0.0.1:{on_port}/tasks"),
-        format!("http://127.0.0.1:{off_port}/tasks"),
-    );
-    compare_posts(
+    compare_gateways(
         args,
+        url,
         queue,
         "POST /tasks with metrics on, against METRICS=off",
-        (&on_url, None),
-        (&off_url, None),
+        (&[], None),
+        &[("METRICS", "off")],
         0.95,
     )
     .await
 }
 
+/// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a
+/// rate limit (too high to refuse anything) on, against a gateway with all three off,
+/// alternating; the medians.
 async fn hardening(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
     const KEY: &str = "bench-key";
+    compare_gateways(
+        args,
+        url,
+        queue,
+        "POST /tasks with timeouts, API key and rate limit on, against all off",
+        (&[("API_KEYS", KEY), ("RATE_LIMIT", "100000000")], Some(KEY)),
+        &[("HEADER_TIMEOUT", "0s"), ("BODY_TIMEOUT", "0s")],
+        0.95,
+    )
+    .await
+}
+
+/// Two gateways side by side, one with `on` settings (and the API key they need, if any),
+/// one with `off`: POST /tasks on each, alternating; the `on` one's share of the `off` one.
+async fn compare_gateways(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    measure: &str,
+    (on, key): (&[(&str, &str)], Option<&str>),
+    off: &[(&str, &str)],
+    target: f64,
+) -> Result<Line, lapin::Error> {
     let (off_port, on_port) = (free_port(), free_port());
-    let off = [("HEADER_TIMEOUT", "0s"), ("BODY_TIMEOUT", "0s")];
-    let on = [("API_KEYS", KEY), ("RATE_LIMIT", "100000000")];
     let gateway =
         |port, env| process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env);
-    let (_off_gateway, _on_gateway) = (gateway(off_port, &off).await, gateway(on_port, &on).await);
+    let (_off_gateway, _on_gateway) = (gateway(off_port, off).await, gateway(on_port, on).await);
     // A new gateway first reads the whole events stream (millions of events by now): measure
     // neither while either is still reading.
-    for (port, key) in [(off_port, None), (on_port, Some(KEY))] {
+    for (port, key) in [(off_port, None), (on_port, key)] {
         http::wait_until_live(
             &format!("http://127.0.0.1:{port}"),
             key,
@@ -381,10 +384,10 @@ async fn hardening(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, l
     compare_posts(
         args,
         queue,
-        "POST /tasks with timeouts, API key and rate limit on, against all off",
-        (&on_url, Some(KEY)),
+        measure,
+        (&on_url, key),
         (&off_url, None),
-        0.95,
+        target,
     )
     .await
 }

@@ -14,7 +14,7 @@ use offload_api::Config as GatewayConfig;
 use offload_common::{BrokerArgs, BrokerError};
 use offload_tests::{
     FaultyProxy, InProcessWorker, PrivateBroker, TestGateway, TestQueue, WorkerOptions,
-    WorkerProcess, amqp_url, declare_kinds, eventually, eventually_ok,
+    WorkerProcess, amqp_url, declare_kinds, eventually, eventually_ok, handlers::AlwaysFails,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -206,19 +206,6 @@ async fn health_says_unroutable_while_the_queue_cannot_be_declared_again() {
     let response = gateway.post_task(&json!({"kind": "sleep"})).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     gateway.stop().await;
-}
-
-/// Always fails: dead-lettered at the delivery limit.
-struct AlwaysFails;
-
-impl Handler for AlwaysFails {
-    const KIND: &'static str = "always-fails";
-    type Payload = serde_json::Value;
-    type Output = ();
-
-    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
-        Err("scripted failure".into())
-    }
 }
 
 /// Counts how many of its tasks run at once, and the most ever seen.

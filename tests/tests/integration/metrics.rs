@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 
 use offload_tests::{
     FaultyProxy, InProcessWorker, TestGateway, TestQueue, amqp_url, eventually, free_port,
-    publish_confirmed,
+    handlers::AlwaysFails, publish_confirmed,
 };
 use offload_worker::{Handler, HandlerError, Task};
 use reqwest::StatusCode;
@@ -14,18 +14,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-struct AlwaysFails;
-
-impl Handler for AlwaysFails {
-    const KIND: &'static str = "always-fails";
-    type Payload = serde_json::Value;
-    type Output = ();
-
-    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
-        Err("it always fails".into())
-    }
-}
 
 struct Rejects;
 

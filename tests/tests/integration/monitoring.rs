@@ -49,17 +49,22 @@ impl Drop for Prometheus {
     }
 }
 
-/// One instant query: its status and how many series answered.
-async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Option<(String, usize)> {
-    let answer: Value = client
-        .get(format!("{base}/api/v1/query"))
-        .query(&[("query", expr)])
+/// A GET of Prometheus' API, as JSON; `None` until it answers.
+async fn get_json(client: &reqwest::Client, url: &str, query: &[(&str, &str)]) -> Option<Value> {
+    client
+        .get(url)
+        .query(query)
         .send()
         .await
         .ok()?
         .json()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// One instant query: its status and how many series answered.
+async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Option<(String, usize)> {
+    let answer = get_json(client, &format!("{base}/api/v1/query"), &[("query", expr)]).await?;
     Some((
         answer["status"].as_str()?.to_owned(),
         answer["data"]["result"].as_array().map_or(0, Vec::len),
@@ -136,14 +141,7 @@ async fn prometheus_scrapes_both_and_every_dashboard_query_has_data() {
         assert_eq!(response.status(), expected, "{task}");
     }
     eventually(DEADLINE, "both targets to be scraped", || async {
-        let answer: Value = client
-            .get(format!("{base}/api/v1/targets"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let answer = get_json(&client, &format!("{base}/api/v1/targets"), &[]).await?;
         let targets = answer["data"]["activeTargets"].as_array()?;
         (targets.len() == 2 && targets.iter().all(|target| target["health"] == "up")).then_some(())
     })

@@ -13,7 +13,7 @@ use lapin::BasicProperties;
 use offload_api::Config as GatewayConfig;
 use offload_tests::{
     FaultyProxy, InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
-    eventually,
+    eventually, handlers::AlwaysFails,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -50,19 +50,6 @@ impl Handler for FailsOnce {
             return Err("first attempts fail".into());
         }
         Ok(())
-    }
-}
-
-/// Always fails: dead after its last attempt.
-struct AlwaysFails;
-
-impl Handler for AlwaysFails {
-    const KIND: &'static str = "always-fails";
-    type Payload = serde_json::Value;
-    type Output = ();
-
-    async fn handle(&self, _task: Task) -> Result<(), HandlerError> {
-        Err("it never works".into())
     }
 }
 
@@ -125,7 +112,7 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
     let body = gateway.finished(hopeless, DEADLINE).await;
     assert_eq!(body["status"], "dead", "{body}");
     assert_eq!(body["reason"], "max_attempts", "{body}");
-    assert_eq!(body["error"], "it never works", "{body}");
+    assert_eq!(body["error"], AlwaysFails::ERROR, "{body}");
 
     let body = gateway.finished(garbage, DEADLINE).await;
     assert_eq!(body["status"], "dead", "{body}");
