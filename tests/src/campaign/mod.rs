@@ -230,6 +230,39 @@ impl Rig {
         Some(declared.message_count())
     }
 
+    /// The task ids of the messages in the dead-letter queue, each once: at-least-once
+    /// delivery may put two copies of one task there (its ack lost in a broker restart after
+    /// its dead copy was confirmed). The messages are read unacknowledged and go back to the
+    /// queue when the connection closes.
+    async fn dead_ids(&self) -> Option<HashSet<Uuid>> {
+        let connection = Connection::connect(&self.broker.url(), ConnectionProperties::default())
+            .await
+            .ok()?;
+        let channel = connection.create_channel().await.ok()?;
+        let queue = format!("{}.dead", self.queue);
+        let mut ids = HashSet::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .ok()?
+        {
+            if let Some(id) = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| id.as_str().parse().ok())
+            {
+                ids.insert(id);
+            }
+        }
+        let _ = connection.close(200, "read".into()).await;
+        Some(ids)
+    }
+
     /// Injects `fault` and heals it; returns the moment it was healed (the broker back, the
     /// network whole, the new gateway process launched).
     async fn inject(&mut self, fault: Fault) -> Instant {
@@ -356,12 +389,23 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
 
     let status_wrong = statuses_disagreeing(&rig.gateway.url(""), &records).await;
     let completions = rig.completions();
+    // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
+    // once) more; counted by id, so a duplicate cannot stand in for a missing one.
+    let dead = rig.dead_ids().await.unwrap_or_default();
+    let poison_dead = records
+        .iter()
+        .filter_map(|r| match r.outcome {
+            Outcome::Ok(id) if r.poison => Some(id),
+            _ => None,
+        })
+        .filter(|id| dead.contains(id))
+        .count();
     Row::new(
         fault,
         &records,
         &promised,
         &completions,
-        rig.dead_lettered().await.unwrap_or(0) as usize,
+        poison_dead,
         poison_promised,
         fault.measures_recovery().then_some(recovery),
         drained,
