@@ -391,7 +391,13 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     let completions = rig.completions();
     // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
     // once) more; counted by id, so a duplicate cannot stand in for a missing one.
-    let dead = rig.dead_ids().await.unwrap_or_default();
+    // Bounded: reading needs the queue's leader, which a quorum queue killed in its first
+    // seconds may never get back on RabbitMQ 3.10 (docs/RELIABILITY.md); then none is found.
+    let dead = tokio::time::timeout(Duration::from_secs(10), rig.dead_ids())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let poison_dead = records
         .iter()
         .filter_map(|r| match r.outcome {
