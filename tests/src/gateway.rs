@@ -134,6 +134,15 @@ impl TestGateway {
             .expect("gateway answers")
     }
 
+    /// Waits until `/health` says the status view has read the events stream to its end.
+    pub async fn live(&self, deadline: std::time::Duration) {
+        crate::eventually(deadline, "the gateway's status view to be live", || async {
+            let body: serde_json::Value = self.health().await.json().await.ok()?;
+            (body["events"] == "live").then_some(())
+        })
+        .await;
+    }
+
     /// Stops the gateway gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -240,7 +240,7 @@ impl ApiError {
             Self::DeadTaskNotFound => "no task with that id is in the dead-letter queue: it was never dead, was retried or discarded already, or is being retried right now by another request".into(),
             Self::UnknownTask => "no task with that id: it was never accepted, or it is older than the events stream keeps (EVENTS_MAX_AGE, EVENTS_MAX_BYTES) or than this gateway remembers (STATUS_CAPACITY)".into(),
             Self::TrackingOff => "task tracking is off on this gateway (EVENTS=off): there is no status to read, and no Idempotency-Key can be honoured; turn EVENTS on".into(),
-            Self::Replaying { .. } => "this gateway is still reading the events stream and does not know that task yet; retry after the Retry-After delay".into(),
+            Self::Replaying { .. } => "this gateway is still reading the events stream and cannot yet tell where that task (or that Idempotency-Key) stands; retry after the Retry-After delay".into(),
             Self::UnknownKind { kind, known } => {
                 let known = if known.is_empty() {
                     "none announced yet".to_owned()

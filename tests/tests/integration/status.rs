@@ -255,6 +255,8 @@ async fn one_idempotency_key_makes_one_task_at_once_and_across_gateways() {
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "idempotent", 5).await;
     let gateway = Arc::new(TestGateway::start(&url, queue.name()).await);
+    // Until then, a key is refused with `events_replaying`: it could be one not read back yet.
+    gateway.live(DEADLINE).await;
     let post = |gateway: Arc<TestGateway>, key: &'static str| async move {
         let response = gateway
             .client()
@@ -331,5 +333,7 @@ async fn with_events_off_there_is_no_stream_and_status_says_tracking_is_off() {
         .expect("answer");
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(queue.ready().await, 1);
+    let health: Value = gateway.health().await.json().await.expect("JSON");
+    assert_eq!(health["events"], "off", "{health}");
     gateway.stop().await;
 }

@@ -1,4 +1,5 @@
 //! `GET /health`: 200 while the gateway can publish, 503 otherwise. Always open: no key.
+//! It also says whether the task-status view has read the events stream to its end.
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use offload_common::BrokerState;
@@ -15,6 +16,8 @@ pub fn router() -> Router<AppState> {
 struct Health {
     status: &'static str,
     broker: &'static str,
+    /// `live`, `replaying` (statuses may still be unknown) or `off`.
+    events: &'static str,
 }
 
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
@@ -23,6 +26,11 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let body = Json(Health {
         status: if healthy { "ok" } else { "unavailable" },
         broker: broker.as_str(),
+        events: match &state.tracker {
+            None => "off",
+            Some(tracker) if tracker.is_live() => "live",
+            Some(_) => "replaying",
+        },
     });
     if healthy {
         (StatusCode::OK, None, body)

@@ -149,6 +149,12 @@ async fn submit(
     let _claim = match (&key, &state.tracker) {
         (None, _) => None,
         (Some(_), None) => return Err(ApiError::IdempotencyOff),
+        // Keys the view has not read back yet would be taken as new: make the client retry.
+        (Some(_), Some(tracker)) if !tracker.is_live() => {
+            return Err(ApiError::Replaying {
+                retry_after: state.retry_after_secs,
+            });
+        }
         (Some(key), Some(tracker)) => loop {
             match tracker.claim(key) {
                 Claim::Done(id) => return Ok(already_accepted(tracker, id)),
@@ -257,6 +263,11 @@ async fn status(
     };
     let id: Uuid = id.parse().map_err(|_| ApiError::UnknownTask)?;
     let mut task = tracker.wait(id, wait).await.ok_or_else(unknown)?;
+    // While replaying, the view holds the start of a task's story, not yet its end: only
+    // a terminal state is sure to be no older than the stream.
+    if !task.status.is_terminal() && !tracker.is_live() {
+        return Err(unknown());
+    }
     if let Some(offset) = task.result_offset {
         task.result = Tracker::read_result(state.publisher.broker(), id, offset).await;
     }
