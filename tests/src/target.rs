@@ -1,5 +1,5 @@
 //! The example HTTP targets of `examples/`, run as real processes (Flask on Python, Express on
-//! Node) with the dependencies `examples/install-deps.sh` installed.
+//! Node) with the dependencies `tests/install-deps.sh` installed.
 
 use std::{
     path::PathBuf,
@@ -46,7 +46,7 @@ impl ExampleTarget {
         };
         assert!(
             installed,
-            "the {example:?} example's dependencies are missing: run examples/install-deps.sh"
+            "the {example:?} example's dependencies are missing: run tests/install-deps.sh"
         );
         let port = free_port();
         let child = Command::new(program)

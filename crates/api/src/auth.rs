@@ -8,10 +8,11 @@ use std::{fmt, num::NonZeroU32, path::Path, sync::Arc};
 
 use axum::{
     extract::{Request, State},
-    http::{HeaderMap, header},
+    http::{HeaderMap, Method, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use base64::{Engine, prelude::BASE64_STANDARD};
 use governor::{
     Quota, RateLimiter,
     clock::{Clock, DefaultClock},
@@ -174,7 +175,7 @@ impl Access {
         let limiter = if self.is_open() {
             self.inner.open_limiter.as_ref()
         } else {
-            let presented = bearer(headers).ok_or(ApiError::Unauthorized(
+            let presented = presented_key(headers).ok_or(ApiError::Unauthorized(
                 "this gateway needs an API key and the request has none",
             ))?;
             let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
@@ -231,11 +232,47 @@ fn parse_entry(text: &str) -> Result<(&str, u8), String> {
     Ok((key, bits))
 }
 
-/// The key of an `Authorization: Bearer <key>` header.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The key of an `Authorization: Bearer <key>` header, or the password of an
+/// `Authorization: Basic` one (the user name is ignored), which is how a browser sends it.
+fn presented_key(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    let (scheme, credentials) = value.split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = BASE64_STANDARD.decode(credentials).ok()?;
+    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_owned())
+}
+
+/// The header the dashboard adds to every request that changes something. A form on another
+/// site cannot add a header, and a script there cannot either without a CORS preflight,
+/// which the gateway never grants.
+pub const REQUESTED_BY: &str = "x-requested-by";
+
+/// Refuses a request that changes something when it carries a browser's Basic login but
+/// not [`REQUESTED_BY`]: a browser sends a cached login with any request to this origin,
+/// one a form on another site made included (cross-site request forgery).
+fn forgery_guard(request: &Request) -> Result<(), ApiError> {
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    let basic = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"));
+    if safe || !basic || request.headers().contains_key(REQUESTED_BY) {
+        Ok(())
+    } else {
+        Err(ApiError::CrossSite)
+    }
 }
 
 /// Middleware: lets a request through only with a key that has `scope`.
@@ -244,7 +281,7 @@ pub async fn require(
     request: Request,
     next: Next,
 ) -> Response {
-    match access.check(request.headers(), scope) {
+    match forgery_guard(&request).and_then(|()| access.check(request.headers(), scope)) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }
@@ -263,6 +300,37 @@ mod tests {
             HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
         );
         headers
+    }
+
+    fn with_authorization(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(value).expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn a_browser_sends_the_key_as_the_password_of_a_basic_login() {
+        let access = Access::from_settings(Some("reader=read"), None, None, None).expect("keys");
+        // "anyone:reader" and "anyone:wrong"
+        let good = with_authorization("Basic YW55b25lOnJlYWRlcg==");
+        let bad = with_authorization("Basic YW55b25lOndyb25n");
+        assert!(access.check(&good, Scope::Read).is_ok());
+        assert!(matches!(
+            access.check(&bad, Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+        for broken in ["Basic not-base64!", "Basic cmVhZGVy", "Digest reader"] {
+            assert!(
+                matches!(
+                    access.check(&with_authorization(broken), Scope::Read),
+                    Err(ApiError::Unauthorized(_))
+                ),
+                "{broken}"
+            );
+        }
     }
 
     #[test]

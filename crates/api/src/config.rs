@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub metrics: bool,
 
+    /// The dashboard at `GET /` (`on` or `off`); on, the gateway also samples the queues'
+    /// depth every 2 s and keeps the last 10 minutes for its charts.
+    #[arg(long, env = "DASHBOARD", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub dashboard: bool,
+
     /// Longest a `GET /tasks/{id}?wait=` may wait for the task to end.
     #[arg(long, env = "MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
@@ -143,6 +148,7 @@ impl Config {
             status_capacity: DEFAULT_STATUS_CAPACITY,
             max_wait: DEFAULT_MAX_WAIT,
             metrics: true,
+            dashboard: true,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,

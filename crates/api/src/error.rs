@@ -55,6 +55,12 @@ pub enum ApiError {
     /// The key is known but lacks the scope the route needs.
     #[error("this API key lacks the '{0}' scope")]
     Forbidden(Scope),
+    /// A browser login (Basic) on a request that changes something, without the header that
+    /// only a script of this origin can add.
+    #[error(
+        "a request that changes something, with a browser login, lacks the X-Requested-By header"
+    )]
+    CrossSite,
     /// The key has used up its rate.
     #[error("rate limit reached")]
     RateLimited {
@@ -145,7 +151,7 @@ impl ApiError {
             | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::CrossSite => StatusCode::FORBIDDEN,
             Self::UnknownKind { .. }
             | Self::InvalidIdempotencyKey
             | Self::InvalidWait
@@ -177,6 +183,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
+            Self::CrossSite => "cross_site_request",
             Self::UnknownKind { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
@@ -224,6 +231,9 @@ impl ApiError {
             }
             Self::Forbidden(scope) => format!(
                 "this API key lacks the '{scope}' scope this request needs; use a key that has it"
+            ),
+            Self::CrossSite => format!(
+                "{self}, so it may come from a form on another site; the dashboard sends it, other clients should send Authorization: Bearer <API key>"
             ),
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
@@ -385,6 +395,18 @@ impl IntoResponse for ApiError {
         }
         if self.closes_connection() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            // Programs send `Bearer`; a browser opening the dashboard asks its user for the
+            // key as the password of a Basic login (RFC 7617) and sends it on from then on.
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="offload""#),
+            );
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="offload", charset="UTF-8""#),
+            );
         }
         response
     }

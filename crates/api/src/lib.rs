@@ -4,6 +4,7 @@
 
 mod auth;
 mod config;
+mod dashboard;
 mod dead;
 mod error;
 mod metrics;
@@ -44,6 +45,8 @@ pub struct AppState {
     max_body_bytes: usize,
     body_timeout: Duration,
     metrics: Arc<metrics::Metrics>,
+    /// The dashboard's charts; `None` with DASHBOARD=off.
+    history: Option<dashboard::History>,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -118,6 +121,15 @@ impl Application {
             }
             None => (None, None),
         };
+        let history = config.dashboard.then(|| {
+            let history = dashboard::History::default();
+            tokio::spawn(
+                history
+                    .clone()
+                    .sample(broker.clone(), tracker.clone(), shutdown.clone()),
+            );
+            history
+        });
         let metrics = Arc::new(metrics::Metrics::new());
         let publisher = Publisher::new(
             broker,
@@ -135,6 +147,7 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
             metrics: Arc::clone(&metrics),
+            history,
         };
         let limits = server::Limits {
             max_connections: config.max_connections as usize,
@@ -146,7 +159,7 @@ impl Application {
         };
         Ok(Self {
             listener,
-            router: routes::router(state, config.metrics),
+            router: routes::router(state, config.metrics, config.dashboard),
             limits,
             shutdown,
             supervisor,

@@ -203,7 +203,7 @@ struct Extra {
     waiters: Option<Arc<Notify>>,
 }
 
-fn millis(time: SystemTime) -> u64 {
+pub(crate) fn millis(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| {
             u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
@@ -226,6 +226,43 @@ struct View {
     kind_index: HashMap<Arc<str>, u32>,
     /// Kinds workers announced.
     announced: BTreeSet<String>,
+    /// Events applied since this gateway started, for the dashboard's rates.
+    totals: Totals,
+    /// The tasks that died last, newest at the back, for the dashboard (which must not scan
+    /// the dead-letter queue at every poll).
+    recent_dead: VecDeque<Uuid>,
+}
+
+/// How many dead tasks the view lists without a scan of the dead-letter queue.
+const RECENT_DEAD: usize = 50;
+
+/// How many tasks were first seen, and how many events of each kind were applied, since the
+/// gateway started (its replay included). Only differences between two readings mean much.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Tasks queued (each task once, however many gateways saw it accepted).
+    pub submitted: u64,
+    /// Attempts started.
+    pub started: u64,
+    /// Attempts that succeeded.
+    pub succeeded: u64,
+    /// Attempts that failed and will be tried again.
+    pub failed: u64,
+    /// Tasks dead-lettered.
+    pub dead: u64,
+}
+
+impl Totals {
+    fn count(&mut self, event: EventType) {
+        let counter = match event {
+            EventType::Started => &mut self.started,
+            EventType::Succeeded => &mut self.succeeded,
+            EventType::Failed => &mut self.failed,
+            EventType::Dead => &mut self.dead,
+            _ => return,
+        };
+        *counter += 1;
+    }
 }
 
 impl View {
@@ -359,6 +396,34 @@ impl Tracker {
         self.view().announced.iter().cloned().collect()
     }
 
+    /// The counts since this gateway started.
+    pub fn totals(&self) -> Totals {
+        self.view().totals
+    }
+
+    /// The `count` tasks first seen last, newest first.
+    pub fn recent(&self, count: usize) -> Vec<TaskView> {
+        let view = self.view();
+        view.order
+            .iter()
+            .rev()
+            .take(count)
+            .filter_map(|id| view.task(*id))
+            .collect()
+    }
+
+    /// Up to `count` of the tasks that died last and are still dead, newest first.
+    pub fn recent_dead(&self, count: usize) -> Vec<TaskView> {
+        let view = self.view();
+        view.recent_dead
+            .iter()
+            .rev()
+            .filter_map(|id| view.task(*id))
+            .filter(|task| task.status == Status::Dead)
+            .take(count)
+            .collect()
+    }
+
     /// The task, if the view knows it.
     pub fn get(&self, id: Uuid) -> Option<TaskView> {
         self.view().task(id)
@@ -458,7 +523,18 @@ impl Tracker {
                 },
             );
             view.order.push_back(id);
+            if event.event == EventType::Queued {
+                view.totals.submitted += 1;
+            }
             self.evict(&mut view);
+        }
+        view.totals.count(event.event);
+        if event.event == EventType::Dead {
+            view.recent_dead.retain(|dead| *dead != id);
+            if view.recent_dead.len() == RECENT_DEAD {
+                view.recent_dead.pop_front();
+            }
+            view.recent_dead.push_back(id);
         }
         let mut key_to_index = None;
         if let Some(task) = view.tasks.get_mut(&id) {
@@ -695,6 +771,39 @@ mod tests {
         let task = tracker.get(id).expect("known");
         assert_eq!(task.status, Status::Running);
         assert_eq!(task.run_at, None, "no run_at unless scheduled");
+    }
+
+    #[test]
+    fn totals_count_a_task_once_and_recent_tasks_come_newest_first() {
+        let tracker = Tracker::new(10);
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in [first, second] {
+            // Applied on acceptance, then read back from the stream.
+            tracker.accepted(id, "sleep", SystemTime::now(), None);
+            tracker.apply(&event(EventType::Queued, id), Some(1));
+        }
+        tracker.apply(&event(EventType::Started, first), Some(2));
+        tracker.apply(&event(EventType::Succeeded, first), Some(3));
+        assert_eq!(
+            tracker.totals(),
+            Totals {
+                submitted: 2,
+                started: 1,
+                succeeded: 1,
+                failed: 0,
+                dead: 0
+            }
+        );
+        let recent: Vec<Uuid> = tracker.recent(5).iter().map(|task| task.id).collect();
+        assert_eq!(recent, [second, first]);
+        assert_eq!(tracker.recent(1).len(), 1);
+
+        tracker.apply(&event(EventType::Dead, second), Some(4));
+        let dead: Vec<Uuid> = tracker.recent_dead(5).iter().map(|task| task.id).collect();
+        assert_eq!(dead, [second]);
+        // Retried: no longer listed as dead.
+        tracker.apply(&event(EventType::Retried, second), Some(5));
+        assert!(tracker.recent_dead(5).is_empty());
     }
 
     #[test]

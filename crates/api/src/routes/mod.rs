@@ -1,5 +1,6 @@
 //! HTTP routes. Each module owns its routes; [`router`] merges them.
 
+mod dashboard;
 mod dead;
 mod health;
 mod metrics;
@@ -16,12 +17,16 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{AppState, error::ApiError};
 
-/// The whole HTTP surface; with `metrics`, `GET /metrics` and the counting of requests.
-pub fn router(state: AppState, metrics: bool) -> Router {
+/// The whole HTTP surface; with `metrics`, `GET /metrics` and the counting of requests;
+/// with `dashboard`, the page at `GET /`.
+pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
     let mut routes = Router::new()
         .merge(tasks::router(&state))
         .merge(dead::router(&state))
         .merge(health::router());
+    if dashboard {
+        routes = routes.merge(dashboard::router(&state));
+    }
     if metrics {
         routes = routes
             .merge(metrics::router(&state))

@@ -1,0 +1,293 @@
+// The offload dashboard: polls GET /dashboard/state every two seconds and draws it. No
+// framework, no build step, no request to any host but this gateway.
+"use strict";
+
+const POLL_MS = 2000;
+const DEPTH_SERIES = [
+  { key: "ready", label: "Ready", color: "#0a58ca" },
+  { key: "scheduled", label: "Scheduled", color: "#7a4a00" },
+  { key: "dead", label: "Dead", color: "#a40e26" },
+];
+const RATE_SERIES = [
+  { key: "submitted", label: "Submitted/s", color: "#0a58ca" },
+  { key: "succeeded", label: "Succeeded/s", color: "#116329" },
+  { key: "failed", label: "Failed/s", color: "#7a4a00" },
+  { key: "dead", label: "Dead/s", color: "#a40e26" },
+];
+const SVG = "http://www.w3.org/2000/svg";
+
+const byId = (id) => document.getElementById(id);
+
+function setText(id, value) {
+  const node = byId(id);
+  const text = value === undefined || value === null ? "–" : String(value);
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function notify(text, isError) {
+  const notice = byId("notice");
+  notice.textContent = text;
+  notice.classList.toggle("error", Boolean(isError));
+}
+
+async function call(method, path) {
+  // X-Requested-By: the gateway refuses a change made with a browser login without it, so a
+  // form on another site cannot use this browser's login.
+  const headers = { accept: "application/json", "x-requested-by": "offload-dashboard" };
+  const response = await fetch(path, { method, credentials: "same-origin", headers });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body.error || `${response.status} ${response.statusText}`);
+    error.code = body.code;
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function badge(id, text, good, bad) {
+  const node = byId(id);
+  setText(id, text);
+  node.classList.toggle("ok", good.includes(text));
+  node.classList.toggle("bad", bad.includes(text));
+  node.classList.toggle("warn", !good.includes(text) && !bad.includes(text));
+}
+
+// Per-second rates between consecutive samples that both have totals.
+function rates(history) {
+  const points = [];
+  for (let i = 1; i < history.length; i++) {
+    const before = history[i - 1];
+    const after = history[i];
+    const seconds = (after.at - before.at) / 1000;
+    if (!before.totals || !after.totals || seconds <= 0) continue;
+    const point = { at: after.at };
+    for (const { key } of RATE_SERIES) {
+      point[key] = Math.max(0, after.totals[key] - before.totals[key]) / seconds;
+    }
+    points.push(point);
+  }
+  return points;
+}
+
+function drawChart(svgId, legendId, points, series, unit) {
+  const svg = byId(svgId);
+  const width = 600;
+  const height = 160;
+  for (const line of svg.querySelectorAll("polyline")) line.remove();
+  const max = Math.max(1, ...points.flatMap((point) => series.map(({ key }) => point[key] || 0)));
+  if (points.length > 1) {
+    const first = points[0].at;
+    const span = Math.max(1, points[points.length - 1].at - first);
+    for (const { key, color } of series) {
+      const line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("stroke", color);
+      line.setAttribute(
+        "points",
+        points
+          .map((point) => {
+            const x = ((point.at - first) / span) * width;
+            const y = height - 4 - ((point[key] || 0) / max) * (height - 8);
+            return `${x.toFixed(1)},${y.toFixed(1)}`;
+          })
+          .join(" "),
+      );
+      svg.appendChild(line);
+    }
+  }
+  const last = points[points.length - 1] || {};
+  const legend = byId(legendId);
+  legend.replaceChildren(
+    ...series.map(({ key, label, color }) => {
+      const item = document.createElement("span");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = color;
+      const value = last[key] === undefined ? "–" : formatNumber(last[key]);
+      item.append(swatch, `${label}: ${value}`);
+      return item;
+    }),
+    Object.assign(document.createElement("span"), {
+      className: "muted",
+      textContent: `scale: 0 to ${formatNumber(max)}${unit}`,
+    }),
+  );
+}
+
+function formatNumber(value) {
+  if (!Number.isFinite(value)) return "–";
+  return value >= 100 || Number.isInteger(value) ? Math.round(value).toLocaleString("en") : value.toFixed(1);
+}
+
+function formatTime(text) {
+  return text ? new Date(text).toLocaleTimeString("en-GB") : "–";
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "–" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function taskLink(id) {
+  const td = document.createElement("td");
+  td.className = "id";
+  const link = document.createElement("a");
+  link.href = `/tasks/${id}`;
+  link.textContent = id.slice(0, 8);
+  link.title = id;
+  link.setAttribute("aria-label", `task ${id}`);
+  td.appendChild(link);
+  return td;
+}
+
+function renderRecent(tasks) {
+  const rows = tasks.map((task) => {
+    const row = document.createElement("tr");
+    row.dataset.id = task.id;
+    row.append(
+      taskLink(task.id),
+      cell(task.kind),
+      cell(task.status, `status status-${task.status}`),
+      cell(task.attempts),
+      cell(formatTime(task.submitted_at)),
+    );
+    return row;
+  });
+  if (rows.length === 0) rows.push(emptyRow(5, "No tasks yet."));
+  byId("recent").tBodies[0].replaceChildren(...rows);
+}
+
+function emptyRow(columns, text) {
+  const row = document.createElement("tr");
+  const td = cell(text, "muted");
+  td.colSpan = columns;
+  row.appendChild(td);
+  return row;
+}
+
+const busy = new Set();
+
+function actionButton(label, task, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = label;
+  button.dataset.action = label.toLowerCase();
+  button.setAttribute("aria-label", `${label} task ${task.id}`);
+  button.disabled = busy.has(task.id);
+  if (label === "Discard") button.className = "danger";
+  button.addEventListener("click", () => action(task, button));
+  return button;
+}
+
+async function retry(task, button) {
+  busy.add(task.id);
+  button.disabled = true;
+  try {
+    await call("POST", `/dead/${task.id}/retry`);
+    notify(`Task ${task.id} is queued again.`);
+  } catch (error) {
+    notify(`Could not retry task ${task.id}: ${error.message}`, true);
+  } finally {
+    busy.delete(task.id);
+    refresh();
+  }
+}
+
+async function discard(task, button) {
+  if (!window.confirm(`Discard task ${task.id} for good?`)) return;
+  busy.add(task.id);
+  button.disabled = true;
+  try {
+    await call("DELETE", `/dead/${task.id}`);
+    notify(`Task ${task.id} is discarded.`);
+  } catch (error) {
+    notify(`Could not discard task ${task.id}: ${error.message}`, true);
+  } finally {
+    busy.delete(task.id);
+    refresh();
+  }
+}
+
+function renderDead(tasks) {
+  const rows = tasks.map((task) => {
+    const row = document.createElement("tr");
+    row.dataset.id = task.id;
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    actions.append(actionButton("Retry", task, retry), actionButton("Discard", task, discard));
+    row.append(
+      taskLink(task.id),
+      cell(task.kind),
+      cell(task.reason),
+      cell(task.error, "error"),
+      actions,
+    );
+    return row;
+  });
+  if (rows.length === 0) rows.push(emptyRow(5, "No dead tasks seen."));
+  byId("dead").tBodies[0].replaceChildren(...rows);
+}
+
+// On demand only: reading the dead-letter queue scans it.
+async function scanDead() {
+  try {
+    const body = await call("GET", "/dead?limit=50");
+    const tasks = body.dead
+      .filter((task) => task.id)
+      .map((task) => ({ ...task, status: "dead" }));
+    renderDead(tasks);
+    notify(`The dead-letter queue holds ${body.total}${body.truncated ? "+" : ""} tasks; the newest ${tasks.length} are listed until the next refresh.`);
+    pausedDead = Date.now() + 30000;
+  } catch (error) {
+    notify(`Could not read the dead-letter queue: ${error.message}`, true);
+  }
+}
+
+let pausedDead = 0;
+let timer;
+
+function render(state) {
+  badge("broker-state", state.broker, ["connected"], ["disconnected", "unroutable"]);
+  badge("events-state", state.events, ["live"], ["off"]);
+  const samples = state.history;
+  const latest = samples.length ? samples[samples.length - 1] : {};
+  const depth = latest.depth || {};
+  setText("depth-ready", depth.ready);
+  setText("depth-scheduled", depth.scheduled);
+  setText("depth-dead", depth.dead);
+  setText("workers", depth.consumers);
+  const withTotals = samples.filter((sample) => sample.totals);
+  const totals = state.totals || (withTotals.length ? withTotals[withTotals.length - 1].totals : {});
+  setText("total-submitted", totals.submitted);
+  setText("total-succeeded", totals.succeeded);
+  setText("total-failed", totals.failed);
+  setText("total-dead", totals.dead);
+  const depthPoints = samples.filter((sample) => sample.depth).map((sample) => ({ at: sample.at, ...sample.depth }));
+  drawChart("depth-chart", "depth-legend", depthPoints, DEPTH_SERIES, " tasks");
+  drawChart("rate-chart", "rate-legend", rates(samples), RATE_SERIES, " tasks/s");
+  renderRecent(state.recent);
+  if (Date.now() > pausedDead) renderDead(state.dead);
+  setText("updated", `updated ${new Date().toLocaleTimeString("en-GB")}`);
+}
+
+let unreadable = false;
+
+async function refresh() {
+  clearTimeout(timer);
+  try {
+    render(await call("GET", "/dashboard/state"));
+    if (unreadable) notify("");
+    unreadable = false;
+  } catch (error) {
+    notify(`Cannot read the gateway's state: ${error.message}`, true);
+    unreadable = true;
+  }
+  timer = setTimeout(refresh, POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  byId("scan-dead").addEventListener("click", scanDead);
+  refresh();
+});

@@ -1,0 +1,142 @@
+//! The dashboard: `GET /` (scope `read`), one page served from the binary with its script
+//! and style, and `GET /dashboard/state`, the JSON it polls. The page asks nothing of any
+//! other host (its Content-Security-Policy says so to the browser), and its buttons call the
+//! dead-letter API like any client, so a key without `admin` sees them refused.
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderValue, header},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+
+use crate::{
+    AppState,
+    auth::{self, Scope},
+    dashboard::{History, Sample},
+    status::{TaskView, Totals, Tracker},
+};
+
+/// Tasks listed under "Recent tasks".
+const RECENT: usize = 20;
+
+const PAGE: &str = include_str!("../../assets/dashboard.html");
+const SCRIPT: &str = include_str!("../../assets/dashboard.js");
+const STYLE: &str = include_str!("../../assets/dashboard.css");
+const ICON: &str = include_str!("../../assets/favicon.svg");
+
+/// Only this gateway, for everything; no framing by other sites.
+const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn router(state: &AppState) -> Router<AppState> {
+    let read = Router::new()
+        .route("/", get(page))
+        .route("/dashboard/state", get(dashboard_state))
+        .route_layer(middleware::from_fn_with_state(
+            (state.access.clone(), Scope::Read),
+            auth::require,
+        ));
+    // Code, no data: no key needed, so a browser that has not logged in yet still gets them.
+    let assets = Router::new()
+        .route(
+            "/dashboard.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
+        )
+        .route(
+            "/dashboard.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { asset("image/svg+xml", ICON) }),
+        );
+    read.merge(assets)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    secure(&mut response);
+    response
+}
+
+fn secure(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // A new binary may bring a new page: always ask again (answers are small).
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+/// What the page polls.
+#[derive(Serialize)]
+struct DashboardState {
+    /// `connected`, `blocked`, `unroutable` or `disconnected`.
+    broker: &'static str,
+    /// `live`, `replaying` or `off`.
+    events: &'static str,
+    /// Tasks published and awaiting the broker's confirm.
+    publishes_in_flight: usize,
+    /// Kinds workers have announced.
+    kinds: Vec<String>,
+    /// The task counts now; `None` with EVENTS=off or while replaying.
+    totals: Option<Totals>,
+    /// The last minutes, oldest first.
+    history: Vec<Sample>,
+    /// The tasks this gateway saw last, newest first.
+    recent: Vec<TaskView>,
+    /// The tasks that died last and are still dead, newest first.
+    dead: Vec<TaskView>,
+}
+
+async fn dashboard_state(State(state): State<AppState>) -> Response {
+    let totals = state
+        .tracker
+        .as_ref()
+        .filter(|tracker| tracker.is_live())
+        .map(Tracker::totals);
+    let (events, kinds, recent, dead) = match &state.tracker {
+        None => ("off", Vec::new(), Vec::new(), Vec::new()),
+        Some(tracker) => (
+            if tracker.is_live() {
+                "live"
+            } else {
+                "replaying"
+            },
+            tracker.kinds(),
+            tracker.recent(RECENT),
+            tracker.recent_dead(RECENT),
+        ),
+    };
+    let mut response = axum::Json(DashboardState {
+        broker: state.publisher.state().as_str(),
+        events,
+        publishes_in_flight: state.publisher.in_flight(),
+        kinds,
+        totals,
+        history: state.history.as_ref().map(History::all).unwrap_or_default(),
+        recent,
+        dead,
+    })
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

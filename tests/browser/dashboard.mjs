@@ -1,0 +1,152 @@
+// Drives Debian's Chromium through offload's dashboard, as tests/tests/integration/dashboard.rs
+// asks: it submits tasks and sees the counts move, sees a failing task become dead, is refused
+// a retry with a read-only key, retries it with an admin key and sees it succeed, checks the
+// page with axe-core on a desktop and a phone-sized viewport, and writes screenshots.
+// Every wait is on a condition with a deadline. Exits non-zero with the reason on failure.
+//
+// Environment: OFFLOAD_URL (the gateway), OFFLOAD_ADMIN_KEY, OFFLOAD_READ_KEY, SCREENSHOTS
+// (a directory), CHROMIUM (default /usr/bin/chromium).
+import { mkdirSync, readFileSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const base = process.env.OFFLOAD_URL;
+const adminKey = process.env.OFFLOAD_ADMIN_KEY;
+const readKey = process.env.OFFLOAD_READ_KEY;
+const shots = process.env.SCREENSHOTS;
+const DEADLINE_MS = 30_000;
+const axeSource = readFileSync(new URL("./node_modules/axe-core/axe.min.js", import.meta.url), "utf8");
+
+function fail(message) {
+  throw new Error(message);
+}
+
+const step = (text) => console.log(`step: ${text}`);
+
+async function api(method, path, body) {
+  const response = await fetch(base + path, {
+    method,
+    headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const json = await response.json();
+  if (!response.ok) fail(`${method} ${path}: ${response.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
+// Polls `probe` until it returns a truthy value; fails with `what` at the deadline.
+async function until(what, probe) {
+  const end = Date.now() + DEADLINE_MS;
+  let last;
+  while (Date.now() < end) {
+    last = await probe();
+    if (last) return last;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  fail(`timed out waiting for ${what}`);
+}
+
+const count = async (page, id) => Number((await page.textContent(`#${id}`)).replace(/,/g, ""));
+const rowText = (page, table, id) =>
+  page.evaluate(([table, id]) => document.querySelector(`#${table} tr[data-id="${id}"]`)?.textContent ?? null, [table, id]);
+const statusOf = (page, id) =>
+  page.evaluate((id) => document.querySelector(`#recent tr[data-id="${id}"] .status`)?.textContent ?? null, id);
+
+async function accessible(page, label) {
+  await page.evaluate(axeSource);
+  const result = await page.evaluate(() =>
+    // eslint-disable-next-line no-undef
+    axe.run(document, { runOnly: { type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"] } }),
+  );
+  if (result.violations.length > 0) {
+    const found = result.violations.map((v) => `${v.id} (${v.impact}): ${v.help} at ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+    fail(`axe found ${result.violations.length} problems on the ${label} page:\n${found.join("\n")}`);
+  }
+  step(`axe: no violations on the ${label} page (${result.passes.length} rules passed)`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
+});
+try {
+  mkdirSync(shots, { recursive: true });
+
+  step("without a key the page asks for a login");
+  const anonymous = await browser.newContext();
+  // Headless Chromium has nobody to ask for the login, so the challenge ends the navigation.
+  const refused = await (await anonymous.newPage()).goto(`${base}/`).then(
+    (response) => `HTTP ${response.status()}`,
+    (error) => error.message,
+  );
+  if (!/ERR_INVALID_AUTH_CREDENTIALS/.test(refused)) fail(`GET / without a key: ${refused}`);
+  await anonymous.close();
+
+  const foreign = [];
+  const context = await browser.newContext({
+    httpCredentials: { username: "operator", password: adminKey },
+    viewport: { width: 1280, height: 900 },
+  });
+  context.on("request", (request) => {
+    if (!request.url().startsWith(base)) foreign.push(request.url());
+  });
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(error.message));
+  page.on("console", (message) => message.type() === "error" && errors.push(`${message.text()} (${message.location().url})`));
+  await page.goto(`${base}/`);
+
+  step("the page shows the broker connected and task status live");
+  await until("the broker badge to say connected", async () => (await page.textContent("#broker-state")) === "connected");
+  await until("the events badge to say live", async () => (await page.textContent("#events-state")) === "live");
+  const before = await until("the totals to be shown", async () => {
+    const succeeded = await count(page, "total-succeeded");
+    return Number.isFinite(succeeded) ? { succeeded, submitted: await count(page, "total-submitted") } : null;
+  });
+  await until("a worker to be shown connected", async () => (await count(page, "workers")) >= 1);
+
+  step("submitted tasks move the counts and appear as succeeded");
+  const ids = [];
+  for (let n = 0; n < 5; n++) ids.push((await api("POST", "/tasks", { kind: "sleep", payload: { message: `task ${n}` } })).id);
+  await until("the succeeded count to grow by 5", async () => (await count(page, "total-succeeded")) >= before.succeeded + 5);
+  if ((await count(page, "total-submitted")) < before.submitted + 5) fail("the submitted count did not grow by 5");
+  for (const id of ids) await until(`task ${id} to show succeeded`, async () => (await statusOf(page, id)) === "succeeded");
+
+  step("a failing task becomes dead, with its reason");
+  const dead = (await api("POST", "/tasks", { kind: "fails-first-run" })).id;
+  const deadRow = await until("the failing task in the dead table", () => rowText(page, "dead", dead));
+  if (!deadRow.includes("max_attempts") || !deadRow.includes("the first run fails")) fail(`dead row says: ${deadRow}`);
+  await until("the dead count to show it", async () => (await count(page, "depth-dead")) >= 1);
+
+  step("a read-only key may look but its retry is refused, and the task stays dead");
+  const reader = await browser.newContext({ httpCredentials: { username: "viewer", password: readKey } });
+  const readerPage = await reader.newPage();
+  await readerPage.goto(`${base}/`);
+  await until("the reader to see the dead task", () => rowText(readerPage, "dead", dead));
+  await readerPage.click(`button[aria-label="Retry task ${dead}"]`);
+  await until("the refusal to be shown", async () => /Could not retry/.test(await readerPage.textContent("#notice")));
+  await reader.close();
+  if ((await api("GET", `/tasks/${dead}`)).status !== "dead") fail("a read-only key retried a task");
+
+  step("retry from the page: the task runs again and succeeds");
+  await page.click(`button[aria-label="Retry task ${dead}"]`);
+  await until("the notice that it is queued again", async () => /queued again/.test(await page.textContent("#notice")));
+  await until("the retried task to show succeeded", async () => (await statusOf(page, dead)) === "succeeded");
+  await until("the dead table to drop it", async () => (await rowText(page, "dead", dead)) === null);
+
+  await accessible(page, "desktop");
+  await page.screenshot({ path: `${shots}/dashboard-desktop.png`, fullPage: true });
+
+  step("on a phone-sized viewport nothing is wider than the screen");
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  if (overflow > 0) fail(`the page is ${overflow}px wider than a 390px screen`);
+  await accessible(page, "phone");
+  await page.screenshot({ path: `${shots}/dashboard-phone.png`, fullPage: true });
+
+  if (foreign.length > 0) fail(`the page asked other hosts: ${foreign.join(", ")}`);
+  if (errors.length > 0) fail(`the page logged errors: ${errors.join("; ")}`);
+  console.log(`dashboard: all checks passed; screenshots in ${shots}`);
+} finally {
+  await browser.close();
+}
