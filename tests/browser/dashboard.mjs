@@ -1,7 +1,8 @@
 // Drives Debian's Chromium through offload's dashboard, as tests/tests/integration/dashboard.rs
 // asks: it submits tasks and sees the counts move, sees a failing task become dead, is refused
-// a retry with a read-only key, retries it with an admin key and sees it succeed, checks the
-// page with axe-core on a desktop and a phone-sized viewport, and writes screenshots.
+// a retry with a read-only key, retries it with an admin key and sees it succeed, discards
+// another, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
+// screenshots.
 // Every wait is on a condition with a deadline. Exits non-zero with the reason on failure.
 //
 // Environment: OFFLOAD_URL (the gateway), OFFLOAD_ADMIN_KEY, OFFLOAD_READ_KEY, SCREENSHOTS
@@ -133,6 +134,15 @@ try {
   await until("the notice that it is queued again", async () => /queued again/.test(await page.textContent("#notice")));
   await until("the retried task to show succeeded", async () => (await statusOf(page, dead)) === "succeeded");
   await until("the dead table to drop it", async () => (await rowText(page, "dead", dead)) === null);
+
+  step("discard from the page, after saying yes: the task leaves the dead-letter queue");
+  const doomed = (await api("POST", "/tasks", { kind: "fails-first-run" })).id;
+  await until("the second failing task in the dead table", () => rowText(page, "dead", doomed));
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.click(`button[aria-label="Discard task ${doomed}"]`);
+  await until("the notice that it is discarded", async () => /is discarded/.test(await page.textContent("#notice")));
+  const gone = await fetch(`${base}/dead/${doomed}`, { headers: { authorization: `Bearer ${adminKey}` } });
+  if (gone.status !== 404) fail(`GET /dead/${doomed} after the discard answered ${gone.status}`);
 
   await accessible(page, "desktop");
   await page.screenshot({ path: `${shots}/dashboard-desktop.png`, fullPage: true });
