@@ -21,7 +21,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 pub const SAMPLES_KEPT: usize = 300;
 
 /// One reading.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Sample {
     /// When, in milliseconds since the epoch.
     pub at: u64,

@@ -40,7 +40,7 @@ const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One dead task, as `GET /dead` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadTask {
     /// The task id (`None` for a message that had none).
     pub id: Option<Uuid>,
@@ -55,6 +55,7 @@ pub struct DeadTask {
     pub attempts: Option<u64>,
     /// When it died.
     #[serde(serialize_with = "crate::status::time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub died_at: Option<SystemTime>,
     /// Its payload (`GET /dead/{id}` only).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -30,6 +30,9 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The query string does not fit the route's parameters (serde's words, cut short).
+    #[error("the query string is not valid: {}", excerpt(.0))]
+    InvalidQuery(String),
     /// The client took too long to send its body.
     #[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
     BodyTimeout(Duration),
@@ -131,10 +134,19 @@ pub enum ApiError {
     Internal,
 }
 
-/// An error body.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every error answer: what went wrong and what to do, and a stable code to program against.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    /// What went wrong and what to do; the wording may improve.
     error: String,
+    /// Stable: `invalid_json`, `invalid_task`, `unsupported_media_type`, `unreadable_body`,
+    /// `body_too_large`, `body_timeout`, `invalid_query`, `not_found`, `method_not_allowed`,
+    /// `unauthorized`, `forbidden`, `cross_site_request`, `rate_limited`, `unknown_kind`,
+    /// `invalid_idempotency_key`, `invalid_wait`, `invalid_schedule`, `delay_too_long`,
+    /// `unknown_task`, `dead_task_not_found`, `tracking_off`, `events_replaying`,
+    /// `broker_unavailable`, `broker_blocked`, `overloaded`, `queue_full`, `queue_missing`,
+    /// `confirm_timeout`, `too_many_connections`, `internal_error`.
+    #[schema(example = "unknown_kind")]
     code: &'a str,
 }
 
@@ -145,6 +157,7 @@ impl ApiError {
             Self::Json(rejection) => rejection.status(),
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::NotFound { .. }
             | Self::UnknownTask
             | Self::DeadTaskNotFound
@@ -187,6 +200,7 @@ impl ApiError {
             Self::UnknownKind { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
+            Self::InvalidQuery(_) => "invalid_query",
             Self::InvalidSchedule => "invalid_schedule",
             Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
@@ -238,7 +252,10 @@ impl ApiError {
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
             }
-            Self::InvalidIdempotencyKey | Self::InvalidWait | Self::InvalidSchedule => {
+            Self::InvalidIdempotencyKey
+            | Self::InvalidWait
+            | Self::InvalidSchedule
+            | Self::InvalidQuery(_) => {
                 format!("{self}; fix the request")
             }
             Self::DelayTooLong { .. } => {

@@ -8,6 +8,7 @@ mod dashboard;
 mod dead;
 mod error;
 mod metrics;
+mod openapi;
 mod publisher;
 mod routes;
 mod server;

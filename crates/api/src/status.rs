@@ -34,7 +34,7 @@ const FOLLOW_PREFETCH: u16 = 1000;
 const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// On the queue, waiting for a worker.
@@ -58,11 +58,12 @@ impl Status {
 }
 
 /// What GET /tasks/{id} answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TaskView {
     /// The task id.
     pub id: Uuid,
     /// Its kind.
+    #[schema(value_type = String)]
     pub kind: Arc<str>,
     /// Where it is.
     pub status: Status,
@@ -70,17 +71,22 @@ pub struct TaskView {
     pub attempts: u64,
     /// When the gateway accepted it.
     #[serde(serialize_with = "time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub submitted_at: Option<SystemTime>,
     /// When its latest attempt started.
     #[serde(serialize_with = "time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<SystemTime>,
     /// When it succeeded or died.
     #[serde(serialize_with = "time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<SystemTime>,
     /// While scheduled: when its next attempt is due.
     #[serde(serialize_with = "time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub run_at: Option<SystemTime>,
     /// The latest error, if any.
+    #[schema(value_type = Option<String>)]
     pub error: Option<Arc<str>>,
     /// Why it is dead, once dead.
     pub reason: Option<DeadReason>,
@@ -238,7 +244,7 @@ const RECENT_DEAD: usize = 50;
 
 /// How many tasks were first seen, and how many events of each kind were applied, since the
 /// gateway started (its replay included). Only differences between two readings mean much.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Totals {
     /// Tasks queued (each task once, however many gateways saw it accepted).
     pub submitted: u64,

@@ -60,7 +60,7 @@ pub enum EventType {
 }
 
 /// Why a task is dead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeadReason {
     /// The handler said a retry cannot help (a permanent failure).

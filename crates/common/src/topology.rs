@@ -112,7 +112,7 @@ pub struct EventsRetention {
 }
 
 /// What [`Topology::depth`] counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct QueueDepth {
     /// Tasks ready on the work queue.
     pub ready: u32,

@@ -15,6 +15,7 @@ mod http;
 mod logging;
 mod metrics;
 mod monitoring;
+mod openapi;
 mod poison;
 mod redelivery;
 mod resilience;

@@ -4,19 +4,20 @@
 //! dead-letter API like any client, so a key without `admin` sees them refused.
 
 use axum::{
-    Router,
     extract::State,
     http::{HeaderValue, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::get,
 };
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::{self, Scope},
     dashboard::{History, Sample},
+    openapi::KeyErrors,
     status::{TaskView, Totals, Tracker},
 };
 
@@ -31,29 +32,41 @@ const ICON: &str = include_str!("../../assets/favicon.svg");
 /// Only this gateway, for everything; no framing by other sites.
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    let read = Router::new()
-        .route("/", get(page))
-        .route("/dashboard/state", get(dashboard_state))
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    let read = OpenApiRouter::new()
+        .routes(routes!(page))
+        .routes(routes!(dashboard_state))
         .route_layer(middleware::from_fn_with_state(
             (state.access.clone(), Scope::Read),
             auth::require,
         ));
     // Code, no data: no key needed, so a browser that has not logged in yet still gets them.
-    let assets = Router::new()
-        .route(
-            "/dashboard.js",
-            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
-        )
-        .route(
-            "/dashboard.css",
-            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
-        )
-        .route(
-            "/favicon.svg",
-            get(|| async { asset("image/svg+xml", ICON) }),
-        );
+    let assets = OpenApiRouter::new()
+        .routes(routes!(script))
+        .routes(routes!(style))
+        .routes(routes!(icon));
     read.merge(assets)
+}
+
+/// The dashboard's script.
+#[utoipa::path(get, path = "/dashboard.js", tag = "operations",
+    responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript; charset=utf-8")))]
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// The dashboard's style.
+#[utoipa::path(get, path = "/dashboard.css", tag = "operations",
+    responses((status = 200, description = "CSS", body = String, content_type = "text/css; charset=utf-8")))]
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+/// The dashboard's icon.
+#[utoipa::path(get, path = "/favicon.svg", tag = "operations",
+    responses((status = 200, description = "SVG", body = String, content_type = "image/svg+xml")))]
+async fn icon() -> Response {
+    asset("image/svg+xml", ICON)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -80,12 +93,23 @@ fn secure(response: &mut Response) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
 }
 
+/// The dashboard: one page, for a browser (which asks for the key as a Basic password).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    security((), ("bearer" = []), ("browser" = [])),
+    responses(
+        (status = 200, description = "The page", body = String, content_type = "text/html; charset=utf-8"),
+        KeyErrors,
+    ),
+)]
 async fn page() -> Response {
     asset("text/html; charset=utf-8", PAGE)
 }
 
-/// What the page polls.
-#[derive(Serialize)]
+/// What the dashboard polls.
+#[derive(Serialize, ToSchema)]
 struct DashboardState {
     /// `connected`, `blocked`, `unroutable` or `disconnected`.
     broker: &'static str,
@@ -105,6 +129,18 @@ struct DashboardState {
     dead: Vec<TaskView>,
 }
 
+/// What the dashboard shows, as JSON: broker and events state, ten minutes of samples,
+/// recent tasks and recently dead ones.
+#[utoipa::path(
+    get,
+    path = "/dashboard/state",
+    tag = "operations",
+    security((), ("bearer" = []), ("browser" = [])),
+    responses(
+        (status = 200, description = "The state", body = DashboardState),
+        KeyErrors,
+    ),
+)]
 async fn dashboard_state(State(state): State<AppState>) -> Response {
     let totals = state
         .tracker

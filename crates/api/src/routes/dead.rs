@@ -2,21 +2,22 @@
 //! `POST /dead/retry`, `DELETE /dead/{id}`, `DELETE /dead` (scope `admin`).
 
 use axum::{
-    Router,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     middleware,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::Query;
 use crate::{
     AppState,
     auth::{self, Scope},
-    dead::{DeadLetters, SCAN_MAX, has_id, has_kind},
-    error::{ApiError, Result},
+    dead::{DeadLetters, DeadTask, SCAN_MAX, has_id, has_kind},
+    error::{ApiError, ErrorBody, Result},
+    openapi::{KeyErrors, Unavailable},
     publisher::PublishError,
 };
 
@@ -26,19 +27,19 @@ const DEFAULT_LIMIT: usize = 50;
 /// request has just released takes a moment to be back in the queue.
 const ID_SCANS: usize = 3;
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    let read = Router::new()
-        .route("/dead", get(list))
-        .route("/dead/{id}", get(show))
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    let read = OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
         .route_layer(middleware::from_fn_with_state(
             (state.access.clone(), Scope::Read),
             auth::require,
         ));
-    let admin = Router::new()
-        .route("/dead/{id}/retry", post(retry_one))
-        .route("/dead/retry", post(retry_all))
-        .route("/dead/{id}", axum::routing::delete(discard_one))
-        .route("/dead", axum::routing::delete(discard_all))
+    let admin = OpenApiRouter::new()
+        .routes(routes!(retry_one))
+        .routes(routes!(retry_all))
+        .routes(routes!(discard_one))
+        .routes(routes!(discard_all))
         .route_layer(middleware::from_fn_with_state(
             (state.access.clone(), Scope::Admin),
             auth::require,
@@ -47,12 +48,67 @@ pub fn router(state: &AppState) -> Router<AppState> {
 }
 
 /// `?kind=&offset=&limit=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Filter {
+    /// Only dead tasks of this kind.
     kind: Option<String>,
+    /// Skip this many (newest first).
     #[serde(default)]
+    #[param(minimum = 0)]
     offset: usize,
+    /// At most this many (default 50, at most 10000).
+    #[param(minimum = 0)]
     limit: Option<usize>,
+}
+
+/// Only `kind`: what a retry or discard of many applies to.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct KindFilter {
+    /// Only dead tasks of this kind; all of them without it.
+    kind: Option<String>,
+}
+
+/// A page of the dead-letter queue, newest first.
+#[derive(Serialize, ToSchema)]
+struct DeadList {
+    dead: Vec<DeadTask>,
+    /// How many the scan found (with `kind`: of that kind).
+    total: usize,
+    /// As asked.
+    offset: usize,
+    /// The queue holds more than one scan reads (10000); the oldest are listed.
+    truncated: bool,
+}
+
+/// A dead task put back on the work queue.
+#[derive(Serialize, ToSchema)]
+struct Requeued {
+    id: Uuid,
+    /// `queued`.
+    #[schema(example = "queued")]
+    status: &'static str,
+}
+
+/// How many dead tasks a retry of many put back.
+#[derive(Serialize, ToSchema)]
+struct RetriedCount {
+    retried: usize,
+}
+
+/// A dead task discarded for good.
+#[derive(Serialize, ToSchema)]
+struct Discarded {
+    id: Uuid,
+    /// Always true.
+    discarded: bool,
+}
+
+/// How many dead tasks a discard of many removed.
+#[derive(Serialize, ToSchema)]
+struct DiscardedCount {
+    discarded: u64,
 }
 
 fn unavailable(state: &AppState) -> impl Fn(PublishError) -> ApiError + '_ {
@@ -66,21 +122,50 @@ fn id_of(text: &str) -> Result<Uuid> {
     text.parse().map_err(|_| ApiError::DeadTaskNotFound)
 }
 
+/// Lists the dead-letter queue: each dead task's kind, reason, last error, attempts and time
+/// of death, newest first.
+#[utoipa::path(
+    get,
+    path = "/dead",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(Filter),
+    responses(
+        (status = 200, description = "The dead tasks", body = DeadList),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn list(State(state): State<AppState>, Query(filter): Query<Filter>) -> Result<Response> {
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).min(SCAN_MAX as usize);
     let (dead, total, truncated) = DeadLetters::new(state.publisher.broker().clone())
         .list(filter.kind.as_deref(), filter.offset, limit)
         .await
         .map_err(unavailable(&state))?;
-    Ok(axum::Json(json!({
-        "dead": dead,
-        "total": total,
-        "offset": filter.offset,
-        "truncated": truncated,
-    }))
+    Ok(axum::Json(DeadList {
+        dead,
+        total,
+        offset: filter.offset,
+        truncated,
+    })
     .into_response())
 }
 
+/// One dead task, with its payload.
+#[utoipa::path(
+    get,
+    path = "/dead/{id}",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "The dead task", body = DeadTask),
+        (status = 404, description = "`dead_task_not_found`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
     let dead = DeadLetters::new(state.publisher.broker().clone());
@@ -92,6 +177,21 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<R
     Err(ApiError::DeadTaskNotFound)
 }
 
+/// Puts a dead task back on the work queue with fresh attempts (confirmed there before it
+/// leaves the dead-letter queue).
+#[utoipa::path(
+    post,
+    path = "/dead/{id}/retry",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "Queued again", body = Requeued),
+        (status = 404, description = "`dead_task_not_found`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn retry_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
     let dead = DeadLetters::new(state.publisher.broker().clone());
@@ -101,15 +201,33 @@ async fn retry_one(State(state): State<AppState>, Path(id): Path<String>) -> Res
             .await
             .map_err(unavailable(&state))?;
         if retried > 0 {
-            return Ok(axum::Json(json!({"id": id, "status": "queued"})).into_response());
+            return Ok(axum::Json(Requeued {
+                id,
+                status: "queued",
+            })
+            .into_response());
         }
     }
     Err(ApiError::DeadTaskNotFound)
 }
 
+/// Puts every dead task (of `kind`) back on the work queue.
+#[utoipa::path(
+    post,
+    path = "/dead/retry",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(KindFilter),
+    responses(
+        (status = 200, description = "How many were queued again", body = RetriedCount),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn retry_all(
     State(state): State<AppState>,
-    Query(filter): Query<Filter>,
+    Query(filter): Query<KindFilter>,
 ) -> Result<Response> {
     let kind = filter.kind.as_deref();
     let retried = DeadLetters::new(state.publisher.broker().clone())
@@ -119,9 +237,23 @@ async fn retry_all(
         )
         .await
         .map_err(unavailable(&state))?;
-    Ok(axum::Json(json!({"retried": retried})).into_response())
+    Ok(axum::Json(RetriedCount { retried }).into_response())
 }
 
+/// Removes a dead task for good.
+#[utoipa::path(
+    delete,
+    path = "/dead/{id}",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "Discarded", body = Discarded),
+        (status = 404, description = "`dead_task_not_found`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn discard_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
     let dead = DeadLetters::new(state.publisher.broker().clone());
@@ -131,15 +263,33 @@ async fn discard_one(State(state): State<AppState>, Path(id): Path<String>) -> R
             .await
             .map_err(unavailable(&state))?;
         if discarded > 0 {
-            return Ok(axum::Json(json!({"id": id, "discarded": true})).into_response());
+            return Ok(axum::Json(Discarded {
+                id,
+                discarded: true,
+            })
+            .into_response());
         }
     }
     Err(ApiError::DeadTaskNotFound)
 }
 
+/// Removes every dead task (of `kind`) for good.
+#[utoipa::path(
+    delete,
+    path = "/dead",
+    tag = "dead",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(KindFilter),
+    responses(
+        (status = 200, description = "How many were discarded", body = DiscardedCount),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn discard_all(
     State(state): State<AppState>,
-    Query(filter): Query<Filter>,
+    Query(filter): Query<KindFilter>,
 ) -> Result<Response> {
     let dead = DeadLetters::new(state.publisher.broker().clone());
     let discarded = match filter.kind.as_deref() {
@@ -149,5 +299,5 @@ async fn discard_all(
             .await
             .map_err(unavailable(&state))? as u64,
     };
-    Ok(axum::Json(json!({"discarded": discarded})).into_response())
+    Ok(axum::Json(DiscardedCount { discarded }).into_response())
 }

@@ -1,25 +1,44 @@
 //! `GET /health`: 200 while the gateway can publish, 503 otherwise. Always open: no key.
 //! It also says whether the task-status view has read the events stream to its end.
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{extract::State, http::StatusCode, response::IntoResponse};
 use offload_common::BrokerState;
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::Json;
 use crate::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/health", get(health))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health))
 }
 
-#[derive(Serialize)]
+/// Whether the gateway can take tasks.
+#[derive(Serialize, ToSchema)]
 struct Health {
+    /// `ok` or `unavailable`.
+    #[schema(example = "ok")]
     status: &'static str,
+    /// `connected`, `blocked` (a broker alarm), `unroutable` (the queue is gone) or
+    /// `disconnected`.
+    #[schema(example = "connected")]
     broker: &'static str,
     /// `live`, `replaying` (statuses may still be unknown) or `off`.
     events: &'static str,
 }
 
+/// For load balancers and compose: 200 while the gateway can publish. Never needs a key.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Connected: tasks can be accepted", body = Health),
+        (status = 503, description = "Tasks cannot be accepted now", body = Health,
+            headers(("Retry-After" = u32, description = "seconds"))),
+    ),
+)]
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let broker = state.publisher.state();
     let healthy = broker == BrokerState::Connected;

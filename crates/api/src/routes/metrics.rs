@@ -1,29 +1,42 @@
 //! `GET /metrics`: the Prometheus text format. Needs the `read` scope once keys exist.
 
 use axum::{
-    Router,
     extract::State,
     http::{StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::get,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::{self, Scope},
     error::ApiError,
+    openapi::KeyErrors,
 };
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/metrics", get(metrics))
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
         .route_layer(middleware::from_fn_with_state(
             (state.access.clone(), Scope::Read),
             auth::require,
         ))
 }
 
+/// Prometheus metrics in the OpenMetrics text format: requests, refusals, confirm latency,
+/// tasks submitted by kind, the broker's state and the queues' depth.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security((), ("bearer" = []), ("browser" = [])),
+    responses(
+        (status = 200, description = "The metrics", body = String,
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        KeyErrors,
+    ),
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     // The queues' depth, asked of the broker now; left out when it cannot answer in time.
     let depth = match state.publisher.broker().link() {

@@ -6,37 +6,51 @@ mod health;
 mod metrics;
 mod tasks;
 
+use std::sync::Arc;
+
 use axum::{
-    Router,
-    extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State},
-    http::{Method, Uri, header},
+    Extension, Router,
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State},
+    http::{Method, Uri, header, request::Parts},
     response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{AppState, error::ApiError};
+use crate::{AppState, error::ApiError, openapi::ApiDoc};
 
-/// The whole HTTP surface; with `metrics`, `GET /metrics` and the counting of requests;
-/// with `dashboard`, the page at `GET /`.
+/// The whole HTTP surface, and its OpenAPI document: with `metrics`, `GET /metrics` and
+/// the counting of requests; with `dashboard`, the page at `GET /`. Every route is added
+/// with `routes!`, never `route`, so none is served without being documented.
 pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
-    let mut routes = Router::new()
+    let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tasks::router(&state))
         .merge(dead::router(&state))
-        .merge(health::router());
+        .merge(health::router())
+        .routes(routes!(openapi_json));
     if dashboard {
-        routes = routes.merge(dashboard::router(&state));
+        api = api.merge(dashboard::router(&state));
     }
     if metrics {
-        routes = routes
-            .merge(metrics::router(&state))
-            // After every route is merged: it applies to the routes present.
-            .route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                crate::metrics::track,
-            ));
+        api = api.merge(metrics::router(&state));
+    }
+    let (mut routes, document) = api.split_for_parts();
+    let document = Document(Arc::from(
+        document
+            .to_json()
+            .expect("an OpenAPI document of plain data always serialises"),
+    ));
+    if metrics {
+        // After every route is merged: it applies to the routes present.
+        routes = routes.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ));
     }
     routes
+        .layer(Extension(document))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -47,6 +61,39 @@ pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
             tracing::error!("a request handler panicked; answering 500");
             ApiError::Internal.into_response()
         }))
+}
+
+/// The OpenAPI document, rendered once.
+#[derive(Clone)]
+struct Document(Arc<str>);
+
+/// This document: every route, its parameters, bodies, answers and error codes (OpenAPI 3.1).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)),
+)]
+async fn openapi_json(Extension(Document(document)): Extension<Document>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.to_string(),
+    )
+        .into_response()
+}
+
+/// `axum::extract::Query`, with our error: 400 `invalid_query` in JSON, not axum's text.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Self(value))
+            .map_err(|rejection| ApiError::InvalidQuery(rejection.body_text()))
+    }
 }
 
 async fn not_found(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
@@ -109,5 +156,32 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `OpenApiRouter::route` would serve a path without documenting it; `routes!` cannot.
+    /// (The integration tests check the other way: every documented operation is served.)
+    #[test]
+    fn every_route_is_added_with_its_documentation() {
+        let undocumented = concat!(".route", "(");
+        for (file, source) in [
+            ("mod.rs", include_str!("mod.rs")),
+            ("tasks.rs", include_str!("tasks.rs")),
+            ("dead.rs", include_str!("dead.rs")),
+            ("health.rs", include_str!("health.rs")),
+            ("metrics.rs", include_str!("metrics.rs")),
+            ("dashboard.rs", include_str!("dashboard.rs")),
+        ] {
+            assert!(
+                !source.contains(undocumented),
+                "routes/{file} adds a route with `route`; add it with `routes!` and a #[utoipa::path]"
+            );
+        }
+        let modules = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes"))
+            .expect("the routes folder")
+            .count();
+        assert_eq!(modules, 6, "a new routes module: add it to the list above");
     }
 }

@@ -5,40 +5,45 @@
 use std::time::{Duration, SystemTime};
 
 use axum::{
-    Router,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use offload_common::{
     Event, EventType, TaskEnvelope, TaskKind,
     topology::{MAX_DELAY, delay_in_levels},
 };
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::Json;
+use super::{Json, Query};
 use crate::{
     AppState,
     auth::{self, Scope},
-    error::{ApiError, Result},
+    error::{ApiError, ErrorBody, Result},
+    openapi::{KeyErrors, Unavailable},
     publisher::PublishError,
-    status::{Claim, ClaimState, Tracker},
+    status::{Claim, ClaimState, TaskView, Tracker},
 };
 
-pub fn router(state: &AppState) -> Router<AppState> {
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
     let submit_routes =
-        Router::new()
-            .route("/tasks", post(submit))
+        OpenApiRouter::new()
+            .routes(routes!(submit))
             .route_layer(middleware::from_fn_with_state(
                 (state.access.clone(), Scope::Submit),
                 auth::require,
             ));
-    let read_routes = Router::new().route("/tasks/{id}", get(status)).route_layer(
-        middleware::from_fn_with_state((state.access.clone(), Scope::Read), auth::require),
-    );
+    let read_routes =
+        OpenApiRouter::new()
+            .routes(routes!(status))
+            .route_layer(middleware::from_fn_with_state(
+                (state.access.clone(), Scope::Read),
+                auth::require,
+            ));
     submit_routes.merge(read_routes)
 }
 
@@ -52,19 +57,29 @@ struct NewTask {
     run_at: Option<String>,
 }
 
-/// The object's fields. Read through [`NewTask`] because serde's derived deserializer would
-/// also take an array (`["sleep"]`) for a struct, and a task is only ever an object.
-#[derive(Deserialize)]
+// The object's fields. Read through [`NewTask`] because serde's derived deserializer would
+// also take an array (`["sleep"]`) for a struct, and a task is only ever an object.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(
+    as = NewTask,
+    description = "A task: its kind, and the JSON its handler reads. At most one of `delay` and `run_at`."
+)]
 struct NewTaskFields {
+    /// The kind of task: 1 to 64 characters of `a-z 0-9 _ . -`, handled by some worker.
+    #[schema(value_type = String, pattern = "^[a-z0-9_.-]{1,64}$", example = "sleep")]
     kind: TaskKind,
+    /// Anything JSON; the handler of `kind` reads it.
+    #[schema(value_type = Object, example = json!({"message": "Hello..."}))]
     #[serde(default)]
     payload: serde_json::Value,
-    /// Run it after this long: "90s", "2h".
+    /// Run it after this long: `90s`, `2h` (at most 48 days).
     #[serde(default)]
+    #[schema(example = "90s")]
     delay: Option<String>,
     /// Run it at this time (RFC 3339).
     #[serde(default)]
+    #[schema(format = DateTime)]
     run_at: Option<String>,
 }
 
@@ -87,14 +102,19 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
     }
 }
 
-/// What a client gets back.
-#[derive(Serialize)]
+/// What a client gets back: the task's id and where it stands.
+#[derive(Serialize, ToSchema)]
 struct Accepted<'a> {
+    /// The task's id; `GET /tasks/{id}` tells what became of it.
     id: Uuid,
+    /// Its kind.
     kind: &'a str,
+    /// `queued`, or `scheduled` with a delay.
+    #[schema(example = "queued")]
     status: &'static str,
     /// When a scheduled task will run.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     run_at: Option<String>,
 }
 
@@ -139,6 +159,31 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
     Ok(Some(key.to_owned()))
 }
 
+/// Queues a task. The 202 comes only once RabbitMQ has confirmed it: the task is on a
+/// durable, replicated queue.
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    tag = "tasks",
+    security((), ("bearer" = []), ("browser" = [])),
+    request_body = NewTaskFields,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters: within the events' retention window the same key returns the first task (200), never a second one"),
+    ),
+    responses(
+        (status = 202, description = "Queued: the broker has confirmed the task", body = Accepted,
+            headers(("Location" = String, description = "/tasks/{id}"))),
+        (status = 200, description = "An Idempotency-Key already used: the first task's id and status", body = AlreadyAccepted,
+            headers(("Location" = String, description = "/tasks/{id}"))),
+        (status = 400, description = "`invalid_json`, `unreadable_body`", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: the body did not arrive within BODY_TIMEOUT", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: send Content-Type: application/json", body = ErrorBody),
+        (status = 422, description = "`invalid_task`, `unknown_kind` (no worker handles it), `invalid_idempotency_key`, `invalid_schedule`, `delay_too_long`, `tracking_off` (an Idempotency-Key with EVENTS=off)", body = ErrorBody),
+        KeyErrors,
+        Unavailable,
+    ),
+)]
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -216,12 +261,29 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], body).into_response())
 }
 
+/// The answer to a repeated Idempotency-Key.
+#[derive(Serialize, ToSchema)]
+struct AlreadyAccepted {
+    /// The first task's id.
+    id: Uuid,
+    /// Its kind, if this gateway still knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    kind: Option<std::sync::Arc<str>>,
+    /// Where it stands now.
+    status: crate::status::Status,
+}
+
 /// The answer to a repeated Idempotency-Key: 200 with the first task's id and status.
 fn already_accepted(tracker: &Tracker, id: Uuid) -> Response {
-    let body = tracker.get(id).map_or_else(
-        || serde_json::json!({"id": id, "status": "queued"}),
-        |task| serde_json::json!({"id": id, "kind": task.kind, "status": task.status}),
-    );
+    let task = tracker.get(id);
+    let body = AlreadyAccepted {
+        id,
+        status: task
+            .as_ref()
+            .map_or(crate::status::Status::Queued, |task| task.status),
+        kind: task.map(|task| task.kind),
+    };
     let location =
         HeaderValue::try_from(format!("/tasks/{id}")).expect("a UUID path is a valid header value");
     (
@@ -233,11 +295,31 @@ fn already_accepted(tracker: &Tracker, id: Uuid) -> Response {
 }
 
 /// `?wait=30s`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct StatusQuery {
+    /// Wait until the task ends, at most this long (`30s`; bounded by MAX_WAIT).
+    #[param(example = "30s")]
     wait: Option<String>,
 }
 
+/// What happened to a task: its status, attempts, times, last error and result, read from
+/// the events stream. Never a made-up status for an id it does not know.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}",
+    tag = "tasks",
+    security((), ("bearer" = []), ("browser" = [])),
+    params(("id" = String, Path, description = "The id the 202 gave"), StatusQuery),
+    responses(
+        (status = 200, description = "The task as it stands (or as it ended, with `wait`)", body = TaskView),
+        (status = 404, description = "`unknown_task` (never accepted, or older than the stream or the view keeps), `tracking_off` (EVENTS=off)", body = ErrorBody),
+        (status = 422, description = "`invalid_wait`", body = ErrorBody),
+        (status = 503, description = "`events_replaying`: this gateway has not read the stream to its end yet; retry after Retry-After", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "seconds"))),
+        KeyErrors,
+    ),
+)]
 async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
