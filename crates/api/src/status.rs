@@ -116,6 +116,8 @@ struct Entry {
     kind: u32,
     status: Status,
     reason: Option<DeadReason>,
+    /// This gateway accepted it (after it started, so the stream holds nothing older of it).
+    accepted_here: bool,
     attempts: u32,
     submitted_at: u64,
     started_at: u64,
@@ -430,6 +432,14 @@ impl Tracker {
             .collect()
     }
 
+    /// Whether this gateway accepted task `id` itself.
+    pub fn accepted_here(&self, id: Uuid) -> bool {
+        self.view()
+            .tasks
+            .get(&id)
+            .is_some_and(|task| task.accepted_here)
+    }
+
     /// The task, if the view knows it.
     pub fn get(&self, id: Uuid) -> Option<TaskView> {
         self.view().task(id)
@@ -518,6 +528,7 @@ impl Tracker {
                     kind,
                     status: Status::Queued,
                     reason: None,
+                    accepted_here: false,
                     attempts: 0,
                     submitted_at: 0,
                     started_at: 0,
@@ -544,6 +555,7 @@ impl Tracker {
         }
         let mut key_to_index = None;
         if let Some(task) = view.tasks.get_mut(&id) {
+            task.accepted_here |= offset.is_none() && event.event == EventType::Queued;
             // A failed attempt's event read after the next attempt's start (a retry with no
             // delay can start on another worker first) is history, not the present.
             key_to_index = task.fold(event, offset);
@@ -780,7 +792,7 @@ mod tests {
     }
 
     #[test]
-    fn totals_count_a_task_once_and_recent_tasks_come_newest_first() {
+    fn totals_count_a_task_once_recent_tasks_come_newest_first_and_local_ones_are_marked() {
         let tracker = Tracker::new(10);
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
         for id in [first, second] {
@@ -802,6 +814,9 @@ mod tests {
         );
         let recent: Vec<Uuid> = tracker.recent(5).iter().map(|task| task.id).collect();
         assert_eq!(recent, [second, first]);
+        let elsewhere = Uuid::new_v4();
+        tracker.apply(&event(EventType::Queued, elsewhere), Some(9));
+        assert!(tracker.accepted_here(first) && !tracker.accepted_here(elsewhere));
         assert_eq!(tracker.recent(1).len(), 1);
 
         tracker.apply(&event(EventType::Dead, second), Some(4));

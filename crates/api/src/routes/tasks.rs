@@ -346,8 +346,9 @@ async fn status(
     let id: Uuid = id.parse().map_err(|_| ApiError::UnknownTask)?;
     let mut task = tracker.wait(id, wait).await.ok_or_else(unknown)?;
     // While replaying, the view holds the start of a task's story, not yet its end: only
-    // a terminal state is sure to be no older than the stream.
-    if !task.status.is_terminal() && !tracker.is_live() {
+    // a terminal state is sure to be no older than the stream, and, for a task this gateway
+    // accepted, `queued` (at least) is what its client was promised at once.
+    if !task.status.is_terminal() && !tracker.is_live() && !tracker.accepted_here(id) {
         return Err(unknown());
     }
     if let Some(offset) = task.result_offset {
