@@ -8,22 +8,23 @@ use offload_api::{Application, Config};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    config.log.init();
-    let app = match Application::build(config).await {
-        Ok(app) => app,
-        Err(error) => {
-            tracing::error!("{error}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(telemetry) = config.log.init("offload-api") else {
+        return ExitCode::FAILURE;
     };
-    match app
-        .run_until_stopped(offload_common::shutdown::signal())
-        .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error}");
-            ExitCode::FAILURE
+    let ran = match Application::build(config).await {
+        Ok(app) => {
+            app.run_until_stopped(offload_common::shutdown::signal())
+                .await
         }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &ran {
+        tracing::error!("{error}");
+    }
+    telemetry.shutdown().await;
+    if ran.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{Confirmation, options::BasicPublishOptions, types::ShortString};
+use lapin::{
+    Confirmation,
+    options::BasicPublishOptions,
+    types::{FieldTable, ShortString},
+};
 use offload_common::{Broker, BrokerState, TaskEnvelope, topology::delayed_task_routing_key};
 use tokio::sync::Semaphore;
 
@@ -104,11 +108,12 @@ impl Publisher {
     ///
     /// Fails at once, without touching the broker, when the gateway is disconnected, the
     /// broker is blocking publishers, or `max_in_flight` publishes already await a confirm;
-    /// otherwise within the confirm timeout.
+    /// otherwise within the confirm timeout. `headers` go with the message (trace context).
     pub async fn publish(
         &self,
         task: &TaskEnvelope,
         delay: Option<Duration>,
+        headers: FieldTable,
     ) -> Result<(), PublishError> {
         let _permit = self
             .in_flight
@@ -120,6 +125,10 @@ impl Publisher {
         }
         let channel = link.publisher();
         let body = task.to_bytes();
+        let mut properties = task.properties();
+        if !headers.inner().is_empty() {
+            properties = properties.with_headers(headers);
+        }
         // Either exchange routes only the kinds workers bound, so an unbound kind comes back
         // as a return whether it is to run now or later.
         let (exchange, routing_key): (ShortString, ShortString) = match delay {
@@ -139,7 +148,7 @@ impl Publisher {
                         ..BasicPublishOptions::default()
                     },
                     &body,
-                    task.properties(),
+                    properties,
                 )
                 .await?;
             confirm.await

@@ -112,6 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(replay(&args, &url, sustained).await?);
     lines.push(hardening(&args, &url, &queue).await?);
     lines.push(metrics_cost(&args, &url, &queue).await?);
+    lines.push(tracing_cost(&args, &url, &queue).await?);
     lines.extend(slow_clients(&url, &queue).await);
     if args.publish_only {
         queue.delete().await;
@@ -333,6 +334,36 @@ async fn metrics_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line
         0.95,
     )
     .await
+}
+
+/// POST /tasks on a gateway exporting a span per request (OTLP over HTTP, to a receiver in
+/// this process that answers at once) against one without `OTEL_EXPORTER_OTLP_ENDPOINT`,
+/// alternating. Every request starts a trace and is sampled: the dearest case.
+async fn tracing_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port to bind");
+    let sink = format!(
+        "http://{}",
+        listener.local_addr().expect("a bound listener has an address")
+    );
+    let receiver = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|| async { axum::http::StatusCode::OK }),
+    );
+    let served = tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let line = compare_gateways(
+        args,
+        url,
+        queue,
+        "POST /tasks exporting a span each (OTLP/HTTP), against no export",
+        (&[("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())], None),
+        &[],
+        0.90,
+    )
+    .await;
+    served.abort();
+    line
 }
 
 /// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a

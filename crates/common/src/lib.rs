@@ -10,6 +10,7 @@ pub mod events;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use broker::{
     BrokerArgs, BrokerError, redact_url,

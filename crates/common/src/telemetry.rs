@@ -1,7 +1,9 @@
-//! Logging setup shared by both binaries.
+//! Logging (and span export) setup shared by both binaries.
 
 use clap::{Args, ValueEnum};
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,21 +25,67 @@ pub struct LogArgs {
 impl LogArgs {
     /// Installs the global subscriber, writing to stdout, and routes panics through it so
     /// that a panicking handler is one log line in the chosen format, not raw text on stderr
-    /// that breaks a JSON log. Call once, from `main`.
-    pub fn init(&self) {
+    /// that breaks a JSON log; with `OTEL_EXPORTER_OTLP_ENDPOINT` set, also records spans and
+    /// exports them ([`crate::trace`]) as `service`. Call once, from `main`, within the tokio
+    /// runtime; call [`Telemetry::shutdown`] before exiting so the last spans are sent.
+    ///
+    /// # Errors
+    /// When OTLP export is asked for but cannot be set up (a malformed endpoint, say); the
+    /// logs work all the same, and the error is logged.
+    pub fn init(&self, service: &'static str) -> Result<Telemetry, String> {
         std::panic::set_hook(Box::new(|info| {
             let location = info.location().map(ToString::to_string);
             tracing::error!(location, "panic: {}", panic_message(info.payload()));
         }));
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        let builder = fmt().with_env_filter(filter).with_target(false);
-        match self.log_format {
-            LogFormat::Text => builder.init(),
-            LogFormat::Json => builder
+        let logs = match self.log_format {
+            LogFormat::Text => fmt::layer().with_target(false).boxed(),
+            LogFormat::Json => fmt::layer()
+                .with_target(false)
                 .json()
                 .flatten_event(true)
                 .with_span_list(false)
-                .init(),
+                .boxed(),
+        }
+        .with_filter(filter);
+        let (provider, problem) = if crate::trace::export_wanted() {
+            match crate::trace::provider(service) {
+                Ok(provider) => (Some(provider), None),
+                Err(problem) => (None, Some(problem)),
+            }
+        } else {
+            (None, None)
+        };
+        // Spans are recorded whatever RUST_LOG says of the logs: they are another output.
+        let spans = provider
+            .as_ref()
+            .map(|provider| crate::trace::layer(provider).with_filter(LevelFilter::INFO));
+        tracing_subscriber::registry().with(logs).with(spans).init();
+        match problem {
+            Some(problem) => {
+                tracing::error!("{problem}");
+                Err(problem)
+            }
+            None => Ok(Telemetry { provider }),
+        }
+    }
+}
+
+/// What [`LogArgs::init`] set up that must be shut down: the span exporter, if any.
+#[must_use = "call shutdown before exiting, or the last spans are lost"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans not yet exported and stops the exporter (a no-op without one).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // It blocks until the batch task on the runtime has sent the last spans.
+            let shut = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = shut {
+                tracing::warn!("the last spans may not have been exported: {error}");
+            }
         }
     }
 }

@@ -377,6 +377,12 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
         .saturating_add(u32::try_from(previous_deliveries).unwrap_or(u32::MAX));
     let task = Task::new(envelope, previous_deliveries, attempt);
     let span = tracing::info_span!("task", task_id = %task.id, kind = %task.kind);
+    offload_common::trace::continue_in_worker(
+        &span,
+        &delivery.properties,
+        task.submitted_at,
+        attempt,
+    );
     async move {
         let (id, kind) = (task.id, task.kind.clone());
         let event = |event_type| {
@@ -447,7 +453,8 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
                 );
                 let mut failed = event(EventType::Failed);
                 failed.error = Some(error);
-                (retry_later(&context, attempt, delay, &mut failed), failed)
+                let later = retry_later(&context, &delivery, attempt, delay, &mut failed);
+                (later, failed)
             }
             Ran::Rejected(error) => {
                 let mut dead = event(EventType::Dead);
@@ -566,7 +573,13 @@ enum InPlace {
 /// Sends the task through the delay levels for its next attempt after `delay`, numbered in
 /// its attempt header; if that publish fails, it is requeued at once instead (the delivery
 /// limit still bounds that). Marks the `failed` event with when the next attempt is due.
-fn retry_later(context: &Context, attempt: u32, delay: Duration, failed: &mut Event) -> Outcome {
+fn retry_later(
+    context: &Context,
+    delivery: &Delivery,
+    attempt: u32,
+    delay: Duration,
+    failed: &mut Event,
+) -> Outcome {
     failed.retry = Some(true);
     failed.run_at = Some(SystemTime::now() + delay);
     tracing::info!(
@@ -580,6 +593,14 @@ fn retry_later(context: &Context, attempt: u32, delay: Duration, failed: &mut Ev
         ATTEMPT_HEADER.into(),
         AMQPValue::LongLongInt(i64::from(attempt.saturating_add(1))),
     );
+    // Called within the attempt's span: later attempts link to the first one.
+    let span = tracing::Span::current();
+    if let Some(first) = offload_common::trace::first_attempt_link(&span, &delivery.properties) {
+        headers.insert(
+            offload_common::trace::FIRST_ATTEMPT_HEADER.into(),
+            AMQPValue::LongString(LongString::from(first)),
+        );
+    }
     Outcome::Move(Move {
         exchange: context.delay_exchange.clone(),
         routing_key: delay_routing_key(delay).into(),

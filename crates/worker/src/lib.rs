@@ -1,12 +1,12 @@
 //! The offload worker as a library: consume tasks from the work queue with fair dispatch and
 //! manual acks, run each with the [`Handler`] registered for its kind, drain on shutdown.
 //!
-//! The `offload-worker` binary runs [`run`] with the built-in [`handlers`]. To run your own
+//! The `offload-worker` binary runs [`main`] with the built-in [`handlers`]. To run your own
 //! kinds, write a binary that registers them (`examples/rust-worker` is one, whole); it takes
-//! the same flags and environment, HTTP targets included:
+//! the same flags and environment, HTTP targets and span export included:
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), offload_worker::WorkerError> {
+//! # async fn example() -> std::process::ExitCode {
 //! # struct MyHandler;
 //! # impl offload_worker::Handler for MyHandler {
 //! #     const KIND: &'static str = "mine";
@@ -17,9 +17,11 @@
 //! use clap::Parser;
 //! let config = offload_worker::Config::parse();
 //! let registry = offload_worker::handlers::builtin(&config).register(MyHandler);
-//! offload_worker::run(config, registry, offload_worker::shutdown_signal()).await
+//! offload_worker::main(config, registry).await
 //! # }
 //! ```
+//!
+//! [`run`] is the same without the logging set-up, with a shutdown signal of your choosing.
 
 mod config;
 mod consumer;
@@ -38,3 +40,22 @@ pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
 pub use offload_common::shutdown::signal as shutdown_signal;
 pub use retry::RetryPolicy;
 pub use targets::{DEFAULT_TARGET_TIMEOUT, SigningSecret, TargetArgs, TargetsError};
+
+/// What `offload-worker`'s `main` does: sets up logging (and span export, with
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`), runs `registry` until SIGTERM or SIGINT, sends the last
+/// spans, and says how it went as an exit code. Call it from within the tokio runtime.
+pub async fn main(config: Config, registry: Registry) -> std::process::ExitCode {
+    let Ok(telemetry) = config.log.init("offload-worker") else {
+        return std::process::ExitCode::FAILURE;
+    };
+    let ran = run(config, registry, shutdown_signal()).await;
+    if let Err(error) = &ran {
+        tracing::error!("{error}");
+    }
+    telemetry.shutdown().await;
+    if ran.is_ok() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}

@@ -22,6 +22,7 @@ use reqwest::{
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     HandlerError, Registry, RetryPolicy, Task,
@@ -387,6 +388,13 @@ impl HttpTarget {
             .header(CONTENT_TYPE, "application/json")
             .header("offload-task-id", task.id.to_string())
             .header("offload-attempt", task.attempt.to_string());
+        // The attempt's span, as the parent of whatever the target records.
+        if offload_common::trace::exporting() {
+            let context = tracing::Span::current().context();
+            for (name, value) in offload_common::trace::to_w3c(&context) {
+                request = request.header(name, value);
+            }
+        }
         if let Some(secret) = &self.secret {
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)

@@ -44,13 +44,6 @@ impl Handler for Reverse {
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    config.log.init();
     let registry = handlers::builtin(&config).register(Reverse);
-    match offload_worker::run(config, registry, offload_worker::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error}");
-            ExitCode::FAILURE
-        }
-    }
+    offload_worker::main(config, registry).await
 }

@@ -58,16 +58,9 @@ impl Handler for Flaky {
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    config.log.init();
     let registry = handlers::builtin(&config)
         .register(Panics)
         .register(Crashes)
         .register(Flaky);
-    match offload_worker::run(config, registry, offload_common::shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error}");
-            ExitCode::FAILURE
-        }
-    }
+    offload_worker::main(config, registry).await
 }

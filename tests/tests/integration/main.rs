@@ -23,3 +23,4 @@ mod retries;
 mod shutdown;
 mod status;
 mod targets;
+mod traces;

@@ -10,11 +10,15 @@ use axum::{
     middleware,
     response::{IntoResponse, Response},
 };
+use lapin::types::FieldTable;
 use offload_common::{
     Event, EventType, TaskEnvelope, TaskKind,
     topology::{MAX_DELAY, delay_in_levels},
+    trace,
 };
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -217,9 +221,29 @@ async fn submit(
     };
     let task = TaskEnvelope::new(new.kind, new.payload);
     let run_at = wait.map(|wait| task.submitted_at + wait);
+    // The client's trace (or a new one) goes with the task; with spans exported, as the
+    // parent of this request's span, whose context the message then carries.
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let incoming = trace::from_w3c(header(trace::TRACEPARENT), header(trace::TRACESTATE));
+    let span = if trace::exporting() {
+        let span = tracing::info_span!(
+            "submit",
+            otel.name = "POST /tasks",
+            otel.kind = "server",
+            task_id = %task.id,
+            kind = %task.kind,
+        );
+        let _ = span.set_parent(incoming.clone());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let mut message_headers = FieldTable::default();
+    trace::into_message(&trace::context_of(&span, incoming), &mut message_headers);
     state
         .publisher
-        .publish(&task, wait)
+        .publish(&task, wait, message_headers)
+        .instrument(span)
         .await
         .map_err(|error| match error {
             PublishError::UnknownKind => ApiError::UnknownKind {
