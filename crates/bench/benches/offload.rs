@@ -345,7 +345,9 @@ async fn tracing_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line
         .expect("a loopback port to bind");
     let sink = format!(
         "http://{}",
-        listener.local_addr().expect("a bound listener has an address")
+        listener
+            .local_addr()
+            .expect("a bound listener has an address")
     );
     let receiver = axum::Router::new().route(
         "/v1/traces",
