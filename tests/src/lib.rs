@@ -68,3 +68,16 @@ pub fn show_logs_of_failed_tests() {
             .try_init();
     });
 }
+
+/// Serves `app` on a loopback port in this process (targets, collectors, receivers the tests
+/// stand up); `http://<the address>`. It stops with the test's runtime.
+pub async fn serve_locally(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}

@@ -28,6 +28,19 @@ fn worker(url: &str, queue: &str) -> InProcessWorker {
     InProcessWorker::start(config, registry)
 }
 
+/// `GET <url>` with `key` as Bearer: the JSON body, or `None` when there is none.
+async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Option<Value> {
+    client
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 fn browser_test_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
@@ -91,30 +104,17 @@ async fn the_page_is_served_from_the_binary_with_a_policy_that_keeps_it_to_this_
         .expect("answer");
     assert_eq!(scripted.status(), StatusCode::OK);
 
-    let state: Value = client
-        .get(gateway.url("/dashboard/state"))
-        .bearer_auth(READ_KEY)
-        .send()
+    let state_url = gateway.url("/dashboard/state");
+    let state = get_json(&client, &state_url, READ_KEY)
         .await
-        .expect("answer")
-        .json()
-        .await
-        .expect("JSON");
+        .expect("the state as JSON");
     assert_eq!(state["broker"], "connected", "{state}");
     for list in ["history", "recent", "dead", "kinds"] {
         assert!(state[list].is_array(), "{list}: {state}");
     }
     // The sampler reads the queues' depth from the broker.
     let sample = eventually(DEADLINE, "a sample with the queues' depth", || async {
-        let state: Value = client
-            .get(gateway.url("/dashboard/state"))
-            .bearer_auth(READ_KEY)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let state = get_json(&client, &state_url, READ_KEY).await?;
         state["history"]
             .as_array()?
             .iter()
@@ -184,16 +184,9 @@ async fn in_chromium_counts_move_a_dead_task_is_retried_and_the_page_passes_axe(
     }
 
     // What the page showed is what the API says.
-    let admin = gateway.client();
-    let dead: Value = admin
-        .get(gateway.url("/dead"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
+    let dead = get_json(gateway.client(), &gateway.url("/dead"), ADMIN_KEY)
         .await
-        .expect("answer")
-        .json()
-        .await
-        .expect("JSON");
+        .expect("the dead-letter list as JSON");
     assert_eq!(
         dead["total"],
         json!(0),

@@ -373,18 +373,13 @@ async fn echo_target() -> (String, Calls) {
         response
     }
     let calls = Calls::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let url = format!(
-        "http://{}/capture",
-        listener.local_addr().expect("an address")
-    );
     let app = axum::Router::new()
         .route("/capture", axum::routing::post(answer))
         .with_state(std::sync::Arc::clone(&calls));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, calls)
+    (
+        format!("{}/capture", offload_tests::serve_locally(app).await),
+        calls,
+    )
 }
 
 /// The call for task `done` carries the documented headers, body and signature.

@@ -15,6 +15,7 @@ use axum::{
 };
 use offload_tests::{
     GatewayProcess, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually, free_port,
+    serve_locally,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -70,15 +71,10 @@ async fn collector() -> (String, Spans) {
         axum::Json(json!({}))
     }
     let spans = Spans::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let url = format!("http://{}", listener.local_addr().expect("an address"));
     let app = axum::Router::new()
         .route("/v1/traces", axum::routing::post(receive))
         .with_state(Arc::clone(&spans));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, spans)
+    (serve_locally(app).await, spans)
 }
 
 type Calls = Arc<Mutex<Vec<HeaderMap>>>;
@@ -95,15 +91,10 @@ async fn flaky_target() -> (String, Calls) {
         }
     }
     let calls = Calls::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let url = format!("http://{}/work", listener.local_addr().expect("an address"));
     let app = axum::Router::new()
         .route("/work", axum::routing::post(answer))
         .with_state(Arc::clone(&calls));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, calls)
+    (format!("{}/work", serve_locally(app).await), calls)
 }
 
 fn otlp_env(collector: &str) -> Vec<(&'static str, String)> {
