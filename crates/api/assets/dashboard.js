@@ -251,6 +251,7 @@ let timer;
 function render(state) {
   badge("broker-state", state.broker, ["connected"], ["disconnected", "unroutable"]);
   badge("events-state", state.events, ["live"], ["off"]);
+  badge("confirms-state", state.confirms, ["ok"], ["timing_out"]);
   const samples = state.history;
   const latest = samples.length ? samples[samples.length - 1] : {};
   const depth = latest.depth || {};

@@ -28,7 +28,7 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use offload_common::BrokerState;
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{PublishError, Publisher, TIMEOUTS_IN_A_ROW};
 pub use status::{Status, TaskView};
 
 /// What every request handler can reach. Cloned for every request, so its parts are cheap

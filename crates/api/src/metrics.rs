@@ -74,6 +74,7 @@ pub(crate) struct Metrics {
     submitted: Family<KindLabel, Counter>,
     queue: Family<QueueLabel, Gauge>,
     consumers: Gauge,
+    not_confirming: Gauge,
 }
 
 impl Metrics {
@@ -92,6 +93,12 @@ impl Metrics {
         let submitted = Family::<KindLabel, Counter>::default();
         let queue = Family::<QueueLabel, Gauge>::default();
         let consumers = Gauge::default();
+        let not_confirming = Gauge::default();
+        registry.register(
+            "confirms_timing_out",
+            "1 while the broker has stopped confirming publishes (several in a row went unanswered within CONFIRM_TIMEOUT) although connected",
+            not_confirming.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests answered, by route template, method and status",
@@ -148,6 +155,7 @@ impl Metrics {
             submitted,
             queue,
             consumers,
+            not_confirming,
         }
     }
 
@@ -176,12 +184,14 @@ impl Metrics {
     /// The text of a scrape, with the gauges read now.
     pub(crate) fn encode(
         &self,
-        in_flight: usize,
-        broker: BrokerState,
+        publisher: &crate::publisher::Publisher,
         depth: Option<QueueDepth>,
     ) -> Result<String, std::fmt::Error> {
+        let broker = publisher.state();
         self.in_flight
-            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+            .set(i64::try_from(publisher.in_flight()).unwrap_or(i64::MAX));
+        self.not_confirming
+            .set(i64::from(publisher.not_confirming()));
         for state in [
             BrokerState::Connected,
             BrokerState::Blocked,

@@ -6,7 +6,10 @@
 //! at once, none waits behind another's confirm.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,6 +27,7 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
+    watch: Arc<ConfirmWatch>,
     /// `<QUEUE>.kinds`: tasks are published there with their kind as routing key.
     exchange: ShortString,
     /// `<QUEUE>.later`: tasks to run later.
@@ -64,6 +68,55 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+/// Publishes in a row without a confirm after which the broker counts as not confirming.
+pub const TIMEOUTS_IN_A_ROW: u32 = 3;
+
+/// The shortest time "not confirming" lasts after the last timeout (a scrape or a health
+/// check must be able to see it, however short CONFIRM_TIMEOUT is).
+const MIN_HOLD: Duration = Duration::from_secs(15);
+
+/// Counts publishes in a row that got no answer within the confirm timeout.
+struct ConfirmWatch {
+    in_a_row: AtomicU32,
+    /// When the last of them timed out, in milliseconds since `epoch`.
+    last_timeout: AtomicU64,
+    epoch: Instant,
+    /// How long "not confirming" lasts after the last timeout without a new one: a gateway
+    /// that says so is sent no more traffic, so it must look again by itself; if the broker
+    /// still does not confirm, the next publishes say so again.
+    hold: Duration,
+}
+
+impl ConfirmWatch {
+    fn new(confirm_timeout: Duration) -> Self {
+        Self {
+            in_a_row: AtomicU32::new(0),
+            last_timeout: AtomicU64::new(0),
+            epoch: Instant::now(),
+            hold: confirm_timeout.saturating_mul(3).max(MIN_HOLD),
+        }
+    }
+
+    /// One publish ended at `now` (since `epoch`): answered by the broker (ack, nack or
+    /// return), or timed out.
+    fn answered(&self, by_the_broker: bool, now: Duration) {
+        if by_the_broker {
+            self.in_a_row.store(0, Ordering::Relaxed);
+        } else {
+            let now = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            self.last_timeout.store(now, Ordering::Relaxed);
+            self.in_a_row.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the broker counts as not confirming at `now` (since `epoch`).
+    fn not_confirming(&self, now: Duration) -> bool {
+        let last = Duration::from_millis(self.last_timeout.load(Ordering::Relaxed));
+        self.in_a_row.load(Ordering::Relaxed) >= TIMEOUTS_IN_A_ROW
+            && now.saturating_sub(last) < self.hold
+    }
+}
+
 impl Publisher {
     /// A publisher on `broker`'s session that waits at most `confirm_timeout` for each
     /// confirm and lets at most `max_in_flight` publishes await one at once.
@@ -81,7 +134,16 @@ impl Publisher {
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
             max_in_flight: max_in_flight as usize,
             metrics,
+            watch: Arc::new(ConfirmWatch::new(confirm_timeout)),
         }
+    }
+
+    /// Whether the broker has stopped confirming: [`TIMEOUTS_IN_A_ROW`] publishes in a row
+    /// went unanswered, the last of them recently. The connection may look healthy (a
+    /// quorum queue without a leader, or a node cut off in a minority partition, still
+    /// speaks AMQP); tasks are not being taken.
+    pub fn not_confirming(&self) -> bool {
+        self.watch.not_confirming(self.watch.epoch.elapsed())
     }
 
     /// Publishes awaiting a confirm now.
@@ -158,6 +220,8 @@ impl Publisher {
         if answered.is_ok() {
             self.metrics.confirmed(began.elapsed());
         }
+        self.watch
+            .answered(answered.is_ok(), self.watch.epoch.elapsed());
         match answered {
             Err(_) => Err(PublishError::Timeout(self.confirm_timeout)),
             Ok(Err(error)) => Err(PublishError::Broker(error)),
@@ -175,5 +239,34 @@ impl Publisher {
             // handed out); were it to, it is no confirm, so it is not a success.
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_timeouts_in_a_row_until_an_answer_or_the_hold_passes() {
+        let at = Duration::from_secs;
+        let watch = ConfirmWatch::new(at(5));
+        watch.answered(false, at(10));
+        watch.answered(false, at(15));
+        assert!(!watch.not_confirming(at(15)), "two are not yet a pattern");
+        watch.answered(false, at(20));
+        assert!(watch.not_confirming(at(20)));
+        watch.answered(true, at(21));
+        assert!(!watch.not_confirming(at(21)), "one confirm clears it");
+        for second in 30..33 {
+            watch.answered(false, at(second));
+        }
+        assert!(watch.not_confirming(at(46)));
+        // The hold (three confirm timeouts) passes without a new timeout: look again.
+        assert!(!watch.not_confirming(at(47)));
+        watch.answered(false, at(50));
+        assert!(
+            watch.not_confirming(at(50)),
+            "and the next timeout says so again"
+        );
     }
 }

@@ -100,6 +100,75 @@ async fn past_max_in_flight_requests_are_refused_at_once_and_none_hangs() {
     broker.resume();
 }
 
+/// A broker that stops confirming while the connection looks alive (here: frozen; in a
+/// cluster, a leaderless quorum queue or a minority partition) makes /health and the metrics
+/// say so with a reason after three unanswered publishes, and the first confirm clears it.
+#[tokio::test]
+async fn a_broker_that_stops_confirming_is_visible_in_health_and_metrics() {
+    let broker = PrivateBroker::start().await;
+    let queue = private_queue_name("not-confirming");
+    let mut config = GatewayConfig::new(broker.url(), &queue);
+    config.confirm_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::spawn(config).await;
+    declare_kinds(&broker.url(), &queue, &[]);
+    let metric = || async {
+        let text = gateway
+            .client()
+            .get(gateway.url("/metrics"))
+            .send()
+            .await
+            .expect("answer")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find(|line| line.starts_with("offload_confirms_timing_out "))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        metric().await.as_deref(),
+        Some("offload_confirms_timing_out 0")
+    );
+
+    broker.pause();
+    for _ in 0..offload_api::TIMEOUTS_IN_A_ROW {
+        let (status, message) = error_of(gateway.post_task(&json!({"kind": "sleep"})).await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{message}");
+    }
+    let response = gateway.health().await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let health: Value = response.json().await.expect("JSON");
+    assert_eq!(
+        health["broker"], "connected",
+        "the connection still looks up: {health}"
+    );
+    assert_eq!(health["confirms"], "timing_out", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("leader")),
+        "{health}"
+    );
+    assert_eq!(
+        metric().await.as_deref(),
+        Some("offload_confirms_timing_out 1")
+    );
+
+    broker.resume();
+    let accepted = eventually(DEADLINE, "a task confirmed again", || async {
+        let response = gateway.post_task(&json!({"kind": "sleep"})).await;
+        (response.status() == StatusCode::ACCEPTED).then_some(())
+    });
+    accepted.await;
+    let health: Value = gateway.health().await.json().await.expect("JSON");
+    assert_eq!(health["confirms"], "ok", "{health}");
+    assert_eq!(
+        metric().await.as_deref(),
+        Some("offload_confirms_timing_out 0")
+    );
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_memory_alarm_blocks_publishing_and_clearing_it_resumes() {
     let broker = PrivateBroker::start().await;

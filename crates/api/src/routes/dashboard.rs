@@ -115,6 +115,8 @@ struct DashboardState {
     broker: &'static str,
     /// `live`, `replaying` or `off`.
     events: &'static str,
+    /// `ok`, or `timing_out` (see `GET /health`).
+    confirms: &'static str,
     /// Tasks published and awaiting the broker's confirm.
     publishes_in_flight: usize,
     /// Kinds workers have announced.
@@ -163,6 +165,11 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
     let mut response = axum::Json(DashboardState {
         broker: state.publisher.state().as_str(),
         events,
+        confirms: if state.publisher.not_confirming() {
+            "timing_out"
+        } else {
+            "ok"
+        },
         publishes_in_flight: state.publisher.in_flight(),
         kinds,
         totals,

@@ -26,7 +26,17 @@ struct Health {
     broker: &'static str,
     /// `live`, `replaying` (statuses may still be unknown) or `off`.
     events: &'static str,
+    /// `ok`, or `timing_out`: the last publishes got no confirm within CONFIRM_TIMEOUT
+    /// although the connection is up.
+    #[schema(example = "ok")]
+    confirms: &'static str,
+    /// What is wrong and what to look at, when something is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
 }
+
+/// Why a gateway whose connection is up may take no tasks.
+const NOT_CONFIRMING: &str = "RabbitMQ has not confirmed the last publishes within CONFIRM_TIMEOUT although the connection is up: the work queue may have no leader (after a node was killed), or this gateway's node may be cut off in a minority partition; see docs/OPERATIONS.md";
 
 /// For load balancers and compose: 200 while the gateway can publish. Never needs a key.
 #[utoipa::path(
@@ -41,10 +51,13 @@ struct Health {
 )]
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let broker = state.publisher.state();
-    let healthy = broker == BrokerState::Connected;
+    let not_confirming = state.publisher.not_confirming();
+    let healthy = broker == BrokerState::Connected && !not_confirming;
     let body = Json(Health {
         status: if healthy { "ok" } else { "unavailable" },
         broker: broker.as_str(),
+        confirms: if not_confirming { "timing_out" } else { "ok" },
+        reason: not_confirming.then_some(NOT_CONFIRMING),
         events: match &state.tracker {
             None => "off",
             Some(tracker) if tracker.is_live() => "live",

@@ -51,10 +51,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .ok(),
         None => None,
     };
-    match state
-        .metrics
-        .encode(state.publisher.in_flight(), state.publisher.state(), depth)
-    {
+    match state.metrics.encode(&state.publisher, depth) {
         Ok(text) => (
             StatusCode::OK,
             [(
