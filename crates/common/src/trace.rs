@@ -199,11 +199,14 @@ pub fn continue_in_worker(
 /// For a task about to wait for its next attempt: the first attempt's `traceparent`, which
 /// later attempts link to; `None` when the message has it already or spans are not exported.
 pub fn first_attempt_link(span: &tracing::Span, properties: &BasicProperties) -> Option<String> {
+    if !exporting() {
+        return None;
+    }
     let known = properties
         .headers()
         .as_ref()
         .is_some_and(|headers| headers.inner().contains_key(FIRST_ATTEMPT_HEADER));
-    if known || !exporting() {
+    if known {
         return None;
     }
     to_w3c(&span.context()).remove(TRACEPARENT)

@@ -221,25 +221,7 @@ async fn submit(
     };
     let task = TaskEnvelope::new(new.kind, new.payload);
     let run_at = wait.map(|wait| task.submitted_at + wait);
-    // The client's trace (or a new one) goes with the task; with spans exported, as the
-    // parent of this request's span, whose context the message then carries.
-    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
-    let incoming = trace::from_w3c(header(trace::TRACEPARENT), header(trace::TRACESTATE));
-    let span = if trace::exporting() {
-        let span = tracing::info_span!(
-            "submit",
-            otel.name = "POST /tasks",
-            otel.kind = "server",
-            task_id = %task.id,
-            kind = %task.kind,
-        );
-        let _ = span.set_parent(incoming.clone());
-        span
-    } else {
-        tracing::Span::none()
-    };
-    let mut message_headers = FieldTable::default();
-    trace::into_message(&trace::context_of(&span, incoming), &mut message_headers);
+    let (span, message_headers) = trace_of(&headers, &task);
     state
         .publisher
         .publish(&task, wait, message_headers)
@@ -283,6 +265,33 @@ async fn submit(
         run_at: run_at.map(|at| humantime::format_rfc3339_millis(at).to_string()),
     });
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], body).into_response())
+}
+
+/// The request's span and the headers that carry its trace with the task: with spans
+/// exported, a span continuing the client's `traceparent` (or a new trace); without, no span,
+/// and the client's `traceparent`, if any, passed on unchanged.
+fn trace_of(headers: &HeaderMap, task: &TaskEnvelope) -> (tracing::Span, FieldTable) {
+    let mut message_headers = FieldTable::default();
+    if !trace::exporting() && !headers.contains_key(trace::TRACEPARENT) {
+        return (tracing::Span::none(), message_headers);
+    }
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let incoming = trace::from_w3c(header(trace::TRACEPARENT), header(trace::TRACESTATE));
+    let span = if trace::exporting() {
+        let span = tracing::info_span!(
+            "submit",
+            otel.name = "POST /tasks",
+            otel.kind = "server",
+            task_id = %task.id,
+            kind = %task.kind,
+        );
+        let _ = span.set_parent(incoming.clone());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    trace::into_message(&trace::context_of(&span, incoming), &mut message_headers);
+    (span, message_headers)
 }
 
 /// The answer to a repeated Idempotency-Key.
