@@ -16,7 +16,7 @@ pub mod worker;
 pub use broker::{PrivateBroker, TlsListener};
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
-pub use queue::{TEST_KINDS, TestQueue, header_text, publish_confirmed};
+pub use queue::{TEST_KINDS, TestQueue, header_text, publish_confirmed, task_id_of};
 pub use target::{Example, ExampleTarget};
 pub use wait::{eventually, eventually_ok};
 pub use worker::{InProcessWorker, WorkerOptions, WorkerProcess, declare_kinds};

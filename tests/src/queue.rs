@@ -231,6 +231,16 @@ impl Drop for TestQueue {
     }
 }
 
+/// The task id a message carries as its `message_id`, if it is one.
+pub fn task_id_of(message: &lapin::message::BasicGetMessage) -> Option<uuid::Uuid> {
+    message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| id.as_str().parse().ok())
+}
+
 /// A header of a message as text (offload's `x-offload-reason`, say), if present.
 pub fn header_text(message: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
     let headers = message.delivery.properties.headers().as_ref()?;

@@ -249,13 +249,7 @@ impl Rig {
             .await
             .ok()?
         {
-            if let Some(id) = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .and_then(|id| id.as_str().parse().ok())
-            {
+            if let Some(id) = crate::queue::task_id_of(&message) {
                 ids.insert(id);
             }
         }

@@ -295,13 +295,7 @@ async fn drain_ids(connection: &lapin::Connection, queue: &str) -> Vec<Uuid> {
         .await
         .expect("basic.get")
     {
-        if let Some(id) = message
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| id.as_str().parse().ok())
-        {
+        if let Some(id) = offload_tests::task_id_of(&message) {
             ids.push(id);
         }
     }
