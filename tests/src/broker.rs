@@ -99,8 +99,56 @@ impl PrivateBroker {
             tls,
             server: None,
         };
-        broker.start_again().await;
+        // A fresh node can fail to boot for reasons of the machine's, not of the test's (a
+        // port taken between choosing it and binding it): one more try, on new ports.
+        if let Err(first) = broker.try_start().await {
+            eprintln!("the private RabbitMQ node did not start ({first}); trying new ports");
+            broker.kill_server();
+            broker.port = free_port();
+            broker.dist_port = free_port();
+            broker.node = format!("offload-test-{}@localhost", broker.port);
+            let config = std::fs::read_to_string(broker.path().join("rabbitmq.conf"))
+                .expect("read rabbitmq.conf")
+                .replace(
+                    &format!("127.0.0.1:{port}\n"),
+                    &format!("127.0.0.1:{}\n", broker.port),
+                );
+            std::fs::write(broker.path().join("rabbitmq.conf"), config)
+                .expect("write rabbitmq.conf");
+            if let Err(second) = broker.try_start().await {
+                panic!("the private RabbitMQ node did not start, twice: {second}");
+            }
+        }
         broker
+    }
+
+    fn kill_server(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        // rabbitmq-server runs the node as a child: make sure that is gone too.
+        if let Some(pid) = self.os_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// The last lines of the node's log, to say why it did not start.
+    fn log_tail(&self) -> String {
+        let Ok(entries) = std::fs::read_dir(self.path().join("log")) else {
+            return "no log written".into();
+        };
+        let mut lines = Vec::new();
+        for entry in entries.flatten() {
+            if let Ok(text) = std::fs::read_to_string(entry.path()) {
+                lines.extend(text.lines().map(str::to_owned));
+            }
+        }
+        let start = lines.len().saturating_sub(15);
+        lines[start..].join("\n")
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -129,6 +177,14 @@ impl PrivateBroker {
 
     /// Starts the node (again), on the same data, and waits until it accepts connections.
     pub async fn start_again(&mut self) {
+        if let Err(why) = self.try_start().await {
+            panic!("the private RabbitMQ node did not start again: {why}");
+        }
+    }
+
+    /// Starts the node and waits until it accepts connections, at most a minute; else why
+    /// not, with the end of its log.
+    async fn try_start(&mut self) -> Result<(), String> {
         let dir = self.path().to_path_buf();
         let server = Command::new("runuser")
             .args(["-u", RABBITMQ_USER, "--", "rabbitmq-server"])
@@ -148,22 +204,34 @@ impl PrivateBroker {
             .expect("start rabbitmq-server (is RabbitMQ installed?)");
         self.server = Some(server);
         let url = self.url();
-        eventually(
-            Duration::from_secs(60),
-            "the private RabbitMQ node to start",
-            || {
-                let url = url.clone();
-                async move {
-                    let connection =
-                        lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-                            .await
-                            .ok()?;
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+                Ok(connection) => {
                     let _ = connection.close(200, "ready".into()).await;
-                    Some(())
+                    return Ok(());
                 }
-            },
-        )
-        .await;
+                Err(error) => {
+                    let exited = self
+                        .server
+                        .as_mut()
+                        .and_then(|server| server.try_wait().ok().flatten());
+                    if let Some(status) = exited {
+                        return Err(format!(
+                            "rabbitmq-server exited ({status}); its log ends:\n{}",
+                            self.log_tail()
+                        ));
+                    }
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(format!(
+                            "no AMQP connection within 60 s ({error}); its log ends:\n{}",
+                            self.log_tail()
+                        ));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Stops the node gracefully (`rabbitmqctl stop`) and waits until it is gone.
