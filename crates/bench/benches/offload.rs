@@ -58,6 +58,10 @@ struct Args {
     #[arg(long, conflicts_with_all = ["drain_only", "publish_only"])]
     targets_only: bool,
 
+    /// Measure only what exporting spans costs (POST /tasks and the drain); writes no report.
+    #[arg(long, conflicts_with_all = ["drain_only", "publish_only", "targets_only"])]
+    traces_only: bool,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -81,8 +85,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = amqp_url();
     let queue = BenchQueue::declare(&url, "run").await?;
     let mut lines = Vec::new();
-    if args.targets_only {
-        lines.extend(http_targets(&args, &url, &queue).await?);
+    if args.targets_only || args.traces_only {
+        if args.targets_only {
+            lines.extend(http_targets(&args, &url, &queue).await?);
+        } else {
+            lines.push(tracing_cost(&args, &url, &queue).await?);
+            lines.push(drain_tracing_cost(&args, &url, &queue).await?);
+        }
         queue.delete().await;
         println!("{}", stats::table(&lines));
         return Ok(());
@@ -97,6 +106,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lines.push(line);
         drain_rates.push(offload_rate);
         worker_peak = worker_peak.max(peak);
+    }
+    if !args.publish_only {
+        lines.push(drain_tracing_cost(&args, &url, &queue).await?);
     }
     if args.drain_only {
         queue.delete().await;
@@ -340,6 +352,23 @@ async fn metrics_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line
 /// this process that answers at once) against one without `OTEL_EXPORTER_OTLP_ENDPOINT`,
 /// alternating. Every request starts a trace and is sampled: the dearest case.
 async fn tracing_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line, lapin::Error> {
+    let (sink, served) = otlp_sink().await;
+    let line = compare_gateways(
+        args,
+        url,
+        queue,
+        "POST /tasks exporting a span each (OTLP/HTTP), against no export",
+        (&[("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())], None),
+        &[],
+        0.90,
+    )
+    .await;
+    served.abort();
+    line
+}
+
+/// An OTLP/HTTP receiver in this process that takes every export and answers at once.
+async fn otlp_sink() -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a loopback port to bind");
@@ -354,18 +383,48 @@ async fn tracing_cost(args: &Args, url: &str, queue: &BenchQueue) -> Result<Line
         axum::routing::post(|| async { axum::http::StatusCode::OK }),
     );
     let served = tokio::spawn(async move { axum::serve(listener, receiver).await });
-    let line = compare_gateways(
-        args,
-        url,
-        queue,
-        "POST /tasks exporting a span each (OTLP/HTTP), against no export",
-        (&[("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())], None),
-        &[],
-        0.90,
-    )
-    .await;
+    (sink, served)
+}
+
+/// The prefetch-100 drain of zero-work tasks (EVENTS=off) by a worker exporting its spans
+/// (a wait-in-queue span and an attempt span per task, with its log lines as span events)
+/// against the same drain without export; medians of `args.rounds`.
+async fn drain_tracing_cost(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+) -> Result<Line, lapin::Error> {
+    const PREFETCH: u16 = 100;
+    let (sink, served) = otlp_sink().await;
+    let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())];
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        eprintln!(
+            "drain exporting spans against not, round {round} of {}: {} tasks each ...",
+            args.rounds, args.tasks
+        );
+        for (env, rates) in [(&[][..], &mut off), (&exporting[..], &mut on)] {
+            broker::fill(url, queue.name(), "sleep", args.tasks).await?;
+            let (worker, drained) =
+                drain_with_worker(url, queue.name(), (PREFETCH, false), env, args.tasks).await;
+            drop(worker);
+            queue.purge().await?;
+            rates.push(drained.map_or(0.0, |took| broker::per_second(args.tasks, took)));
+        }
+    }
     served.abort();
-    line
+    let (off, on) = (stats::median(&mut off), stats::median(&mut on));
+    Ok(Line {
+        ceiling: rate(off),
+        ratio: percent(on / off),
+        ..Line::info(
+            format!(
+                "drain, prefetch {PREFETCH}, EVENTS=off, exporting spans (OTLP/HTTP), against no export (median of {})",
+                args.rounds
+            ),
+            rate(on),
+        )
+    })
 }
 
 /// The cost of the gateway's defences: POST /tasks with the client timeouts, an API key and a
@@ -657,7 +716,7 @@ async fn drain(
         raw.push(broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?);
         broker::fill(url, queue.name(), "sleep", args.tasks).await?;
         let (worker, drained) =
-            drain_with_worker(url, queue.name(), prefetch, events, args.tasks).await;
+            drain_with_worker(url, queue.name(), (prefetch, events), &[], args.tasks).await;
         peak = peak.max(worker.peak_rss().unwrap_or(0));
         drop(worker);
         queue.purge().await?;
@@ -824,8 +883,8 @@ fn memory(gateway_peak: u64, worker_peak: Option<u64>) -> Vec<Line> {
 async fn drain_with_worker(
     url: &str,
     queue: &str,
-    prefetch: u16,
-    events: bool,
+    (prefetch, events): (u16, bool),
+    env: &[(&str, &str)],
     tasks: u64,
 ) -> (Process, Option<Duration>) {
     let (worker, log) = process::start_worker(
@@ -833,7 +892,7 @@ async fn drain_with_worker(
         url,
         queue,
         (prefetch, events),
-        &[],
+        env,
         false,
     );
     let drained = log.drained(tasks, DRAIN_DEADLINE).await;
