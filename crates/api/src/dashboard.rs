@@ -72,16 +72,7 @@ impl History {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let depth = match broker.link() {
-                Some(link) => broker
-                    .within(
-                        "counting the queues",
-                        broker.topology().depth(link.connection()),
-                    )
-                    .await
-                    .ok(),
-                None => None,
-            };
+            let depth = broker.depth().await;
             let totals = tracker
                 .as_ref()
                 .filter(|tracker| tracker.is_live())

@@ -50,6 +50,18 @@ pub struct AppState {
     history: Option<dashboard::History>,
 }
 
+impl AppState {
+    /// Whether task statuses can be read here: `live`, `replaying` (still reading the events
+    /// stream) or `off` (EVENTS=off).
+    fn events_state(&self) -> &'static str {
+        match &self.tracker {
+            None => "off",
+            Some(tracker) if tracker.is_live() => "live",
+            Some(_) => "replaying",
+        }
+    }
+}
+
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -146,6 +146,15 @@ impl Publisher {
         self.watch.not_confirming(self.watch.epoch.elapsed())
     }
 
+    /// [`Self::not_confirming`] as `/health` and the dashboard say it: `ok` or `timing_out`.
+    pub fn confirms(&self) -> &'static str {
+        if self.not_confirming() {
+            "timing_out"
+        } else {
+            "ok"
+        }
+    }
+
     /// Publishes awaiting a confirm now.
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()

@@ -12,11 +12,7 @@
 //! rest; otherwise no span is recorded and nothing is sent anywhere, and a `traceparent` a
 //! client sent still travels with its task, unchanged.
 
-use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
-    time::SystemTime,
-};
+use std::{collections::HashMap, sync::OnceLock, time::SystemTime};
 
 use lapin::{
     BasicProperties,
@@ -42,12 +38,13 @@ pub const TRACESTATE: &str = "tracestate";
 /// The `traceparent` of a task's first attempt, which later attempts link to.
 pub const FIRST_ATTEMPT_HEADER: &str = "x-offload-first-attempt";
 
-/// Whether spans are being exported (set once, at start).
-static EXPORTING: AtomicBool = AtomicBool::new(false);
+/// The tracer for spans made outside `tracing` (the wait in the queue); set once, at start,
+/// when spans are exported.
+static TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
 
 /// Whether spans are recorded and exported.
 pub fn exporting() -> bool {
-    EXPORTING.load(Ordering::Relaxed)
+    TRACER.get().is_some()
 }
 
 /// Whether the environment asks for OTLP export.
@@ -75,8 +72,7 @@ pub fn provider(service: &'static str) -> Result<SdkTracerProvider, String> {
         .with_span_processor(BatchSpanProcessor::builder(exporter, runtime::Tokio).build())
         .with_resource(resource.build())
         .build();
-    EXPORTING.store(true, Ordering::Relaxed);
-    opentelemetry::global::set_tracer_provider(provider.clone());
+    let _ = TRACER.set(provider.tracer("offload"));
     Ok(provider)
 }
 
@@ -171,17 +167,16 @@ pub fn continue_in_worker(
     submitted_at: SystemTime,
     attempt: u32,
 ) {
-    if !exporting() {
+    let Some(tracer) = TRACER.get() else {
         return;
-    }
+    };
     let parent = from_message(properties);
-    let tracer = opentelemetry::global::tracer("offload");
     let mut waited = tracer
         .span_builder("wait in queue")
         .with_kind(SpanKind::Consumer)
         .with_start_time(submitted_at)
         .with_attributes([KeyValue::new("offload.attempt", i64::from(attempt))])
-        .start_with_context(&tracer, &parent);
+        .start_with_context(tracer, &parent);
     waited.end();
     let _ = span.set_parent(parent);
     if attempt > 1

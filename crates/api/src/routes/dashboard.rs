@@ -149,14 +149,9 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
         .as_ref()
         .filter(|tracker| tracker.is_live())
         .map(Tracker::totals);
-    let (events, kinds, recent, dead) = match &state.tracker {
-        None => ("off", Vec::new(), Vec::new(), Vec::new()),
+    let (kinds, recent, dead) = match &state.tracker {
+        None => (Vec::new(), Vec::new(), Vec::new()),
         Some(tracker) => (
-            if tracker.is_live() {
-                "live"
-            } else {
-                "replaying"
-            },
             tracker.kinds(),
             tracker.recent(RECENT),
             tracker.recent_dead(RECENT),
@@ -164,12 +159,8 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
     };
     let mut response = axum::Json(DashboardState {
         broker: state.publisher.state().as_str(),
-        events,
-        confirms: if state.publisher.not_confirming() {
-            "timing_out"
-        } else {
-            "ok"
-        },
+        events: state.events_state(),
+        confirms: state.publisher.confirms(),
         publishes_in_flight: state.publisher.in_flight(),
         kinds,
         totals,

@@ -56,13 +56,9 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let body = Json(Health {
         status: if healthy { "ok" } else { "unavailable" },
         broker: broker.as_str(),
-        confirms: if not_confirming { "timing_out" } else { "ok" },
+        confirms: state.publisher.confirms(),
         reason: not_confirming.then_some(NOT_CONFIRMING),
-        events: match &state.tracker {
-            None => "off",
-            Some(tracker) if tracker.is_live() => "live",
-            Some(_) => "replaying",
-        },
+        events: state.events_state(),
     });
     if healthy {
         (StatusCode::OK, None, body)

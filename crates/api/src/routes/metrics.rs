@@ -39,18 +39,7 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
 )]
 async fn metrics(State(state): State<AppState>) -> Response {
     // The queues' depth, asked of the broker now; left out when it cannot answer in time.
-    let depth = match state.publisher.broker().link() {
-        Some(link) => state
-            .publisher
-            .broker()
-            .within(
-                "counting the queues",
-                state.publisher.broker().topology().depth(link.connection()),
-            )
-            .await
-            .ok(),
-        None => None,
-    };
+    let depth = state.publisher.broker().depth().await;
     match state.metrics.encode(&state.publisher, depth) {
         Ok(text) => (
             StatusCode::OK,

@@ -214,6 +214,18 @@ impl Broker {
         within(self.shared.timeout, what, request).await
     }
 
+    /// The queues' depth, asked of the broker now; `None` when disconnected or when it does
+    /// not answer in time.
+    pub async fn depth(&self) -> Option<crate::topology::QueueDepth> {
+        let link = self.link()?;
+        self.within(
+            "counting the queues",
+            self.topology().depth(link.connection()),
+        )
+        .await
+        .ok()
+    }
+
     /// What a publish could do now.
     pub fn state(&self) -> BrokerState {
         match self.link.borrow().as_ref() {
