@@ -38,7 +38,9 @@
 //!
 //! Every queue argument is written out, never left to the broker's defaults, because the
 //! defaults differ between RabbitMQ 3.10 and 4.x (4.x gives quorum queues a delivery limit of
-//! 20 unless told otherwise).
+//! 20 unless told otherwise). The one exception is the replica count, written only when set
+//! (`REPLICAS`): RabbitMQ compares it on every declare, so a queue made without it would
+//! otherwise refuse every offload that sets it.
 
 use lapin::{
     Channel, Connection, ExchangeKind,
@@ -100,6 +102,7 @@ pub struct Topology {
     dead_max_length: u32,
     kinds: Vec<String>,
     events: Option<EventsRetention>,
+    replicas: Option<u32>,
 }
 
 /// How long and how much of the events stream RabbitMQ keeps.
@@ -135,6 +138,7 @@ impl Topology {
             dead_max_length: crate::broker::DEFAULT_DEAD_MAX_LENGTH,
             kinds: Vec::new(),
             events: None,
+            replicas: None,
         }
     }
 
@@ -181,6 +185,24 @@ impl Topology {
     pub fn with_delivery_limit(mut self, delivery_limit: u32) -> Self {
         self.delivery_limit = delivery_limit;
         self
+    }
+
+    /// How many cluster nodes hold a copy of each quorum queue
+    /// (`x-quorum-initial-group-size`) and of the events stream (`x-initial-cluster-size`).
+    /// `None` leaves it to the broker's defaults (`quorum_cluster_size` for quorum queues),
+    /// and declares no such argument: RabbitMQ checks both on every declare, so queues made
+    /// without it stay declarable.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: Option<u32>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Adds the replica count under `argument`, if one is set.
+    fn replicate(&self, args: &mut FieldTable, argument: &str) {
+        if let Some(replicas) = self.replicas {
+            args.insert(argument.into(), AMQPValue::LongLongInt(i64::from(replicas)));
+        }
     }
 
     /// Caps the work queue at `max_length` ready tasks (`x-max-length`); past it the broker
@@ -250,6 +272,7 @@ impl Topology {
         }
         args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         args.insert("x-overflow".into(), text("reject-publish"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
         args
     }
 
@@ -277,6 +300,7 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::from(max_length)),
             );
         }
+        self.replicate(&mut args, QUORUM_REPLICAS);
         args
     }
 
@@ -289,6 +313,24 @@ impl Topology {
             AMQPValue::LongLongInt(i64::from(self.dead_max_length)),
         );
         args.insert("x-overflow".into(), text("drop-head"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+
+    /// The events stream's arguments, all explicit.
+    fn stream_arguments(&self, retention: EventsRetention) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("stream"));
+        // RabbitMQ's own unit syntax: whole seconds.
+        args.insert(
+            "x-max-age".into(),
+            text(&format!("{}s", retention.max_age.as_secs().max(1))),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
+        );
+        self.replicate(&mut args, STREAM_REPLICAS);
         args
     }
 
@@ -330,7 +372,11 @@ impl Topology {
         declare_exchange(channel, &self.later_exchange(), ExchangeKind::Topic).await?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
-                .queue_declare(stream.as_str().into(), durable, stream_arguments(retention))
+                .queue_declare(
+                    stream.as_str().into(),
+                    durable,
+                    self.stream_arguments(retention),
+                )
                 .await
                 .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
         }
@@ -582,21 +628,10 @@ async fn declare_exchange(
         .map_err(|e| TopologyError::from_declare("exchange", name, e))
 }
 
-/// The events stream's arguments, all explicit.
-fn stream_arguments(retention: EventsRetention) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("stream"));
-    // RabbitMQ's own unit syntax: whole seconds.
-    args.insert(
-        "x-max-age".into(),
-        text(&format!("{}s", retention.max_age.as_secs().max(1))),
-    );
-    args.insert(
-        "x-max-length-bytes".into(),
-        AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
-    );
-    args
-}
+/// The quorum queue argument for how many nodes hold a replica.
+const QUORUM_REPLICAS: &str = "x-quorum-initial-group-size";
+/// The stream argument for how many nodes hold a replica.
+const STREAM_REPLICAS: &str = "x-initial-cluster-size";
 
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
@@ -649,6 +684,43 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn replicas_are_declared_on_every_queue_only_when_set() {
+        let retention = EventsRetention {
+            max_age: std::time::Duration::from_secs(60),
+            max_bytes: 1 << 20,
+        };
+        let unset = Topology::new("q", 3);
+        let set = Topology::new("q", 3).with_replicas(Some(3));
+        let quorum = |t: &Topology| {
+            vec![
+                t.queue_arguments(),
+                t.dead_letter_queue_arguments(),
+                t.delay_queue_arguments(0),
+                t.delay_queue_arguments(DELAY_LEVELS - 1),
+            ]
+        };
+        for args in quorum(&unset) {
+            assert!(!args.inner().contains_key(QUORUM_REPLICAS));
+        }
+        for args in quorum(&set) {
+            assert_eq!(
+                args.inner().get(QUORUM_REPLICAS),
+                Some(&AMQPValue::LongLongInt(3))
+            );
+        }
+        assert!(
+            !unset
+                .stream_arguments(retention)
+                .inner()
+                .contains_key(STREAM_REPLICAS)
+        );
+        assert_eq!(
+            set.stream_arguments(retention).inner().get(STREAM_REPLICAS),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+    }
 
     #[test]
     fn a_delay_sets_the_bits_of_its_levels_longest_first() {

@@ -74,6 +74,14 @@ pub struct BrokerArgs {
     #[arg(long, env = "DEAD_MAX_LENGTH", default_value_t = DEFAULT_DEAD_MAX_LENGTH, value_parser = clap::value_parser!(u32).range(1..))]
     pub dead_max_length: u32,
 
+    /// How many cluster nodes hold a copy of each quorum queue and of the events stream
+    /// (`x-quorum-initial-group-size`, `x-initial-cluster-size`). Unset: the broker decides
+    /// (its `quorum_cluster_size` and stream defaults) and no such argument is
+    /// declared. On a cluster set it (3 for three nodes); RabbitMQ checks it on every
+    /// declare, so changing it means re-creating the queues (docs/OPERATIONS.md).
+    #[arg(long, env = "REPLICAS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: Option<u32>,
+
     /// Lifecycle events on the `<QUEUE>.events` stream (`on` or `off`): what
     /// GET /tasks/{id} is built from. `off` gives the bare queue.
     #[arg(long, env = "EVENTS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
@@ -121,6 +129,7 @@ impl BrokerArgs {
             delivery_limit: 5,
             queue_max_length: None,
             dead_max_length: DEFAULT_DEAD_MAX_LENGTH,
+            replicas: None,
             events: true,
             events_max_age: DEFAULT_EVENTS_MAX_AGE,
             events_max_bytes: DEFAULT_EVENTS_MAX_BYTES,
@@ -134,6 +143,7 @@ impl BrokerArgs {
         Topology::new(self.queue.clone(), self.delivery_limit)
             .with_max_length(self.queue_max_length)
             .with_dead_max_length(self.dead_max_length)
+            .with_replicas(self.replicas)
             .with_events(self.events.then_some(EventsRetention {
                 max_age: self.events_max_age,
                 max_bytes: self.events_max_bytes,
