@@ -22,6 +22,19 @@ pub struct PrivateBroker {
     dist_port: u16,
     tls: Option<TlsListener>,
     server: Option<Child>,
+    placement: Option<Placement>,
+}
+
+/// Where a node of a [`crate::PrivateCluster`] runs: a network namespace of its own, where it
+/// has the standard ports, its own epmd, and the address `ip` that clients reach it at.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    /// The network namespace.
+    pub namespace: String,
+    /// The host part of the node's name, resolved by each namespace's own hosts file.
+    pub host: String,
+    /// The node's address for clients, reachable from the root namespace.
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// A TLS listener of a private node, with the certificates the test made for it.
@@ -98,6 +111,7 @@ impl PrivateBroker {
             dist_port,
             tls,
             server: None,
+            placement: None,
         };
         // A fresh node can fail to boot for reasons of the machine's, not of the test's (a
         // port taken between choosing it and binding it): one more try, on new ports.
@@ -122,7 +136,68 @@ impl PrivateBroker {
         broker
     }
 
-    fn kill_server(&mut self) {
+    /// A node of a cluster, in its own network namespace with the standard ports and
+    /// `config` as its `rabbitmq.conf`; spawned, not waited for (the nodes of a cluster must
+    /// boot together to find each other): call [`PrivateBroker::ready`].
+    pub(crate) fn spawn_placed(placement: Placement, config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("offload-rabbit-")
+            .tempdir()
+            .expect("create broker data directory");
+        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
+        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        // Debian's /etc/rabbitmq/rabbitmq-env.conf binds epmd and the inter-node port to
+        // 127.0.0.1; a node that other nodes must reach reads an (empty) one of its own.
+        std::fs::write(dir.path().join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");
+        let status = Command::new("chown")
+            .args(["-R", &format!("{RABBITMQ_USER}:")])
+            .arg(dir.path())
+            .status()
+            .expect("run chown");
+        assert!(
+            status.success(),
+            "chown the node's data directory (needs root)"
+        );
+        let mut broker = Self {
+            dir,
+            node: format!("rabbit@{}", placement.host),
+            port: 5672,
+            dist_port: 25672,
+            tls: None,
+            server: None,
+            placement: Some(placement),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Waits until a node spawned by [`PrivateBroker::spawn_placed`] accepts connections.
+    pub(crate) async fn ready(&mut self) {
+        if let Err(why) = self.await_connectable().await {
+            panic!(
+                "the private RabbitMQ node {} did not start: {why}",
+                self.node
+            );
+        }
+    }
+
+    /// A command run in the node's network namespace, if it has one.
+    fn command(&self, program: &str) -> Command {
+        match &self.placement {
+            Some(placement) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &placement.namespace, program]);
+                command.env(
+                    "RABBITMQ_CONF_ENV_FILE",
+                    self.path().join("rabbitmq-env.conf"),
+                );
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    pub(crate) fn kill_server(&mut self) {
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
             let _ = server.wait();
@@ -151,9 +226,18 @@ impl PrivateBroker {
         lines[start..].join("\n")
     }
 
-    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, or the node's own address in a cluster.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        format!("amqp://guest:guest@{}/%2f", self.addr())
+    }
+
+    /// The node's AMQP address, for a proxy in front of it.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        let ip = self
+            .placement
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |placement| placement.ip);
+        (ip, self.port).into()
     }
 
     /// The TLS listener, for a node started with [`PrivateBroker::start_with_tls`].
@@ -185,8 +269,15 @@ impl PrivateBroker {
     /// Starts the node and waits until it accepts connections, at most a minute; else why
     /// not, with the end of its log.
     async fn try_start(&mut self) -> Result<(), String> {
+        self.spawn();
+        self.await_connectable().await
+    }
+
+    /// Launches `rabbitmq-server` for this node, as the `rabbitmq` user.
+    fn spawn(&mut self) {
         let dir = self.path().to_path_buf();
-        let server = Command::new("runuser")
+        let server = self
+            .command("runuser")
             .args(["-u", RABBITMQ_USER, "--", "rabbitmq-server"])
             .env("HOME", RABBITMQ_HOME)
             .env("RABBITMQ_NODENAME", &self.node)
@@ -203,6 +294,11 @@ impl PrivateBroker {
             .spawn()
             .expect("start rabbitmq-server (is RabbitMQ installed?)");
         self.server = Some(server);
+    }
+
+    /// Waits until the node accepts AMQP connections, at most a minute; else why not, with
+    /// the end of its log.
+    async fn await_connectable(&mut self) -> Result<(), String> {
         let url = self.url();
         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -321,7 +417,7 @@ impl PrivateBroker {
 
     /// Runs `rabbitmqctl -n <node> <args>`; true on success.
     pub fn ctl(&self, args: &[&str]) -> bool {
-        Command::new("rabbitmqctl")
+        self.command("rabbitmqctl")
             .args(["-n", &self.node])
             .args(args)
             .env("HOME", RABBITMQ_HOME)
@@ -329,6 +425,27 @@ impl PrivateBroker {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|status| status.success())
+    }
+
+    /// Runs RabbitMQ's `program` (`rabbitmqctl`, `rabbitmq-queues`) against this node with
+    /// `args`; its standard output on success. Run on a blocking thread: a node cut off from
+    /// its peers can keep a command waiting for seconds.
+    pub(crate) async fn tool_output(&self, program: &str, args: &[&str]) -> Option<String> {
+        let mut command = self.command(program);
+        command
+            .args(["-n", &self.node])
+            .args(args)
+            .env("HOME", RABBITMQ_HOME)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .ok()?
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// The node's OS process id, from its pid file.

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod campaign;
+pub mod cluster;
 pub mod gateway;
 pub mod handlers;
 pub mod proxy;
@@ -14,6 +15,7 @@ pub mod wait;
 pub mod worker;
 
 pub use broker::{PrivateBroker, TlsListener};
+pub use cluster::PrivateCluster;
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::{TEST_KINDS, TestQueue, header_text, publish_confirmed, task_id_of};

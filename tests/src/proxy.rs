@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -82,6 +82,7 @@ pub struct FaultyProxy {
     state: watch::Sender<State>,
     accept: JoinHandle<()>,
     tripwire: Arc<Tripwire>,
+    open: Arc<AtomicUsize>,
 }
 
 impl FaultyProxy {
@@ -94,23 +95,31 @@ impl FaultyProxy {
             resets: 0,
         });
         let tripwire = Arc::new(Tripwire::default());
+        let open = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream,
             state.subscribe(),
             Arc::clone(&tripwire),
+            Arc::clone(&open),
         ));
         Ok(Self {
             addr,
             state,
             accept,
             tripwire,
+            open,
         })
     }
 
     /// The proxy's own port, to put in the AMQP URL.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// How many connections pass through the proxy now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Closes every connection and refuses new ones until [`FaultyProxy::heal`].
@@ -161,6 +170,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     state: watch::Receiver<State>,
     tripwire: Arc<Tripwire>,
+    open: Arc<AtomicUsize>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -172,12 +182,12 @@ async fn accept_loop(
             drop(client);
             continue;
         }
-        tokio::spawn(forward(
-            client,
-            upstream,
-            state.clone(),
-            Arc::clone(&tripwire),
-        ));
+        let (state, tripwire, open) = (state.clone(), Arc::clone(&tripwire), Arc::clone(&open));
+        tokio::spawn(async move {
+            open.fetch_add(1, Ordering::SeqCst);
+            forward(client, upstream, state, tripwire).await;
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 

@@ -5,6 +5,10 @@
 //! process and two worker processes (prefetch 4). Load runs throughout; the fault is
 //! injected once the queue is warm and healed after a while; load goes on until 202s are
 //! back, then the workers drain and the checker compares what was promised with what ran.
+//!
+//! The cluster scenarios run on a [`PrivateCluster`] instead: three nodes, each in a network
+//! namespace of its own behind two proxies (one for the gateway, one for the workers, so the
+//! campaign knows which node the gateway uses), every process given all three addresses.
 
 mod load;
 mod report;
@@ -22,12 +26,15 @@ pub use load::{Load, LoadShape, Outcome, Record};
 pub use report::{Row, markdown, table};
 
 use crate::{
-    FaultyProxy, GatewayProcess, PrivateBroker, WorkerOptions, WorkerProcess, eventually, free_port,
+    FaultyProxy, GatewayProcess, PrivateBroker, PrivateCluster, WorkerOptions, WorkerProcess,
+    cluster::NODES, eventually, free_port,
 };
 
 /// The settings every scenario runs offload with: shorter than the defaults so that a fault
 /// is noticed, and healed, within a campaign of a few minutes.
 const CONFIRM_TIMEOUT: &str = "2s";
+/// The same, as a duration, for the checker.
+pub(crate) const CONFIRM_TIMEOUT_SECS: Duration = Duration::from_secs(2);
 const HEARTBEAT: &str = "2";
 const CONNECT_TIMEOUT: &str = "2s";
 const DELIVERY_LIMIT: u32 = 2;
@@ -37,6 +44,14 @@ const PREFETCH: u16 = 4;
 const AFTER_RECOVERY: Duration = Duration::from_secs(2);
 /// Longest the campaign waits for a step (recovery, drain) before calling the scenario failed.
 const STEP_DEADLINE: Duration = Duration::from_secs(60);
+/// Every request must be answered within the confirm timeout; this much more is allowed for
+/// the HTTP exchange on a busy machine.
+pub(crate) const ANSWER_SLACK: Duration = Duration::from_millis(500);
+/// On a cluster, 202s must be back this soon after the queue has a new leader (or the fault
+/// is healed, where the leader stays).
+pub(crate) const CLUSTER_RECOVERY: Duration = Duration::from_secs(2);
+/// How many nodes hold each queue in the cluster scenarios (`REPLICAS`).
+const CLUSTER_REPLICAS: &str = "3";
 
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,11 +79,22 @@ pub enum Fault {
     /// Every task fails a scripted number of times (retried through the delay levels) while
     /// the broker restarts.
     RetriesRestart,
+    /// Cluster: `kill -9` of the node holding the work queue's leader, started again.
+    ClusterLeaderKill,
+    /// Cluster: a node holding a follower stopped (`rabbitmqctl stop`) and started again.
+    ClusterFollowerRestart,
+    /// Cluster: the leader's node cut off from the other two (inter-node links down), then
+    /// joined again.
+    ClusterPartition,
+    /// Cluster: every node stopped and started again, one at a time.
+    ClusterRollingRestart,
+    /// Cluster: `kill -9` of the node the gateway is connected to.
+    ClusterGatewayNodeKill,
 }
 
 impl Fault {
     /// Every fault, in campaign order.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 16] = [
         Fault::BrokerKill,
         Fault::BrokerRestart,
         Fault::BrokerPause,
@@ -80,6 +106,11 @@ impl Fault {
         Fault::PoisonTask,
         Fault::MemoryAlarm,
         Fault::RetriesRestart,
+        Fault::ClusterLeaderKill,
+        Fault::ClusterFollowerRestart,
+        Fault::ClusterPartition,
+        Fault::ClusterRollingRestart,
+        Fault::ClusterGatewayNodeKill,
     ];
 
     /// Short name, for `--only` and the table.
@@ -96,6 +127,11 @@ impl Fault {
             Fault::PoisonTask => "poison-task",
             Fault::MemoryAlarm => "memory-alarm",
             Fault::RetriesRestart => "retries-restart",
+            Fault::ClusterLeaderKill => "cluster-leader-kill",
+            Fault::ClusterFollowerRestart => "cluster-follower-restart",
+            Fault::ClusterPartition => "cluster-partition",
+            Fault::ClusterRollingRestart => "cluster-rolling-restart",
+            Fault::ClusterGatewayNodeKill => "cluster-gateway-node-kill",
         }
     }
 
@@ -117,7 +153,34 @@ impl Fault {
             Fault::RetriesRestart => {
                 "every task scripted to fail 0 to 3 times (`MAX_ATTEMPTS` 3, retried after 1-2 s through the delay levels; 3 failures: dead), broker `stop_app`, 2 s, `start_app`"
             }
+            Fault::ClusterLeaderKill => {
+                "three nodes: the node holding the queue's leader `kill -9`ed, started again 2 s after a new leader is elected"
+            }
+            Fault::ClusterFollowerRestart => {
+                "three nodes: a node holding a follower `rabbitmqctl stop`ped, 2 s, started again"
+            }
+            Fault::ClusterPartition => {
+                "three nodes: the leader's node cut off from the other two (its inter-node links down; clients still reach it) until 5 s after a new leader is elected, then joined again"
+            }
+            Fault::ClusterRollingRestart => {
+                "three nodes: each in turn `rabbitmqctl stop`ped and started again, the next once the cluster has three nodes running"
+            }
+            Fault::ClusterGatewayNodeKill => {
+                "three nodes: the node the gateway is connected to `kill -9`ed, started again after 2 s"
+            }
         }
+    }
+
+    /// Whether the scenario runs on a three-node cluster.
+    pub fn on_cluster(self) -> bool {
+        matches!(
+            self,
+            Fault::ClusterLeaderKill
+                | Fault::ClusterFollowerRestart
+                | Fault::ClusterPartition
+                | Fault::ClusterRollingRestart
+                | Fault::ClusterGatewayNodeKill
+        )
     }
 
     fn touches_broker_data(self) -> bool {
@@ -129,36 +192,87 @@ impl Fault {
     }
 }
 
+/// The broker side of a scenario.
+enum Brokers {
+    /// One node behind one proxy, which gateway and workers share.
+    Single {
+        node: PrivateBroker,
+        proxy: FaultyProxy,
+    },
+    /// Three nodes, each behind a proxy for the gateway and one for the workers.
+    Cluster {
+        cluster: PrivateCluster,
+        gateway_proxies: Vec<FaultyProxy>,
+        /// Kept for their connections; the workers' URL names them.
+        _worker_proxies: Vec<FaultyProxy>,
+    },
+}
+
 /// Everything one scenario runs on.
 struct Rig {
-    broker: PrivateBroker,
-    proxy: FaultyProxy,
+    brokers: Brokers,
     gateway: GatewayProcess,
     gateway_port: u16,
     env: Vec<(&'static str, String)>,
     workers: Vec<WorkerProcess>,
     worker_options: WorkerOptions,
+    worker_url: String,
     queue: String,
 }
 
+/// Proxies in front of `addresses`, and the comma-separated AMQP URL list that names them.
+async fn proxies(addresses: &[std::net::SocketAddr]) -> (Vec<FaultyProxy>, String) {
+    let mut proxies = Vec::new();
+    for &address in addresses {
+        proxies.push(FaultyProxy::start(address).await.expect("start a proxy"));
+    }
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|proxy| format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()))
+        .collect();
+    (proxies, urls.join(","))
+}
+
 impl Rig {
-    async fn start(label: &str, worker_env: &[(&'static str, String)]) -> Self {
-        let broker = PrivateBroker::start().await;
-        let upstream = ([127, 0, 0, 1], broker.port()).into();
-        let proxy = FaultyProxy::start(upstream).await.expect("start the proxy");
+    async fn start(fault: Fault, worker_env: &[(&'static str, String)]) -> Self {
+        let (brokers, gateway_url, worker_url) = if fault.on_cluster() {
+            let cluster = PrivateCluster::start().await;
+            let addresses: Vec<_> = cluster.nodes().iter().map(PrivateBroker::addr).collect();
+            let (gateway_proxies, gateway_url) = proxies(&addresses).await;
+            let (worker_proxies, worker_url) = proxies(&addresses).await;
+            let brokers = Brokers::Cluster {
+                cluster,
+                gateway_proxies,
+                _worker_proxies: worker_proxies,
+            };
+            (brokers, gateway_url, worker_url)
+        } else {
+            let node = PrivateBroker::start().await;
+            let (mut proxies, url) = proxies(&[node.addr()]).await;
+            let proxy = proxies.pop().expect("one proxy for one node");
+            (Brokers::Single { node, proxy }, url.clone(), url)
+        };
         let queue = format!(
-            "campaign-{label}-{}",
+            "campaign-{}-{}",
+            fault.name(),
             &Uuid::new_v4().simple().to_string()[..8]
         );
-        let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
-        let env = vec![
-            ("AMQP_URL", url.clone()),
+        let mut common = vec![
+            ("HEARTBEAT", HEARTBEAT.to_owned()),
+            ("CONNECT_TIMEOUT", CONNECT_TIMEOUT.to_owned()),
+        ];
+        if fault.on_cluster() {
+            common.push(("REPLICAS", CLUSTER_REPLICAS.to_owned()));
+        }
+        let env: Vec<_> = [
+            ("AMQP_URL", gateway_url),
             ("QUEUE", queue.clone()),
             ("DELIVERY_LIMIT", DELIVERY_LIMIT.to_string()),
-            ("CONFIRM_TIMEOUT", CONFIRM_TIMEOUT.into()),
-            ("HEARTBEAT", HEARTBEAT.into()),
-            ("CONNECT_TIMEOUT", CONNECT_TIMEOUT.into()),
-        ];
+            ("CONFIRM_TIMEOUT", CONFIRM_TIMEOUT.to_owned()),
+        ]
+        .into_iter()
+        .chain(common.iter().cloned())
+        .collect();
         let gateway_port = free_port();
         let gateway = GatewayProcess::start(gateway_port, &env).await;
         let worker_options = WorkerOptions {
@@ -167,35 +281,73 @@ impl Rig {
             shutdown_grace: "5s",
             delivery_limit: DELIVERY_LIMIT,
             binary: "offload-campaign-worker",
-            env: vec![
-                ("HEARTBEAT", HEARTBEAT.into()),
-                ("CONNECT_TIMEOUT", CONNECT_TIMEOUT.into()),
+            env: common
+                .into_iter()
                 // Poison tasks die after as many attempts as the delivery limit allows
                 // redeliveries; retries go through the delay levels at once (RETRY_BASE 0s).
-                ("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string()),
-            ]
-            .into_iter()
-            .chain(worker_env.iter().cloned())
-            .collect(),
+                .chain([("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string())])
+                .chain(worker_env.iter().cloned())
+                .collect(),
         };
         let mut workers = Vec::new();
         for _ in 0..WORKERS {
-            workers.push(WorkerProcess::start(&url, &queue, &worker_options).await);
+            workers.push(WorkerProcess::start(&worker_url, &queue, &worker_options).await);
         }
         Self {
-            broker,
-            proxy,
+            brokers,
             gateway,
             gateway_port,
             env,
             workers,
             worker_options,
+            worker_url,
             queue,
         }
     }
 
-    fn url(&self) -> &str {
-        &self.env[0].1
+    /// The single node, for a single-node fault.
+    fn node(&mut self) -> &mut PrivateBroker {
+        match &mut self.brokers {
+            Brokers::Single { node, .. } => node,
+            Brokers::Cluster { .. } => panic!("a single-node fault asked for on a cluster"),
+        }
+    }
+
+    /// The single node's proxy, for a network fault.
+    fn proxy(&self) -> &FaultyProxy {
+        match &self.brokers {
+            Brokers::Single { proxy, .. } => proxy,
+            Brokers::Cluster { .. } => panic!("a single-node fault asked for on a cluster"),
+        }
+    }
+
+    /// The cluster, for a cluster fault.
+    fn cluster(&mut self) -> &mut PrivateCluster {
+        match &mut self.brokers {
+            Brokers::Cluster { cluster, .. } => cluster,
+            Brokers::Single { .. } => panic!("a cluster fault asked for on a single node"),
+        }
+    }
+
+    /// Direct URLs of the nodes (not through a proxy), for the checker's own questions.
+    fn direct_urls(&self) -> Vec<String> {
+        match &self.brokers {
+            Brokers::Single { node, .. } => vec![node.url()],
+            Brokers::Cluster { cluster, .. } => {
+                cluster.nodes().iter().map(PrivateBroker::url).collect()
+            }
+        }
+    }
+
+    /// A connection of the checker's own to whichever node answers first.
+    async fn direct_connection(&self) -> Option<Connection> {
+        for url in self.direct_urls() {
+            if let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
+            {
+                return Some(connection);
+            }
+        }
+        None
     }
 
     /// Every completion logged by every worker process this scenario started, killed or not.
@@ -211,9 +363,7 @@ impl Rig {
 
     /// Messages in the dead-letter queue, asked over a connection of the campaign's own.
     async fn dead_lettered(&self) -> Option<u32> {
-        let connection = Connection::connect(&self.broker.url(), ConnectionProperties::default())
-            .await
-            .ok()?;
+        let connection = self.direct_connection().await?;
         let channel = connection.create_channel().await.ok()?;
         let declared = channel
             .queue_declare(
@@ -235,9 +385,7 @@ impl Rig {
     /// its dead copy was confirmed). The messages are read unacknowledged and go back to the
     /// queue when the connection closes.
     async fn dead_ids(&self) -> Option<HashSet<Uuid>> {
-        let connection = Connection::connect(&self.broker.url(), ConnectionProperties::default())
-            .await
-            .ok()?;
+        let connection = self.direct_connection().await?;
         let channel = connection.create_channel().await.ok()?;
         let queue = format!("{}.dead", self.queue);
         let mut ids = HashSet::new();
@@ -257,36 +405,40 @@ impl Rig {
         Some(ids)
     }
 
-    /// Injects `fault` and heals it; returns the moment it was healed (the broker back, the
-    /// network whole, the new gateway process launched).
+    /// Injects `fault` and heals it; returns the moment recovery is measured from: when it
+    /// was healed (the broker back, the network whole, the new gateway process launched) or,
+    /// on a cluster, when the work queue had a new leader.
     async fn inject(&mut self, fault: Fault) -> Instant {
+        if fault.on_cluster() {
+            return self.inject_on_cluster(fault).await;
+        }
         match fault {
             Fault::BrokerKill => {
-                self.broker.kill9().await;
+                self.node().kill9().await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                self.broker.start_again().await;
+                self.node().start_again().await;
             }
             Fault::BrokerRestart | Fault::RetriesRestart => {
-                self.broker.stop_app();
+                self.node().stop_app();
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                self.broker.start_app();
+                self.node().start_app();
             }
             Fault::BrokerPause => {
-                self.broker.pause();
+                self.node().pause();
                 tokio::time::sleep(Duration::from_secs(4)).await;
-                self.broker.resume();
+                self.node().resume();
             }
             Fault::NetworkCut => {
-                self.proxy.cut();
+                self.proxy().cut();
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                self.proxy.heal();
+                self.proxy().heal();
             }
             Fault::NetworkHang => {
-                self.proxy.hang();
+                self.proxy().hang();
                 tokio::time::sleep(Duration::from_secs(6)).await;
-                self.proxy.heal();
+                self.proxy().heal();
             }
-            Fault::NetworkReset => self.proxy.reset(),
+            Fault::NetworkReset => self.proxy().reset(),
             Fault::WorkerKill => {
                 let victim = &mut self.workers[0];
                 eventually(STEP_DEADLINE, "a worker with tasks in hand", || {
@@ -295,9 +447,8 @@ impl Rig {
                 })
                 .await;
                 victim.kill();
-                let url = self.url().to_owned();
                 let replacement =
-                    WorkerProcess::start(&url, &self.queue, &self.worker_options).await;
+                    WorkerProcess::start(&self.worker_url, &self.queue, &self.worker_options).await;
                 self.workers.push(replacement);
             }
             Fault::GatewayKill => {
@@ -309,12 +460,91 @@ impl Rig {
             }
             Fault::PoisonTask => {}
             Fault::MemoryAlarm => {
-                self.broker.memory_alarm(true);
+                self.node().memory_alarm(true);
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                self.broker.memory_alarm(false);
+                self.node().memory_alarm(false);
             }
+            Fault::ClusterLeaderKill
+            | Fault::ClusterFollowerRestart
+            | Fault::ClusterPartition
+            | Fault::ClusterRollingRestart
+            | Fault::ClusterGatewayNodeKill => unreachable!("cluster faults return above"),
         }
         Instant::now()
+    }
+
+    async fn inject_on_cluster(&mut self, fault: Fault) -> Instant {
+        let queue = self.queue.clone();
+        // The node the gateway uses, read before anything moves it.
+        let gateway_node = match &self.brokers {
+            Brokers::Cluster {
+                gateway_proxies, ..
+            } => gateway_proxies
+                .iter()
+                .position(|proxy| proxy.open_connections() > 0),
+            Brokers::Single { .. } => None,
+        };
+        let cluster = self.cluster();
+        let leader = eventually(STEP_DEADLINE, "the work queue's leader", || {
+            cluster.leader_of(&queue, &[])
+        })
+        .await;
+        let all_running = async |cluster: &PrivateCluster| {
+            cluster
+                .await_running(NODES, STEP_DEADLINE, "three nodes running again")
+                .await;
+        };
+        match fault {
+            Fault::ClusterLeaderKill | Fault::ClusterGatewayNodeKill => {
+                let victim = if fault == Fault::ClusterLeaderKill {
+                    leader
+                } else {
+                    gateway_node.expect("the gateway is connected to a node")
+                };
+                cluster.node_mut(victim).kill9().await;
+                if victim == leader {
+                    cluster
+                        .await_new_leader(&queue, leader, STEP_DEADLINE)
+                        .await;
+                }
+                let measured_from = Instant::now();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cluster.node_mut(victim).start_again().await;
+                all_running(cluster).await;
+                measured_from
+            }
+            Fault::ClusterFollowerRestart => {
+                let follower = (0..NODES)
+                    .find(|&node| node != leader)
+                    .expect("three nodes have a follower");
+                cluster.node_mut(follower).stop().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cluster.node_mut(follower).start_again().await;
+                let healed = Instant::now();
+                all_running(cluster).await;
+                healed
+            }
+            Fault::ClusterPartition => {
+                cluster.isolate(leader);
+                cluster
+                    .await_new_leader(&queue, leader, STEP_DEADLINE)
+                    .await;
+                let elected = Instant::now();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                cluster.rejoin(leader);
+                all_running(cluster).await;
+                elected
+            }
+            Fault::ClusterRollingRestart => {
+                for node in 0..NODES {
+                    cluster.node_mut(node).stop().await;
+                    cluster.node_mut(node).start_again().await;
+                    all_running(cluster).await;
+                }
+                Instant::now()
+            }
+            _ => unreachable!("{} is not a cluster fault", fault.name()),
+        }
     }
 }
 
@@ -330,7 +560,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         worker_env.push(("RETRY_BASE", "1s".to_owned()));
         worker_env.push(("RETRY_MAX", "2s".to_owned()));
     }
-    let mut rig = Rig::start(fault.name(), &worker_env).await;
+    let mut rig = Rig::start(fault, &worker_env).await;
     let load = Load::start(&rig.gateway.url("/tasks"), &shape);
 
     let first_ok = eventually(STEP_DEADLINE, "the first 202", || {
@@ -342,7 +572,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     })
     .await;
     if fault.touches_broker_data() {
-        rig.broker.await_raft_metadata_synced(first_ok).await;
+        rig.node().await_raft_metadata_synced(first_ok).await;
     } else {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -8,7 +8,7 @@ use std::{
 
 use uuid::Uuid;
 
-use super::{Fault, Outcome, Record};
+use super::{ANSWER_SLACK, CLUSTER_RECOVERY, CONFIRM_TIMEOUT_SECS, Fault, Outcome, Record};
 
 /// What one scenario measured.
 #[derive(Debug, Clone)]
@@ -85,12 +85,18 @@ impl Row {
     }
 
     /// Whether the scenario kept the promise: nothing lost, every poison task dead-lettered,
-    /// and every status agrees with what happened.
+    /// every status agrees with what happened, every request answered within the confirm
+    /// timeout, and, on a cluster, 202s back soon after the queue has a new leader.
     pub fn passed(&self) -> bool {
         self.lost == 0
             && self.drained
             && self.dead_lettered == self.poison
             && self.status_wrong == 0
+            && self.longest_wait <= CONFIRM_TIMEOUT_SECS + ANSWER_SLACK
+            && (!self.fault.on_cluster()
+                || self
+                    .recovery
+                    .is_some_and(|recovery| recovery <= CLUSTER_RECOVERY))
     }
 }
 

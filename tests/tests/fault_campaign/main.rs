@@ -3,7 +3,8 @@
 //! `docs/RELIABILITY.md`, and exits non-zero if any task was lost or any scenario failed.
 //!
 //! Needs what the integration tests need: `rabbitmq-server` installed and root (each
-//! scenario runs a private RabbitMQ node; the shared broker is never touched).
+//! scenario runs a private RabbitMQ node, or three in network namespaces of their own for
+//! the `cluster-*` scenarios; the shared broker is never touched).
 
 use std::{
     fmt::Write as _,
