@@ -212,8 +212,6 @@ impl PrivateCluster {
              loopback_users = none\n\
              cluster_formation.peer_discovery_backend = classic_config\n\
              {peers}\
-             cluster_formation.discovery_retry_limit = 60\n\
-             cluster_formation.discovery_retry_interval = 500\n\
              cluster_partition_handling = pause_minority\n\
              net_ticktime = {}\n",
             NET_TICKTIME.as_secs()
