@@ -50,6 +50,22 @@ pub struct TlsListener {
     pub client_key_file: PathBuf,
 }
 
+/// Writes a node's `rabbitmq.conf` (`config`) and an empty plugin list into its data
+/// directory, and hands the directory to the `rabbitmq` user.
+fn write_node_files(dir: &Path, config: &str) {
+    std::fs::write(dir.join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
+    std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+    let status = Command::new("chown")
+        .args(["-R", &format!("{RABBITMQ_USER}:")])
+        .arg(dir)
+        .status()
+        .expect("run chown");
+    assert!(
+        status.success(),
+        "the tests start private RabbitMQ nodes as the 'rabbitmq' user and need root to hand them a data directory"
+    );
+}
+
 impl PrivateBroker {
     /// Starts a fresh node and waits until it accepts AMQP connections.
     ///
@@ -93,17 +109,7 @@ impl PrivateBroker {
             );
             listener
         });
-        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
-        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
-        let status = Command::new("chown")
-            .args(["-R", &format!("{RABBITMQ_USER}:")])
-            .arg(dir.path())
-            .status()
-            .expect("run chown");
-        assert!(
-            status.success(),
-            "the durability tests start a private RabbitMQ node as the 'rabbitmq' user and need root to hand it a data directory"
-        );
+        write_node_files(dir.path(), &config);
         let mut broker = Self {
             dir,
             node,
@@ -144,20 +150,10 @@ impl PrivateBroker {
             .prefix("offload-rabbit-")
             .tempdir()
             .expect("create broker data directory");
-        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
-        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
         // Debian's /etc/rabbitmq/rabbitmq-env.conf binds epmd and the inter-node port to
         // 127.0.0.1; a node that other nodes must reach reads an (empty) one of its own.
         std::fs::write(dir.path().join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");
-        let status = Command::new("chown")
-            .args(["-R", &format!("{RABBITMQ_USER}:")])
-            .arg(dir.path())
-            .status()
-            .expect("run chown");
-        assert!(
-            status.success(),
-            "chown the node's data directory (needs root)"
-        );
+        write_node_files(dir.path(), config);
         let mut broker = Self {
             dir,
             node: format!("rabbit@{}", placement.host),
