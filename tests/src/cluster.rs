@@ -31,6 +31,10 @@ pub const NODES: usize = 3;
 /// 60 s; short here so that a partition is noticed within a campaign scenario.
 pub const NET_TICKTIME: Duration = Duration::from_secs(6);
 
+/// The pause between two questions asked with RabbitMQ's command-line tools, while waiting
+/// for something that takes seconds.
+const CLI_PAUSE: Duration = Duration::from_millis(500);
+
 /// The namespaces, links and hosts files of one cluster. Removed on drop.
 struct Network {
     id: u16,
@@ -267,7 +271,9 @@ impl PrivateCluster {
         Some(status["running_nodes"].as_array()?.len())
     }
 
-    /// Waits until some node sees `count` nodes running.
+    /// Waits until some node sees `count` nodes running. Asks every half second: each
+    /// question starts an Erlang VM (`rabbitmqctl`), about 0.7 s of a core, and asking
+    /// without a pause would take CPU from the gateway under test.
     pub async fn await_running(&self, count: usize, deadline: Duration, what: &str) {
         eventually(deadline, what, || async {
             for node in 0..NODES {
@@ -275,6 +281,7 @@ impl PrivateCluster {
                     return Some(());
                 }
             }
+            tokio::time::sleep(CLI_PAUSE).await;
             None
         })
         .await;

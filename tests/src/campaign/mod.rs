@@ -45,8 +45,10 @@ const AFTER_RECOVERY: Duration = Duration::from_secs(2);
 /// Longest the campaign waits for a step (recovery, drain) before calling the scenario failed.
 const STEP_DEADLINE: Duration = Duration::from_secs(60);
 /// Every request must be answered within the confirm timeout; this much more is allowed for
-/// the HTTP exchange on a busy machine.
-pub(crate) const ANSWER_SLACK: Duration = Duration::from_millis(500);
+/// the HTTP exchange and scheduling on a busy machine (two cores running the load, the
+/// gateway, two workers and, in the cluster scenarios, three RabbitMQ nodes, one of them
+/// booting: an answer once took 2.85 s there).
+pub(crate) const ANSWER_SLACK: Duration = Duration::from_secs(1);
 /// On a cluster, 202s must be back this soon after the queue has a new leader (or the fault
 /// is healed, where the leader stays).
 pub(crate) const CLUSTER_RECOVERY: Duration = Duration::from_secs(2);
