@@ -209,17 +209,26 @@ impl PrivateBroker {
 
     /// The last lines of the node's log, to say why it did not start.
     fn log_tail(&self) -> String {
-        let Ok(entries) = std::fs::read_dir(self.path().join("log")) else {
+        let lines = self.log_lines(|_| true);
+        if lines.is_empty() {
             return "no log written".into();
+        }
+        let start = lines.len().saturating_sub(15);
+        lines[start..].join("\n")
+    }
+
+    /// The lines of the node's log files that `keep` keeps, in file order.
+    pub(crate) fn log_lines(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.path().join("log")) else {
+            return Vec::new();
         };
         let mut lines = Vec::new();
         for entry in entries.flatten() {
             if let Ok(text) = std::fs::read_to_string(entry.path()) {
-                lines.extend(text.lines().map(str::to_owned));
+                lines.extend(text.lines().filter(|line| keep(line)).map(str::to_owned));
             }
         }
-        let start = lines.len().saturating_sub(15);
-        lines[start..].join("\n")
+        lines
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, or the node's own address in a cluster.
@@ -298,9 +307,22 @@ impl PrivateBroker {
         let url = self.url();
         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            match lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+            // Bounded: a node that accepts the TCP connection but never answers the
+            // handshake (still booting, or waiting for its peers) would hold it forever.
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            });
+            match attempt {
                 Ok(connection) => {
-                    let _ = connection.close(200, "ready".into()).await;
+                    let close = connection.close(200, "ready".into());
+                    let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
                     return Ok(());
                 }
                 Err(error) => {
@@ -328,8 +350,9 @@ impl PrivateBroker {
 
     /// Stops the node gracefully (`rabbitmqctl stop`) and waits until it is gone.
     pub async fn stop(&mut self) {
-        let status = self.ctl(&["stop"]);
-        assert!(status, "rabbitmqctl stop succeeded");
+        // On a blocking thread: stopping a node of a cluster takes seconds.
+        let stopped = self.tool_output("rabbitmqctl", &["stop"]).await;
+        assert!(stopped.is_some(), "rabbitmqctl stop succeeded");
         if let Some(mut server) = self.server.take() {
             let _ = tokio::task::spawn_blocking(move || server.wait()).await;
         }

@@ -46,8 +46,11 @@ pub struct LoadShape {
     /// Every n-th request of a client is a poison task (`{"kind": "panic"}`).
     pub poison_every: Option<u32>,
     /// With `Some(max_attempts)`, every request is a `flaky` task scripted to fail its first
-    /// 0, 1, ... `max_attempts` attempts in turn; those scripted to fail every attempt they
-    /// get are counted as poison (they must end dead).
+    /// 0, 1, ... `max_attempts - 1` attempts in turn, or every attempt: those are counted as
+    /// poison (they must end dead). Failing "the first `max_attempts`" would not do: a
+    /// delivery lost with its connection counts as an attempt (README, "What happens when"),
+    /// so attempt numbers can skip one and such a task could succeed on attempt
+    /// `max_attempts + 1`.
     pub scripted_failures: Option<u32>,
     /// The body of every good task.
     pub task: serde_json::Value,
@@ -123,8 +126,10 @@ async fn run_client(
         sent_count = sent_count.wrapping_add(1);
         let (poison, body) = if let Some(max_attempts) = shape.scripted_failures {
             let fail = sent_count % (max_attempts + 1);
+            let poison = fail >= max_attempts;
+            let fail = if poison { u32::MAX } else { fail };
             let body = serde_json::json!({"kind": "flaky", "payload": {"fail": fail}});
-            (fail >= max_attempts, body)
+            (poison, body)
         } else {
             let poison = shape
                 .poison_every

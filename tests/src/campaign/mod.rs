@@ -153,7 +153,7 @@ impl Fault {
             Fault::PoisonTask => "one task in 20 panics its handler on every attempt",
             Fault::MemoryAlarm => "memory alarm raised for 3 s (`set_vm_memory_high_watermark`)",
             Fault::RetriesRestart => {
-                "every task scripted to fail 0 to 3 times (`MAX_ATTEMPTS` 3, retried after 1-2 s through the delay levels; 3 failures: dead), broker `stop_app`, 2 s, `start_app`"
+                "every task scripted to fail 0, 1 or 2 times or every time (`MAX_ATTEMPTS` 3, retried after 1-2 s through the delay levels; failing every time: dead), broker `stop_app`, 2 s, `start_app`"
             }
             Fault::ClusterLeaderKill => {
                 "three nodes: the node holding the queue's leader `kill -9`ed, started again 2 s after a new leader is elected"
@@ -344,7 +344,9 @@ impl Rig {
     /// A connection of the checker's own to whichever node answers first.
     async fn direct_connection(&self) -> Option<Connection> {
         for url in self.direct_urls() {
-            if let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
+            // Bounded: a node that takes the TCP connection but not the handshake is skipped.
+            let connect = Connection::connect(&url, ConnectionProperties::default());
+            if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
             {
                 return Some(connection);
             }
@@ -361,6 +363,43 @@ impl Rig {
             }
         }
         counts
+    }
+
+    /// Prints what a failed row needs explained: on a single node, every queue of the
+    /// scenario holding messages and the node's warnings and errors (on a cluster, asking
+    /// for every queue can wait on an unreachable node, so only the log is read).
+    async fn diagnose(&self) {
+        let nodes = match &self.brokers {
+            Brokers::Single { node, .. } => {
+                let queues = node
+                    .tool_output(
+                        "rabbitmqctl",
+                        &[
+                            "list_queues",
+                            "--quiet",
+                            "name",
+                            "messages",
+                            "messages_unacknowledged",
+                        ],
+                    )
+                    .await
+                    .unwrap_or_default();
+                for line in queues.lines().filter(|line| line.starts_with(&self.queue)) {
+                    if line.split_whitespace().skip(1).any(|count| count != "0") {
+                        eprintln!("  queue: {line}");
+                    }
+                }
+                std::slice::from_ref(node)
+            }
+            Brokers::Cluster { cluster, .. } => cluster.nodes(),
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            let lines =
+                node.log_lines(|line| line.contains("[warning]") || line.contains("[error]"));
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("  node {i} log: {line}");
+            }
+        }
     }
 
     /// Messages in the dead-letter queue, asked over a connection of the campaign's own.
@@ -614,6 +653,9 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     .is_ok();
 
     let status_wrong = statuses_disagreeing(&rig.gateway.url(""), &records).await;
+    if !drained || status_wrong > 0 {
+        rig.diagnose().await;
+    }
     let completions = rig.completions();
     // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
     // once) more; counted by id, so a duplicate cannot stand in for a missing one.
@@ -656,8 +698,12 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
             _ => None,
         })
         .collect();
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client with a timeout builds");
     let give_up = Instant::now() + STEP_DEADLINE;
+    let mut last_seen: HashMap<Uuid, serde_json::Value> = HashMap::new();
     while !waiting.is_empty() && Instant::now() < give_up {
         let mut agreed = Vec::new();
         for (id, expected) in &waiting {
@@ -669,6 +715,8 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
             };
             if body["status"] == *expected {
                 agreed.push(*id);
+            } else {
+                last_seen.insert(*id, body);
             }
         }
         for id in agreed {
@@ -679,7 +727,11 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
         }
     }
     for (id, expected) in waiting.iter().take(5) {
-        eprintln!("task {id}: status never became {expected}");
+        let seen = last_seen.get(id).map(ToString::to_string);
+        eprintln!(
+            "task {id}: status never became {expected}; last answer: {}",
+            seen.as_deref().unwrap_or("none")
+        );
     }
     waiting.len()
 }

@@ -42,6 +42,10 @@ struct Args {
     write: PathBuf,
 }
 
+/// The longest a scenario may take: the cluster ones take up to three minutes (three nodes
+/// boot, one or more restart), the others under one.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(8 * 60);
+
 fn default_report() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -85,12 +89,24 @@ async fn main() -> ExitCode {
             // A task of its own, so that a scenario that panics (a step past its deadline)
             // is reported as failed and the others still run.
             let shape = shape.clone();
-            match tokio::spawn(async move { campaign::run(fault, &shape).await }).await {
-                Ok(row) => {
+            let mut scenario = tokio::spawn(async move { campaign::run(fault, &shape).await });
+            // Every step has a deadline of its own; this one catches an await that has none,
+            // so that a hang fails one row instead of holding CI to its time limit.
+            match tokio::time::timeout(SCENARIO_DEADLINE, &mut scenario).await {
+                Ok(Ok(row)) => {
                     eprint!("{}", campaign::table(std::slice::from_ref(&row)));
                     rows.push(row);
                 }
-                Err(error) => broken.push((fault, panic_message(error))),
+                Ok(Err(error)) => broken.push((fault, panic_message(error))),
+                Err(_) => {
+                    // Dropping the scenario's future kills its processes and nodes.
+                    scenario.abort();
+                    let _ = scenario.await;
+                    broken.push((
+                        fault,
+                        format!("did not finish within {SCENARIO_DEADLINE:?}"),
+                    ));
+                }
             }
         }
     }
