@@ -348,6 +348,19 @@ impl PrivateBroker {
         }
     }
 
+    /// Throws away the stopped node's data (queues, exchanges, bindings, users), as a
+    /// broker replaced by a new one with an empty disk.
+    pub fn wipe_data(&self) {
+        assert!(
+            self.server.is_none(),
+            "the node's data is wiped only while it is stopped"
+        );
+        let mnesia = self.path().join("mnesia");
+        if mnesia.exists() {
+            std::fs::remove_dir_all(&mnesia).expect("remove the node's data directory");
+        }
+    }
+
     /// Stops the node gracefully (`rabbitmqctl stop`) and waits until it is gone.
     pub async fn stop(&mut self) {
         // On a blocking thread: stopping a node of a cluster takes seconds.

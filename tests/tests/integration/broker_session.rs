@@ -165,6 +165,41 @@ async fn a_worker_declares_a_deleted_queue_again_and_consumes_from_it() {
 }
 
 #[tokio::test]
+async fn gateway_and_worker_declare_everything_again_on_a_broker_that_lost_its_data() {
+    let mut broker = PrivateBroker::start().await;
+    let queue = private_queue_name("reset");
+    let gateway = TestGateway::start(&broker.url(), &queue).await;
+    let worker = WorkerProcess::start(&broker.url(), &queue, &WorkerOptions::default()).await;
+    let before = gateway.submit_sleep("before the reset").await;
+    eventually(DEADLINE, "the first task to complete", || async {
+        worker.completed().contains(&before).then_some(())
+    })
+    .await;
+
+    // A reconnect hands out its link before declaring anything (on a cluster, declaring
+    // waits for every queue's leader); the supervisors must notice that nothing is there.
+    broker.stop().await;
+    broker.wipe_data();
+    broker.start_again().await;
+    let after = eventually(DEADLINE, "202s from the empty broker", || async {
+        let response = gateway
+            .post_task(&json!({"kind": "sleep", "payload": {"message": "after the reset."}}))
+            .await;
+        if response.status() != StatusCode::ACCEPTED {
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        body["id"].as_str()?.parse::<uuid::Uuid>().ok()
+    })
+    .await;
+    eventually(DEADLINE, "the same worker to run it", || async {
+        worker.completed().contains(&after).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn health_says_unroutable_while_the_queue_cannot_be_declared_again() {
     let broker = PrivateBroker::start().await;
     assert!(broker.ctl(&["add_user", "offload", "offload-pw"]));
