@@ -172,12 +172,26 @@ impl GatewayProcess {
     /// Starts the gateway on `port` with the given environment (`AMQP_URL`, `QUEUE`, ...)
     /// and waits until it answers `/health` with 200.
     pub async fn start(port: u16, env: &[(&str, String)]) -> Self {
+        // OFFLOAD_TEST_LOGS=<dir> keeps its log (at `info`) in <dir>/gateway-<port>.log, to
+        // see what a scenario's gateway did.
+        let (log_level, stdout) = match std::env::var_os("OFFLOAD_TEST_LOGS") {
+            Some(dir) => {
+                let path = std::path::Path::new(&dir).join(format!("gateway-{port}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .expect("open the gateway's log file in OFFLOAD_TEST_LOGS");
+                ("info", std::process::Stdio::from(file))
+            }
+            None => ("warn", std::process::Stdio::null()),
+        };
         let child = std::process::Command::new(crate::binary("offload-api-under-test"))
             .env("BIND", format!("127.0.0.1:{port}"))
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .envs(env.iter().map(|(key, value)| (key, value)))
-            .stdout(std::process::Stdio::null())
+            .stdout(stdout)
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("start offload-api");

@@ -332,7 +332,7 @@ fn unavailable_advice(error: &PublishError) -> &'static str {
             "the task was not queued: this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT). Retry after the Retry-After delay"
         }
         PublishError::Nacked => {
-            "the task was not queued: RabbitMQ refused it (nack; the queue may be full). Retry after the Retry-After delay"
+            "the task was not queued: RabbitMQ refused it (nack: the queue is at its length limit, or a cluster is moving its leader after losing a node). Retry after the Retry-After delay"
         }
         // Answered as `UnknownKind` by the route, which knows the kind; never reaches here.
         PublishError::UnknownKind => "the task was not queued: no worker handles its kind",

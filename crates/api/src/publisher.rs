@@ -52,7 +52,7 @@ pub enum PublishError {
     #[error("this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT)")]
     Overloaded,
     /// The broker refused the message (for instance the queue is at its length limit).
-    #[error("RabbitMQ refused the task (nack; the queue may be full)")]
+    #[error("RabbitMQ refused the task (nack: the queue is full, or its leader is moving)")]
     Nacked,
     /// The message could not be routed: the work queue does not exist.
     #[error("RabbitMQ returned the task unrouted ({0}): the queue does not exist")]

@@ -4,7 +4,8 @@
 //! Events travel in batches: one stream message holds one or more events, one JSON document
 //! per line (`application/x-ndjson`). [`EventSink`] gathers whatever events are waiting
 //! into one publish (group commit), so a busy process pays one broker round trip for many
-//! events and an idle one adds no delay.
+//! events. An event whose confirm is awaited (a terminal one, before its task's ack) leaves
+//! at once; events nobody awaits linger up to [`LINGER`] for company.
 
 use std::{
     sync::{
@@ -35,6 +36,11 @@ const QUEUE_CAPACITY: usize = 16_384;
 const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Longest wait for the broker to confirm a batch.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a batch that nobody awaits (`queued`, `started` events) waits for more events to
+/// share its stream message. The broker's cost goes with the number of stream messages, not
+/// their size (docs/PERFORMANCE.md); a batch holding an event whose confirm is awaited
+/// leaves at once, and takes the lingering ones with it.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,11 +303,34 @@ async fn publish_batches(
             Some(()) = confirming.next(), if !confirming.is_empty() => continue,
         };
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut awaited = first.confirmed.is_some();
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
+        let linger_until = tokio::time::Instant::now() + LINGER;
+        loop {
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(pending) => {
+                        awaited |= pending.confirmed.is_some();
+                        batch.push(pending);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if awaited || batch.len() >= MAX_BATCH {
+                break;
+            }
+            // Nobody waits for this batch's confirm: wait a moment for more events to share
+            // its stream message, still handing out the confirms of earlier batches.
+            tokio::select! {
+                pending = receiver.recv() => match pending {
+                    Some(pending) => {
+                        awaited |= pending.confirmed.is_some();
+                        batch.push(pending);
+                    }
+                    None => break,
+                },
+                Some(()) = confirming.next(), if !confirming.is_empty() => {}
+                () = tokio::time::sleep_until(linger_until) => break,
             }
         }
         let sent = send(&broker, &stream, &batch).await;
