@@ -50,11 +50,11 @@ const STEP_DEADLINE: Duration = Duration::from_secs(60);
 /// booting: an answer once took 2.85 s there).
 pub(crate) const ANSWER_SLACK: Duration = Duration::from_secs(1);
 /// On a cluster, 202s must be back this soon after the queue has a new leader (or the fault
-/// is healed, where the leader stays). Usually they are within 100 ms; in about one run in
-/// five RabbitMQ 3.10 nacked every publish to the queue for 3.5-4.1 s more, although
-/// `quorum_status` already named the new leader (the gateway had reconnected in 0.2 s and
-/// answered 503 `queue_full`). Ten seconds leaves that room and still fails a gateway that
-/// does not come back by itself (its reconnect backoff would have grown past it).
+/// is healed, where the leader stays). Usually they are within 100 ms; one run in ten of
+/// `cluster-leader-kill` took 3.5 s, and a partition once 5 s, RabbitMQ 3.10 taking that
+/// long to serve the queue after `quorum_status` named its new leader (docs/RELIABILITY.md).
+/// Ten seconds leaves that room and still fails a gateway that does not come back by itself
+/// (its reconnect backoff would have grown past it).
 pub(crate) const CLUSTER_RECOVERY: Duration = Duration::from_secs(10);
 /// How many nodes hold each queue in the cluster scenarios (`REPLICAS`).
 const CLUSTER_REPLICAS: &str = "3";

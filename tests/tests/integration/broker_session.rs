@@ -176,8 +176,8 @@ async fn gateway_and_worker_declare_everything_again_on_a_broker_that_lost_its_d
     })
     .await;
 
-    // A reconnect hands out its link before declaring anything (on a cluster, declaring
-    // waits for every queue's leader); the supervisors must notice that nothing is there.
+    // Gateway and worker reconnect to a broker that knows none of their queues, exchanges
+    // or bindings: both declare them again, and the worker binds its kinds again.
     broker.stop().await;
     broker.wipe_data();
     broker.start_again().await;

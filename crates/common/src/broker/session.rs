@@ -1,9 +1,8 @@
 //! The broker session: the one layer both binaries stand on.
 //!
 //! A background task (the supervisor) owns the connection. It connects to one broker of the
-//! configured list, declares the topology (before its first link; a reconnect checks it
-//! instead, alongside the publishes), opens a confirm-mode publishing channel and hands the
-//! connection and channel out through a `watch` channel as a [`Link`]. When the connection dies it
+//! configured list, declares the topology, opens a confirm-mode publishing channel and hands
+//! the three out through a `watch` channel as a [`Link`]. When the connection dies it
 //! withdraws the link, so callers fail fast, and connects again (to the next broker of the
 //! list) with jittered exponential backoff.
 //!
@@ -279,23 +278,11 @@ struct SessionTask {
 }
 
 impl SessionTask {
-    /// Connects, declares the topology (the first time only) and opens a confirm-mode
-    /// channel.
-    ///
-    /// A reconnect hands the link out before declaring anything: exchanges, queues and
-    /// bindings are durable and outlive a connection, and on a cluster declaring a quorum
-    /// queue waits for its leader, so a node lost with the leaders of the 22 delay levels
-    /// would keep publishes to the work queue (whose new leader may be up) waiting seconds.
-    /// The supervisor checks the topology at once instead, alongside the publishes, and
-    /// declares it again if it is gone (a broker reset); a publish returned meanwhile is
-    /// answered 503, never `unknown_kind`, since the gateway asks whether the queue exists.
+    /// Connects, declares the topology and opens a confirm-mode channel.
     async fn open(&mut self) -> Result<Link, BrokerError> {
         let (connection, url) = self.connector.connect(self.connection_name).await?;
-        let declare = !self.declared_once;
         let set_up = async {
-            if declare {
-                self.shared.topology.declare(&connection).await?;
-            }
+            self.shared.topology.declare(&connection).await?;
             let publisher = connection.create_channel().await?;
             publisher
                 .confirm_select(ConfirmSelectOptions::default())
@@ -307,12 +294,8 @@ impl SessionTask {
         let opened = within(DECLARE_TIMEOUT, "the setup of a new connection", set_up).await;
         match opened {
             Ok(publisher) => {
-                if declare {
-                    self.declared_once = true;
-                    self.shared.unroutable.store(false, Ordering::Relaxed);
-                } else {
-                    self.shared.check.notify_one();
-                }
+                self.declared_once = true;
+                self.shared.unroutable.store(false, Ordering::Relaxed);
                 tracing::info!(broker = %url, queue = self.shared.topology.queue(), "connected to RabbitMQ");
                 Ok(Link {
                     connection: Arc::new(connection),
