@@ -48,9 +48,9 @@ pub struct LoadShape {
     /// With `Some(max_attempts)`, every request is a `flaky` task scripted to fail its first
     /// 0, 1, ... `max_attempts - 1` attempts in turn, or every attempt: those are counted as
     /// poison (they must end dead). Failing "the first `max_attempts`" would not do: a
-    /// delivery lost with its connection counts as an attempt (README, "What happens when"),
-    /// so attempt numbers can skip one and such a task could succeed on attempt
-    /// `max_attempts + 1`.
+    /// delivery lost with its connection counts as an attempt (README, "Failures and the
+    /// dead-letter queue"), so attempt numbers can skip one and such a task could succeed on
+    /// attempt `max_attempts + 1`.
     pub scripted_failures: Option<u32>,
     /// The body of every good task.
     pub task: serde_json::Value,
