@@ -109,6 +109,24 @@ impl TestGateway {
             .expect("the 202 body has a task id")
     }
 
+    /// Posts `body` again and again until the gateway accepts it (202), for a test waiting
+    /// on a broker that is coming back; the accepted task's id.
+    pub async fn submit_once_accepted(
+        &self,
+        body: &serde_json::Value,
+        deadline: std::time::Duration,
+    ) -> uuid::Uuid {
+        crate::eventually(deadline, "a 202", || async {
+            let response = self.post_task(body).await;
+            if response.status() != reqwest::StatusCode::ACCEPTED {
+                return None;
+            }
+            let body: serde_json::Value = response.json().await.ok()?;
+            body["id"].as_str()?.parse().ok()
+        })
+        .await
+    }
+
     /// Waits (with the API's own `?wait=`) until task `id` is `succeeded` or `dead`, and
     /// returns its status.
     pub async fn finished(

@@ -181,17 +181,8 @@ async fn gateway_and_worker_declare_everything_again_on_a_broker_that_lost_its_d
     broker.stop().await;
     broker.wipe_data();
     broker.start_again().await;
-    let after = eventually(DEADLINE, "202s from the empty broker", || async {
-        let response = gateway
-            .post_task(&json!({"kind": "sleep", "payload": {"message": "after the reset."}}))
-            .await;
-        if response.status() != StatusCode::ACCEPTED {
-            return None;
-        }
-        let body: Value = response.json().await.ok()?;
-        body["id"].as_str()?.parse::<uuid::Uuid>().ok()
-    })
-    .await;
+    let task = json!({"kind": "sleep", "payload": {"message": "after the reset."}});
+    let after = gateway.submit_once_accepted(&task, DEADLINE).await;
     eventually(DEADLINE, "the same worker to run it", || async {
         worker.completed().contains(&after).then_some(())
     })

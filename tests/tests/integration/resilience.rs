@@ -235,17 +235,8 @@ async fn gateway_and_worker_recover_by_themselves_after_the_broker_is_killed() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 
     broker.start_again().await;
-    let after = eventually(DEADLINE, "202s to resume", || async {
-        let response = gateway
-            .post_task(&json!({"kind": "sleep", "payload": {"message": "after the crash."}}))
-            .await;
-        if response.status() != StatusCode::ACCEPTED {
-            return None;
-        }
-        let body: Value = response.json().await.ok()?;
-        body["id"].as_str()?.parse::<uuid::Uuid>().ok()
-    })
-    .await;
+    let task = json!({"kind": "sleep", "payload": {"message": "after the crash."}});
+    let after = gateway.submit_once_accepted(&task, DEADLINE).await;
     eventually(
         DEADLINE,
         "the same worker process to run a task again",
