@@ -134,10 +134,20 @@ impl Entry {
     /// Folds one event into the task; the Idempotency-Key to index, if the event brings one.
     fn fold(&mut self, event: &Event, offset: Option<i64>) -> Option<String> {
         let mut key_to_index = None;
-        let stale = event.event == EventType::Failed
-            && event
-                .attempt
-                .is_some_and(|attempt| attempt < u64::from(self.attempts));
+        // An attempt's end is final: a `started` or `failed` read after it comes from a
+        // duplicate delivery (delivery is at least once; after a failover RabbitMQ writes an
+        // earlier unconfirmed publish late), and a success is not undone by a duplicate's
+        // death. Only `retried` brings a dead task back.
+        let ended = match self.status {
+            Status::Succeeded => true,
+            Status::Dead => event.event != EventType::Succeeded,
+            _ => false,
+        };
+        let stale = ended
+            || event.event == EventType::Failed
+                && event
+                    .attempt
+                    .is_some_and(|attempt| attempt < u64::from(self.attempts));
         if let Some(attempt) = event.attempt {
             self.attempts = self
                 .attempts
@@ -161,11 +171,12 @@ impl Entry {
                     key_to_index = Some(key.clone());
                 }
             }
+            EventType::Started | EventType::Failed | EventType::Succeeded | EventType::Dead
+                if stale => {}
             EventType::Started => {
                 self.status = Status::Running;
                 self.started_at = millis(event.at);
             }
-            EventType::Failed if stale => {}
             EventType::Failed => {
                 self.error = error();
                 match event.run_at {
@@ -789,6 +800,55 @@ mod tests {
         let task = tracker.get(id).expect("known");
         assert_eq!(task.status, Status::Running);
         assert_eq!(task.run_at, None, "no run_at unless scheduled");
+    }
+
+    #[test]
+    fn a_duplicate_delivery_read_after_the_end_does_not_reopen_the_task() {
+        let tracker = Tracker::new(10);
+        let id = Uuid::new_v4();
+        let attempt = |event_type, attempt| {
+            let mut event = event(event_type, id);
+            event.attempt = Some(attempt);
+            event
+        };
+        let mut succeeded = attempt(EventType::Succeeded, 1);
+        succeeded.result = Some(serde_json::json!("first"));
+        tracker.apply(&succeeded, Some(7));
+        // A duplicate's `started` written late after a failover, its failure, its own end.
+        for late in [
+            attempt(EventType::Started, 1),
+            attempt(EventType::Started, 2),
+            attempt(EventType::Failed, 2),
+            attempt(EventType::Dead, 2),
+            attempt(EventType::Succeeded, 2),
+        ] {
+            tracker.apply(&late, Some(8));
+            let task = tracker.get(id).expect("known");
+            assert_eq!(
+                task.status,
+                Status::Succeeded,
+                "after a late {:?}",
+                late.event
+            );
+            assert_eq!(task.result_offset, Some(7), "the first success's result");
+        }
+
+        let other = Uuid::new_v4();
+        let mut dead = event(EventType::Dead, other);
+        dead.attempt = Some(3);
+        tracker.apply(&dead, Some(9));
+        let mut late = event(EventType::Started, other);
+        late.attempt = Some(3);
+        tracker.apply(&late, Some(10));
+        assert_eq!(tracker.get(other).map(|t| t.status), Some(Status::Dead));
+        // A duplicate that did the work: it succeeded after all.
+        let mut succeeded = event(EventType::Succeeded, other);
+        succeeded.attempt = Some(3);
+        tracker.apply(&succeeded, Some(11));
+        assert_eq!(
+            tracker.get(other).map(|t| t.status),
+            Some(Status::Succeeded)
+        );
     }
 
     #[test]
