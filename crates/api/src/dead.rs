@@ -250,7 +250,10 @@ impl DeadLetters {
                 Ok(Ok(Confirmation::Ack(Some(returned)))) => {
                     Err(PublishError::Returned(returned.reply_text.to_string()))
                 }
-                Ok(Ok(_)) => Err(PublishError::Nacked),
+                Ok(Ok(_)) => {
+                    self.broker.report_nack();
+                    Err(PublishError::Nacked)
+                }
                 Ok(Err(error)) => Err(PublishError::Broker(error)),
                 Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
             }

@@ -384,6 +384,10 @@ async fn confirmed(broker: &Broker, confirm: lapin::PublisherConfirm) -> bool {
             broker.report_unroutable();
             false
         }
+        Ok(Ok(Confirmation::Nack(_))) => {
+            broker.report_nack();
+            false
+        }
         Ok(Ok(_) | Err(_)) | Err(_) => false,
     }
 }

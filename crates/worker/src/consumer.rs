@@ -691,7 +691,10 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
             context.broker.report_unroutable();
             Err(format!("{} returned it unrouted", to.exchange))
         }
-        Ok(Ok(_)) => Err("the broker refused it (nack)".into()),
+        Ok(Ok(_)) => {
+            context.broker.report_nack();
+            Err("the broker refused it (nack)".into())
+        }
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err("no confirm in time".into()),
     }

@@ -11,6 +11,13 @@
 //! queues exist and declares them again if they do not. Until that succeeds the session
 //! reports [`BrokerState::Unroutable`].
 //!
+//! And it renews the publishing channel when a caller reports a nack. On RabbitMQ before
+//! 3.11 a channel learns where a quorum queue's leader is from the queue's record when it
+//! first publishes to it; a channel that first does so while the leader is down (right after
+//! reconnecting to a cluster that lost a node) sends to the dead leader and has every publish
+//! nacked until that node is back, seconds after a new leader took over. A channel opened
+//! later reads the new leader and is confirmed.
+//!
 //! One rule for a topology mismatch (a queue of ours declared by someone else with other
 //! arguments): fatal if the process has never declared the topology, since it is then a
 //! configuration error retrying cannot fix; after that, logged and retried, since an operator
@@ -44,6 +51,12 @@ const TOPOLOGY_CHECK: Duration = Duration::from_secs(3);
 /// The shortest time between two topology checks asked for by callers, so a flood of
 /// returned publishes cannot turn into a flood of declarations.
 const TOPOLOGY_CHECK_MIN_GAP: Duration = Duration::from_secs(1);
+/// The shortest time between two renewals of the publishing channel, so a full queue (which
+/// nacks every publish) costs a channel every half second, not one per request.
+const RENEW_MIN_GAP: Duration = Duration::from_millis(500);
+/// How long a replaced publishing channel stays open, for the confirms still due on it:
+/// longer than any caller waits for one.
+const RETIRED_CHANNEL_GRACE: Duration = Duration::from_secs(30);
 
 /// Waits between connection attempts: from 100 ms, doubling, capped at 500 ms, plus up to as
 /// much again of jitter (so processes that lost the same broker do not all come back in the
@@ -96,7 +109,8 @@ impl Link {
         &self.connection
     }
 
-    /// A channel in confirm mode, shared by everyone publishing through this session.
+    /// A channel in confirm mode, shared by everyone publishing through this session;
+    /// replaced by a fresh one after a reported nack ([`Broker::report_nack`]).
     pub fn publisher(&self) -> &Channel {
         &self.publisher
     }
@@ -115,6 +129,7 @@ struct Shared {
     timeout: Duration,
     unroutable: AtomicBool,
     check: tokio::sync::Notify,
+    renew: tokio::sync::Notify,
 }
 
 /// The supervisor task: ends when shutdown is asked for (`Ok`) or on an error retrying cannot
@@ -140,6 +155,7 @@ impl Broker {
             timeout: connector.timeout(),
             unroutable: AtomicBool::new(false),
             check: tokio::sync::Notify::new(),
+            renew: tokio::sync::Notify::new(),
         });
         let (sender, receiver) = watch::channel(None);
         let mut supervisor = SessionTask {
@@ -249,6 +265,14 @@ impl Broker {
     pub fn check_topology(&self) {
         self.shared.check.notify_one();
     }
+
+    /// Tells the session that the broker nacked a publish: it opens a fresh publishing
+    /// channel, since the current one may be sending to a quorum queue leader that is gone
+    /// (see the module's documentation). The next [`Broker::link`] hands it out; publishes
+    /// already sent keep their channel until they are answered.
+    pub fn report_nack(&self) {
+        self.shared.renew.notify_one();
+    }
 }
 
 async fn within<T, E>(
@@ -312,10 +336,10 @@ impl SessionTask {
     async fn run(mut self, mut current: Option<Link>) -> Result<(), BrokerError> {
         let mut delays = backoff();
         loop {
-            if let Some(link) = current.take() {
+            if let Some(mut link) = current.take() {
                 delays = backoff();
                 self.sender.send_replace(Some(link.clone()));
-                let lost = self.watch(&link).await;
+                let lost = self.watch(&mut link).await;
                 self.sender.send_replace(None);
                 match lost {
                     None => {
@@ -353,8 +377,8 @@ impl SessionTask {
     }
 
     /// Watches the link until it fails (`Some(reason)`) or shutdown (`None`), healing the
-    /// topology on the way.
-    async fn watch(&self, link: &Link) -> Option<String> {
+    /// topology and renewing the publishing channel on the way.
+    async fn watch(&self, link: &mut Link) -> Option<String> {
         let mut events = link.connection.events_listener();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let mut periodic = tokio::time::interval(TOPOLOGY_CHECK);
@@ -362,8 +386,12 @@ impl SessionTask {
         let mut last_check = Instant::now()
             .checked_sub(TOPOLOGY_CHECK_MIN_GAP)
             .unwrap_or_else(Instant::now);
+        let mut last_renewal: Option<Instant> = None;
+        // A nack reported before this link existed was about the previous one.
+        let _ = tokio::time::timeout(Duration::ZERO, self.shared.renew.notified()).await;
         loop {
             let may_check = last_check.elapsed() >= TOPOLOGY_CHECK_MIN_GAP;
+            let may_renew = last_renewal.is_none_or(|at| at.elapsed() >= RENEW_MIN_GAP);
             tokio::select! {
                 () = self.shutdown.cancelled() => return None,
                 event = events.next() => match event {
@@ -392,7 +420,38 @@ impl SessionTask {
                     self.heal(&link.connection).await;
                     last_check = Instant::now();
                 }
+                () = self.shared.renew.notified(), if may_renew => {
+                    self.renew_publisher(link).await;
+                    last_renewal = Some(Instant::now());
+                }
             }
+        }
+    }
+
+    /// Opens a fresh confirm-mode channel and hands it out in place of `link`'s publisher,
+    /// which is closed once the confirms still due on it have had time to come.
+    async fn renew_publisher(&self, link: &mut Link) {
+        let open = async {
+            let channel = link.connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, BrokerError>(channel)
+        };
+        match within(self.connector.timeout(), "a new publishing channel", open).await {
+            Ok(channel) => {
+                let retired = std::mem::replace(&mut link.publisher, channel);
+                self.sender.send_replace(Some(link.clone()));
+                tracing::info!(
+                    "RabbitMQ nacked a publish; publishing on a fresh channel, which asks where each queue's leader is now"
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETIRED_CHANNEL_GRACE).await;
+                    drop(retired);
+                });
+            }
+            // The connection is failing; the liveness check will notice.
+            Err(error) => tracing::warn!("could not open a new publishing channel: {error}"),
         }
     }
 
