@@ -251,7 +251,7 @@ impl DeadLetters {
                     Err(PublishError::Returned(returned.reply_text.to_string()))
                 }
                 Ok(Ok(_)) => {
-                    self.broker.report_nack();
+                    self.broker.report_nack(link);
                     Err(PublishError::Nacked)
                 }
                 Ok(Err(error)) => Err(PublishError::Broker(error)),

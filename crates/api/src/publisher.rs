@@ -247,7 +247,7 @@ impl Publisher {
             // NotRequested cannot happen (the channel is put in confirm mode before it is
             // handed out); were it to, it is no confirm, so it is not a success.
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
-                self.broker.report_nack();
+                self.broker.report_nack(&link);
                 Err(PublishError::Nacked)
             }
         }

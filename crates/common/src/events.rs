@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Broker, envelope::rfc3339};
+use crate::{Broker, Link, envelope::rfc3339};
 
 /// The event format version this build writes and reads.
 pub const EVENTS_VERSION: u32 = 1;
@@ -337,7 +337,7 @@ async fn publish_batches(
         let broker = broker.clone();
         confirming.push(async move {
             let published = match sent {
-                Some(confirm) => confirmed(&broker, confirm).await,
+                Some((link, confirm)) => confirmed(&broker, &link, confirm).await,
                 None => false,
             };
             for pending in batch {
@@ -350,12 +350,13 @@ async fn publish_batches(
     while confirming.next().await.is_some() {}
 }
 
-/// Sends one batch; its confirm to await, or `None` if it could not be sent.
+/// Sends one batch; the link it went on and its confirm to await, or `None` if it could not
+/// be sent.
 async fn send(
     broker: &Broker,
     stream: &ShortString,
     batch: &[Pending],
-) -> Option<lapin::PublisherConfirm> {
+) -> Option<(Link, lapin::PublisherConfirm)> {
     let link = broker.link()?;
     let body = encode_batch(batch.iter().map(|pending| &pending.event));
     let properties = BasicProperties::default()
@@ -372,11 +373,15 @@ async fn send(
         &body,
         properties,
     );
-    tokio::time::timeout(CONFIRM_TIMEOUT, send).await.ok()?.ok()
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, send)
+        .await
+        .ok()?
+        .ok()?;
+    Some((link, confirm))
 }
 
 /// Whether the broker confirmed the batch, within the timeout.
-async fn confirmed(broker: &Broker, confirm: lapin::PublisherConfirm) -> bool {
+async fn confirmed(broker: &Broker, link: &Link, confirm: lapin::PublisherConfirm) -> bool {
     match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
         Ok(Ok(Confirmation::Ack(None))) => true,
         Ok(Ok(Confirmation::Ack(Some(_)))) => {
@@ -385,7 +390,7 @@ async fn confirmed(broker: &Broker, confirm: lapin::PublisherConfirm) -> bool {
             false
         }
         Ok(Ok(Confirmation::Nack(_))) => {
-            broker.report_nack();
+            broker.report_nack(link);
             false
         }
         Ok(Ok(_) | Err(_)) | Err(_) => false,

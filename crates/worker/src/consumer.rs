@@ -692,7 +692,7 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
             Err(format!("{} returned it unrouted", to.exchange))
         }
         Ok(Ok(_)) => {
-            context.broker.report_nack();
+            context.broker.report_nack(&link);
             Err("the broker refused it (nack)".into())
         }
         Ok(Err(error)) => Err(error.to_string()),

@@ -26,7 +26,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     time::Duration,
 };
@@ -52,8 +52,8 @@ const TOPOLOGY_CHECK: Duration = Duration::from_secs(3);
 /// returned publishes cannot turn into a flood of declarations.
 const TOPOLOGY_CHECK_MIN_GAP: Duration = Duration::from_secs(1);
 /// The shortest time between two renewals of the publishing channel, so a full queue (which
-/// nacks every publish) costs a channel every half second, not one per request.
-const RENEW_MIN_GAP: Duration = Duration::from_millis(500);
+/// nacks every publish) costs a channel five times a second, not one per request.
+const RENEW_MIN_GAP: Duration = Duration::from_millis(200);
 /// How long a replaced publishing channel stays open, for the confirms still due on it:
 /// longer than any caller waits for one.
 const RETIRED_CHANNEL_GRACE: Duration = Duration::from_secs(30);
@@ -129,6 +129,8 @@ struct Shared {
     timeout: Duration,
     unroutable: AtomicBool,
     check: tokio::sync::Notify,
+    /// The channel a publish was last nacked on, and the signal that one was.
+    nacked_on: AtomicU16,
     renew: tokio::sync::Notify,
 }
 
@@ -155,6 +157,7 @@ impl Broker {
             timeout: connector.timeout(),
             unroutable: AtomicBool::new(false),
             check: tokio::sync::Notify::new(),
+            nacked_on: AtomicU16::new(0),
             renew: tokio::sync::Notify::new(),
         });
         let (sender, receiver) = watch::channel(None);
@@ -266,11 +269,15 @@ impl Broker {
         self.shared.check.notify_one();
     }
 
-    /// Tells the session that the broker nacked a publish: it opens a fresh publishing
-    /// channel, since the current one may be sending to a quorum queue leader that is gone
-    /// (see the module's documentation). The next [`Broker::link`] hands it out; publishes
-    /// already sent keep their channel until they are answered.
-    pub fn report_nack(&self) {
+    /// Tells the session that the broker nacked a publish sent on `link`: if that is still
+    /// the current publishing channel, it opens a fresh one, since this one may be sending to
+    /// a quorum queue leader that is gone (see the module's documentation). The next
+    /// [`Broker::link`] hands it out; publishes already sent keep their channel until they
+    /// are answered.
+    pub fn report_nack(&self, link: &Link) {
+        self.shared
+            .nacked_on
+            .store(link.publisher.id(), Ordering::Relaxed);
         self.shared.renew.notify_one();
     }
 }
@@ -387,8 +394,6 @@ impl SessionTask {
             .checked_sub(TOPOLOGY_CHECK_MIN_GAP)
             .unwrap_or_else(Instant::now);
         let mut last_renewal: Option<Instant> = None;
-        // A nack reported before this link existed was about the previous one.
-        let _ = tokio::time::timeout(Duration::ZERO, self.shared.renew.notified()).await;
         loop {
             let may_check = last_check.elapsed() >= TOPOLOGY_CHECK_MIN_GAP;
             let may_renew = last_renewal.is_none_or(|at| at.elapsed() >= RENEW_MIN_GAP);
@@ -421,8 +426,11 @@ impl SessionTask {
                     last_check = Instant::now();
                 }
                 () = self.shared.renew.notified(), if may_renew => {
-                    self.renew_publisher(link).await;
-                    last_renewal = Some(Instant::now());
+                    // Nacks of publishes sent on a channel already replaced change nothing.
+                    if self.shared.nacked_on.load(Ordering::Relaxed) == link.publisher.id() {
+                        self.renew_publisher(link).await;
+                        last_renewal = Some(Instant::now());
+                    }
                 }
             }
         }
