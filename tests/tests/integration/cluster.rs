@@ -9,7 +9,7 @@ use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// On RabbitMQ before 3.11, a channel that first publishes to a quorum queue while the
+/// On RabbitMQ 3.10, a channel that first publishes to a quorum queue while the
 /// queue's leader is down keeps sending to that leader: every publish is nacked until its node
 /// is back, although a new leader took over long before. A gateway that reconnects when a
 /// node dies has a fresh channel at exactly that moment. It renews its channel on a nack, so

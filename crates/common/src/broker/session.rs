@@ -11,12 +11,11 @@
 //! queues exist and declares them again if they do not. Until that succeeds the session
 //! reports [`BrokerState::Unroutable`].
 //!
-//! And it renews the publishing channel when a caller reports a nack. On RabbitMQ before
-//! 3.11 a channel learns where a quorum queue's leader is from the queue's record when it
-//! first publishes to it; a channel that first does so while the leader is down (right after
-//! reconnecting to a cluster that lost a node) sends to the dead leader and has every publish
-//! nacked until that node is back, seconds after a new leader took over. A channel opened
-//! later reads the new leader and is confirmed.
+//! And it renews the publishing channel when a caller reports a nack. On RabbitMQ 3.10 (the
+//! version tested), a channel that first publishes to a quorum queue while the queue's
+//! leader is down (right after reconnecting to a cluster that lost a node) keeps sending to
+//! the dead leader and has every publish nacked until that node is back, seconds after a new
+//! leader took over. A channel opened later finds the new leader and is confirmed.
 //!
 //! One rule for a topology mismatch (a queue of ours declared by someone else with other
 //! arguments): fatal if the process has never declared the topology, since it is then a
