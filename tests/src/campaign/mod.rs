@@ -655,9 +655,14 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     .await
     .is_ok();
 
-    let status_wrong = statuses_disagreeing(&rig.gateway.url(""), &records).await;
+    let disagreeing = statuses_disagreeing(&rig.gateway.url(""), &records).await;
+    let status_wrong = disagreeing.len();
     if !drained || status_wrong > 0 {
         rig.diagnose().await;
+    }
+    // Last, so that a log cut to its end still shows them.
+    for line in disagreeing.iter().take(5) {
+        eprintln!("{line}");
     }
     let completions = rig.completions();
     // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
@@ -690,10 +695,10 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     )
 }
 
-/// How many tasks that got a 202 do not end with the status that says what happened to
-/// them (`succeeded`, `dead` for poison tasks) on the gateway's GET /tasks/{id}, after
-/// giving the view time to catch up.
-async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
+/// The tasks that got a 202 but do not end with the status that says what happened to them
+/// (`succeeded`, `dead` for poison tasks) on the gateway's GET /tasks/{id}, after giving the
+/// view time to catch up: a line for each, with the last answer.
+async fn statuses_disagreeing(base: &str, records: &[Record]) -> Vec<String> {
     let mut waiting: HashMap<Uuid, &'static str> = records
         .iter()
         .filter_map(|r| match r.outcome {
@@ -729,14 +734,16 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> usize {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    for (id, expected) in waiting.iter().take(5) {
-        let seen = last_seen.get(id).map(ToString::to_string);
-        eprintln!(
-            "task {id}: status never became {expected}; last answer: {}",
-            seen.as_deref().unwrap_or("none")
-        );
-    }
-    waiting.len()
+    waiting
+        .iter()
+        .map(|(id, expected)| {
+            let seen = last_seen.get(id).map(ToString::to_string);
+            format!(
+                "task {id}: status never became {expected}; last answer: {}",
+                seen.as_deref().unwrap_or("none")
+            )
+        })
+        .collect()
 }
 
 /// How long after `healed` the first request sent then got its 202.
