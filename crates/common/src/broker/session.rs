@@ -50,13 +50,9 @@ const TOPOLOGY_CHECK: Duration = Duration::from_secs(3);
 /// The shortest time between two topology checks asked for by callers, so a flood of
 /// returned publishes cannot turn into a flood of declarations.
 const TOPOLOGY_CHECK_MIN_GAP: Duration = Duration::from_secs(1);
-/// The time between two renewals of the publishing channel: 200 ms after the first, doubling
-/// while nacks keep coming, up to a second, so a full queue (which nacks every publish) costs
-/// a channel a second, not one per request. Back to 200 ms once no renewal was needed for
-/// `RENEW_QUIET`.
+/// The shortest time between two renewals of the publishing channel, so a full queue (which
+/// nacks every publish) costs a channel five times a second, not one per request.
 const RENEW_MIN_GAP: Duration = Duration::from_millis(200);
-const RENEW_MAX_GAP: Duration = Duration::from_secs(1);
-const RENEW_QUIET: Duration = Duration::from_secs(5);
 /// How long a replaced publishing channel stays open, for the confirms still due on it:
 /// longer than any caller waits for one.
 const RETIRED_CHANNEL_GRACE: Duration = Duration::from_secs(30);
@@ -285,15 +281,6 @@ impl Broker {
     }
 }
 
-/// The wait after this renewal before the next one, given the current wait and how long ago
-/// the previous renewal was (`None`: never, on this link).
-fn next_renew_gap(gap: Duration, since_last: Option<Duration>) -> Duration {
-    match since_last {
-        Some(since) if since < gap + RENEW_QUIET => (gap * 2).min(RENEW_MAX_GAP),
-        _ => RENEW_MIN_GAP,
-    }
-}
-
 async fn within<T, E>(
     limit: Duration,
     what: &'static str,
@@ -406,10 +393,9 @@ impl SessionTask {
             .checked_sub(TOPOLOGY_CHECK_MIN_GAP)
             .unwrap_or_else(Instant::now);
         let mut last_renewal: Option<Instant> = None;
-        let mut renew_gap = RENEW_MIN_GAP;
         loop {
             let may_check = last_check.elapsed() >= TOPOLOGY_CHECK_MIN_GAP;
-            let may_renew = last_renewal.is_none_or(|at| at.elapsed() >= renew_gap);
+            let may_renew = last_renewal.is_none_or(|at| at.elapsed() >= RENEW_MIN_GAP);
             tokio::select! {
                 () = self.shutdown.cancelled() => return None,
                 event = events.next() => match event {
@@ -441,7 +427,6 @@ impl SessionTask {
                 () = self.shared.renew.notified(), if may_renew => {
                     // Nacks of publishes sent on a channel already replaced change nothing.
                     if self.shared.nacked_on.load(Ordering::Relaxed) == link.publisher.id() {
-                        renew_gap = next_renew_gap(renew_gap, last_renewal.map(|at| at.elapsed()));
                         self.renew_publisher(link).await;
                         last_renewal = Some(Instant::now());
                     }
@@ -524,27 +509,5 @@ impl SessionTask {
                 );
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renewals_back_off_to_one_a_second_and_start_over_after_a_quiet_spell() {
-        let ms = Duration::from_millis;
-        let mut gap = RENEW_MIN_GAP;
-        let mut gaps = Vec::new();
-        let mut since = None;
-        for _ in 0..5 {
-            gap = next_renew_gap(gap, since);
-            gaps.push(gap);
-            since = Some(gap);
-        }
-        assert_eq!(gaps, [ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
-        // Nacks stopped for a while: the next one is answered quickly again.
-        assert_eq!(next_renew_gap(gap, Some(gap + RENEW_QUIET)), RENEW_MIN_GAP);
-        assert_eq!(next_renew_gap(gap, Some(gap + ms(4_000))), RENEW_MAX_GAP);
     }
 }
