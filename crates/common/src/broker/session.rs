@@ -281,6 +281,15 @@ impl Broker {
     }
 }
 
+/// A new channel on `connection`, in confirm mode: a session's publishing channel.
+async fn open_publisher(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
 async fn within<T, E>(
     limit: Duration,
     what: &'static str,
@@ -313,11 +322,7 @@ impl SessionTask {
         let (connection, url) = self.connector.connect(self.connection_name).await?;
         let set_up = async {
             self.shared.topology.declare(&connection).await?;
-            let publisher = connection.create_channel().await?;
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, BrokerError>(publisher)
+            open_publisher(&connection).await
         };
         // The supervisor awaits nothing unbounded: a connection that dies mid-setup must not
         // leave it waiting on an answer that never comes.
@@ -438,13 +443,7 @@ impl SessionTask {
     /// Opens a fresh confirm-mode channel and hands it out in place of `link`'s publisher,
     /// which is closed once the confirms still due on it have had time to come.
     async fn renew_publisher(&self, link: &mut Link) {
-        let open = async {
-            let channel = link.connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, BrokerError>(channel)
-        };
+        let open = open_publisher(&link.connection);
         match within(self.connector.timeout(), "a new publishing channel", open).await {
             Ok(channel) => {
                 let retired = std::mem::replace(&mut link.publisher, channel);
