@@ -368,10 +368,26 @@ impl Rig {
         counts
     }
 
-    /// Prints what a failed row needs explained: on a single node, every queue of the
-    /// scenario holding messages and the node's warnings and errors (on a cluster, asking
-    /// for every queue can wait on an unreachable node, so only the log is read).
-    async fn diagnose(&self) {
+    /// Prints what a failed row needs explained: what the workers logged of the first tasks
+    /// `lost`, every queue of the scenario holding messages (on a cluster, as each node sees
+    /// the queues it leads, and its channels holding deliveries) and each node's warnings
+    /// and errors.
+    async fn diagnose(&self, lost: &[Uuid]) {
+        for id in lost.iter().take(3) {
+            let id = id.to_string();
+            for (w, worker) in self.workers.iter().enumerate() {
+                for event in worker
+                    .events()
+                    .iter()
+                    .filter(|event| event["span"]["task_id"] == id.as_str())
+                {
+                    eprintln!(
+                        "  lost {id}, worker {w}: {} {}",
+                        event["timestamp"], event["message"]
+                    );
+                }
+            }
+        }
         let nodes = match &self.brokers {
             Brokers::Single { node, .. } => {
                 let queues = node
@@ -394,13 +410,81 @@ impl Rig {
                 }
                 std::slice::from_ref(node)
             }
-            Brokers::Cluster { cluster, .. } => cluster.nodes(),
+            Brokers::Cluster { cluster, .. } => {
+                self.diagnose_cluster(cluster).await;
+                cluster.nodes()
+            }
         };
         for (i, node) in nodes.iter().enumerate() {
             let lines =
                 node.log_lines(|line| line.contains("[warning]") || line.contains("[error]"));
             for line in &lines[lines.len().saturating_sub(40)..] {
                 eprintln!("  node {i} log: {line}");
+            }
+        }
+    }
+
+    /// On a cluster: each node's own queues (those it leads) holding messages, its channels
+    /// holding unacknowledged deliveries, and the work queue's Raft members. Each question is
+    /// bounded, since a node cut off from its peers can keep a command waiting.
+    async fn diagnose_cluster(&self, cluster: &PrivateCluster) {
+        const LIMIT: Duration = Duration::from_secs(15);
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            let ask = |program: &'static str, args: &'static [&'static str]| {
+                tokio::time::timeout(LIMIT, node.tool_output(program, args))
+            };
+            let queues = ask(
+                "rabbitmqctl",
+                &[
+                    "list_queues",
+                    "--local",
+                    "--quiet",
+                    "--no-table-headers",
+                    "name",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                    "consumers",
+                ],
+            )
+            .await;
+            match queues {
+                Ok(Some(queues)) => {
+                    for line in queues.lines().filter(|line| line.starts_with(&self.queue)) {
+                        eprintln!("  node {i} leads: {line}");
+                    }
+                }
+                _ => eprintln!("  node {i}: no answer to list_queues"),
+            }
+            let channels = ask(
+                "rabbitmqctl",
+                &[
+                    "list_channels",
+                    "--quiet",
+                    "--no-table-headers",
+                    "pid",
+                    "messages_unacknowledged",
+                    "consumer_count",
+                ],
+            )
+            .await;
+            if let Ok(Some(channels)) = channels {
+                for line in channels.lines() {
+                    if line.split_whitespace().nth(1).is_some_and(|n| n != "0") {
+                        eprintln!("  node {i} channel: {line}");
+                    }
+                }
+            }
+        }
+        if let Some(node) = cluster.nodes().first() {
+            let status = tokio::time::timeout(
+                LIMIT,
+                node.tool_output("rabbitmq-queues", &["quorum_status", &self.queue]),
+            )
+            .await;
+            if let Ok(Some(status)) = status {
+                for line in status.lines() {
+                    eprintln!("  quorum status: {line}");
+                }
             }
         }
     }
@@ -658,7 +742,13 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     let disagreeing = statuses_disagreeing(&rig.gateway.url(""), &records).await;
     let status_wrong = disagreeing.len();
     if !drained || status_wrong > 0 {
-        rig.diagnose().await;
+        let done = rig.completions();
+        let lost: Vec<Uuid> = promised
+            .iter()
+            .filter(|id| !done.contains_key(id))
+            .copied()
+            .collect();
+        rig.diagnose(&lost).await;
     }
     // Last, so that a log cut to its end still shows them.
     for line in disagreeing.iter().take(5) {
