@@ -462,7 +462,7 @@ impl PrivateBroker {
     /// Runs RabbitMQ's `program` (`rabbitmqctl`, `rabbitmq-queues`) against this node with
     /// `args`; its standard output on success. Run on a blocking thread: a node cut off from
     /// its peers can keep a command waiting for seconds.
-    pub(crate) async fn tool_output(&self, program: &str, args: &[&str]) -> Option<String> {
+    pub async fn tool_output(&self, program: &str, args: &[&str]) -> Option<String> {
         let mut command = self.command(program);
         command
             .args(["-n", &self.node])

@@ -53,9 +53,6 @@ const TOPOLOGY_CHECK_MIN_GAP: Duration = Duration::from_secs(1);
 /// The shortest time between two renewals of the publishing channel, so a full queue (which
 /// nacks every publish) costs a channel five times a second, not one per request.
 const RENEW_MIN_GAP: Duration = Duration::from_millis(200);
-/// How long a replaced publishing channel stays open, for the confirms still due on it:
-/// longer than any caller waits for one.
-const RETIRED_CHANNEL_GRACE: Duration = Duration::from_secs(30);
 
 /// Waits between connection attempts: from 100 ms, doubling, capped at 500 ms, plus up to as
 /// much again of jitter (so processes that lost the same broker do not all come back in the
@@ -109,7 +106,9 @@ impl Link {
     }
 
     /// A channel in confirm mode, shared by everyone publishing through this session;
-    /// replaced by a fresh one after a reported nack ([`Broker::report_nack`]).
+    /// replaced by a fresh one after a reported nack ([`Broker::report_nack`]). Keep the
+    /// `Link` until the confirm of what you published on it is settled: a replaced channel
+    /// is closed once no `Link` holds it.
     pub fn publisher(&self) -> &Channel {
         &self.publisher
     }
@@ -446,15 +445,15 @@ impl SessionTask {
         let open = open_publisher(&link.connection);
         match within(self.connector.timeout(), "a new publishing channel", open).await {
             Ok(channel) => {
-                let retired = std::mem::replace(&mut link.publisher, channel);
+                // The replaced channel closes when its last clone is dropped: every caller
+                // holds its `Link` until its confirm is settled, so the channel lives exactly
+                // as long as a confirm can still be due on it (a full queue, which nacks at
+                // once, thus costs channel openings, not a pile of open channels).
+                link.publisher = channel;
                 self.sender.send_replace(Some(link.clone()));
                 tracing::info!(
                     "RabbitMQ nacked a publish; publishing on a fresh channel, which asks where each queue's leader is now"
                 );
-                tokio::spawn(async move {
-                    tokio::time::sleep(RETIRED_CHANNEL_GRACE).await;
-                    drop(retired);
-                });
             }
             // The connection is failing; the liveness check will notice.
             Err(error) => tracing::warn!("could not open a new publishing channel: {error}"),
