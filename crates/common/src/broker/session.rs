@@ -440,7 +440,7 @@ impl SessionTask {
     }
 
     /// Opens a fresh confirm-mode channel and hands it out in place of `link`'s publisher,
-    /// which is closed once the confirms still due on it have had time to come.
+    /// which is closed once no confirm can still be due on it.
     async fn renew_publisher(&self, link: &mut Link) {
         let open = open_publisher(&link.connection);
         match within(self.connector.timeout(), "a new publishing channel", open).await {
