@@ -13,8 +13,8 @@ use lapin::{
     Channel, Confirmation, Consumer,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-        BasicQosOptions, BasicRejectOptions,
+        BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        BasicRejectOptions,
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::{
     Config, Registry, RetryPolicy, Task,
+    acks::Acks,
     handler::{Completed, HandlerFuture},
     metrics::{self, Metrics},
 };
@@ -181,6 +182,7 @@ impl Worker {
                 }
             };
             delays = backoff();
+            let acks = Acks::default();
             subscriptions += 1;
             if subscriptions > 1 {
                 self.context.metrics.reconnected();
@@ -217,7 +219,7 @@ impl Worker {
                         return Ok(());
                     }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.start(delivery, permit),
+                        Some(Ok(delivery)) => self.start(delivery, &acks, permit),
                         Some(Err(error)) => {
                             tracing::warn!("lost the subscription ({error}); subscribing again");
                             break;
@@ -264,11 +266,13 @@ impl Worker {
     }
 
     /// Runs one delivery in the background, holding `permit` until it is settled.
-    fn start(&self, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    fn start(&self, delivery: Delivery, acks: &Acks, permit: OwnedSemaphorePermit) {
         let context = Arc::clone(&self.context);
+        acks.taken(delivery.delivery_tag);
+        let acks = acks.clone();
         self.tasks.spawn(async move {
             let in_hand = context.metrics.hold();
-            process(delivery, context).await;
+            process(&delivery, &acks, context).await;
             drop((in_hand, permit));
         });
     }
@@ -365,10 +369,10 @@ struct Context {
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
-async fn process(delivery: Delivery, context: Arc<Context>) {
+async fn process(delivery: &Delivery, acks: &Acks, context: Arc<Context>) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
-        Err(error) => return undecodable(&delivery, &context, &error).await,
+        Err(error) => return undecodable(delivery, acks, &context, &error).await,
     };
     let previous_deliveries = delivery_count(&delivery.properties);
     // The attempt this copy started with, plus the broker's redeliveries of it (crashes,
@@ -406,7 +410,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
                     task.kind
                 ));
                 let outcome = to_dead(&context, &dead, attempt);
-                settle(&delivery, &context, outcome, dead).await;
+                settle(delivery, acks, &context, outcome, dead).await;
                 return;
             }
         };
@@ -453,7 +457,7 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
                 );
                 let mut failed = event(EventType::Failed);
                 failed.error = Some(error);
-                let later = retry_later(&context, &delivery, attempt, delay, &mut failed);
+                let later = retry_later(&context, delivery, attempt, delay, &mut failed);
                 (later, failed)
             }
             Ran::Rejected(error) => {
@@ -464,14 +468,14 @@ async fn process(delivery: Delivery, context: Arc<Context>) {
             }
         };
         terminal.1.at = std::time::SystemTime::now();
-        settle(&delivery, &context, terminal.0, terminal.1).await;
+        settle(delivery, acks, &context, terminal.0, terminal.1).await;
     }
     .instrument(span)
     .await;
 }
 
 /// Moves a message that is not a task envelope to the dead-letter queue, with its reason.
-async fn undecodable(delivery: &Delivery, context: &Context, error: &DecodeError) {
+async fn undecodable(delivery: &Delivery, acks: &Acks, context: &Context, error: &DecodeError) {
     let message_id = delivery
         .properties
         .message_id()
@@ -484,7 +488,7 @@ async fn undecodable(delivery: &Delivery, context: &Context, error: &DecodeError
     dead.reason = Some(DeadReason::Undecodable);
     dead.error = Some(error.to_string());
     let outcome = to_dead(context, &dead, 1);
-    settle(delivery, context, outcome, dead).await;
+    settle(delivery, acks, context, outcome, dead).await;
 }
 
 /// How one attempt ended.
@@ -704,7 +708,13 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
 /// delivery: a status that says `running` therefore always means the task has not finished.
 /// An event the broker did not confirm turns the outcome into a requeue, so the task runs
 /// again (at least once) rather than end without a word on the stream.
-async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event: Event) {
+async fn settle(
+    delivery: &Delivery,
+    acks: &Acks,
+    context: &Context,
+    outcome: Outcome,
+    event: Event,
+) {
     let counted = (event.event, event.kind.clone(), event.reason);
     let outcome = match &context.events {
         Some(events) if !events.emit_confirmed(event).await => {
@@ -738,13 +748,18 @@ async fn settle(delivery: &Delivery, context: &Context, outcome: Outcome, event:
             }
         },
     };
-    let acker = &delivery.acker;
     let result = match in_place {
-        None => acker.ack(BasicAckOptions::default()).await,
+        None => acks.ack(delivery).await,
         // reject, not nack: from RabbitMQ 4.3 a nack no longer counts toward a quorum queue's
         // delivery limit, so a task that always fails would be retried forever.
-        Some(InPlace::Requeue) => acker.reject(BasicRejectOptions { requeue: true }).await,
-        Some(InPlace::Reject) => acker.reject(BasicRejectOptions { requeue: false }).await,
+        Some(InPlace::Requeue) => {
+            acks.reject(delivery, BasicRejectOptions { requeue: true })
+                .await
+        }
+        Some(InPlace::Reject) => {
+            acks.reject(delivery, BasicRejectOptions { requeue: false })
+                .await
+        }
     };
     if let Err(error) = result {
         // The channel is gone; the broker requeues the delivery by itself.

@@ -23,6 +23,7 @@
 //!
 //! [`run`] is the same without the logging set-up, with a shutdown signal of your choosing.
 
+mod acks;
 mod config;
 mod consumer;
 mod handler;

@@ -1,8 +1,10 @@
-//! Round-robin and fair dispatch between workers.
+//! Round-robin and fair dispatch between workers, and how a worker settles what it is given.
 
 use std::time::Duration;
 
-use offload_tests::{TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually};
+use offload_tests::{
+    TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, declare_kinds, eventually,
+};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -100,5 +102,60 @@ async fn short_tasks_go_to_the_free_worker_not_behind_a_long_one() {
         !workers[busy].completed().contains(&long),
         "the long task was still running while the short ones finished"
     );
+    gateway.stop().await;
+}
+
+/// A worker folds the acks of consecutive deliveries into one `basic.ack` with `multiple`,
+/// which settles every delivery of the channel up to its tag. Here long tasks stay in hand
+/// while hundreds of short ones after them finish together: a fold that reached past a long
+/// task would settle it early, and its own ack later would be refused (an unknown delivery
+/// tag closes the channel, and the tasks in hand run again).
+#[tokio::test]
+async fn acks_folded_together_never_settle_a_task_still_running() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "fold-acks", 5).await;
+    let name = queue.name().to_owned();
+    tokio::task::spawn_blocking(move || declare_kinds(&amqp_url(), &name, &[]))
+        .await
+        .expect("declare the kinds");
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    // Queued before the worker starts, so it is handed a hundred at once: a long task first,
+    // and the short ones after it finish in groups, their events sharing stream messages.
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        if i % 100 == 0 {
+            // 100 units of 20 ms: two seconds, which the short ones around it do not need.
+            ids.push(gateway.submit_sleep(&".".repeat(100)).await);
+        }
+        ids.push(gateway.submit_sleep("quick").await);
+    }
+    let options = WorkerOptions {
+        prefetch: 100,
+        sleep_unit: "20ms",
+        ..WorkerOptions::default()
+    };
+    let worker = WorkerProcess::start(&url, queue.name(), &options).await;
+    wait_all_completed(&[&worker], &ids).await;
+    // A refused ack closes the channel a moment after the long task's ack is sent: tasks
+    // posted now would find the worker subscribing again, or run twice.
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        after.push(gateway.submit_sleep("quick").await);
+    }
+    wait_all_completed(&[&worker], &after).await;
+    ids.extend(after);
+
+    let started = worker.started();
+    assert_eq!(started.len(), ids.len(), "every task ran once, none twice");
+    let troubles: Vec<_> = worker
+        .events()
+        .into_iter()
+        .filter(|event| {
+            event["message"].as_str().is_some_and(|message| {
+                message.contains("lost the subscription") || message.contains("could not settle")
+            })
+        })
+        .collect();
+    assert!(troubles.is_empty(), "the channel stayed up: {troubles:?}");
     gateway.stop().await;
 }

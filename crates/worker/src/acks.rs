@@ -1,0 +1,249 @@
+//! Acks on one channel, with those of consecutive deliveries folded into one `basic.ack`.
+//!
+//! With lifecycle events on, tasks finish in groups: their terminal events share one stream
+//! message, and that message's confirm lets all of them be acked at once. Sent one by one,
+//! each ack is a frame for lapin to write and, on a quorum queue, a Raft command for the
+//! broker to log and apply. One `basic.ack` with `multiple` set settles every delivery of the
+//! channel up to its tag, so when every delivery in hand up to some tag is being acked, one
+//! frame says it all.
+//!
+//! The catch is the word *every*: `multiple` also settles deliveries that are still running,
+//! or that are being requeued or rejected. So [`Acks`] keeps the tags of the deliveries in
+//! hand and folds only a run of acks that starts at the lowest of them; a reject leaves that
+//! set only once its own frame is sent (frames on a channel reach the broker in order), so no
+//! `multiple` can overtake it.
+//!
+//! No ack waits for company. The first task to ack sends its own frame at once; the acks that
+//! arrive while a frame is on its way wait for it, and go together as the next group, sent by
+//! a task spawned for that. A worker that settles one task at a time (prefetch 1) thus pays
+//! nothing for this.
+
+use std::{
+    collections::BTreeSet,
+    mem,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use futures_util::future::join_all;
+use lapin::{
+    Acker,
+    message::Delivery,
+    options::{BasicAckOptions, BasicRejectOptions},
+    types::DeliveryTag,
+};
+use tokio::sync::oneshot;
+
+/// A channel's acks: note each delivery as it is taken in hand ([`Acks::taken`]), then settle
+/// it with [`Acks::ack`] or [`Acks::reject`].
+#[derive(Clone, Default)]
+pub(crate) struct Acks {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The tags of the deliveries taken in hand and not yet settled.
+    in_hand: BTreeSet<DeliveryTag>,
+    /// Acks that came while a group was being sent.
+    waiting: Vec<Waiting>,
+    /// Whether a group is being sent.
+    sending: bool,
+}
+
+/// An ack, and who waits for its outcome.
+struct Waiting {
+    tag: DeliveryTag,
+    acker: Acker,
+    sent: Option<oneshot::Sender<Result<bool, lapin::Error>>>,
+}
+
+impl Acks {
+    /// Notes a delivery taken in hand. Call it in the order of delivery, before the delivery
+    /// can be settled.
+    pub(crate) fn taken(&self, tag: DeliveryTag) {
+        lock(&self.state).in_hand.insert(tag);
+    }
+
+    /// Acks the delivery, alone or with others; `Ok(false)` if its channel is gone (the broker
+    /// then delivers it again).
+    pub(crate) async fn ack(&self, delivery: &Delivery) -> Result<bool, lapin::Error> {
+        let mine = |sent| Waiting {
+            tag: delivery.delivery_tag,
+            acker: delivery.acker.clone(),
+            sent,
+        };
+        let queued = {
+            let mut state = lock(&self.state);
+            if state.sending {
+                let (sent, outcome) = oneshot::channel();
+                state.waiting.push(mine(Some(sent)));
+                Some(outcome)
+            } else {
+                state.sending = true;
+                None
+            }
+        };
+        if let Some(outcome) = queued {
+            return outcome.await.unwrap_or(Ok(false));
+        }
+        let mut sending = Sending {
+            state: Arc::clone(&self.state),
+            released: false,
+        };
+        let outcome = send_group(&self.state, vec![mine(None)]).await;
+        // Whatever came meanwhile goes next, from a task of its own, so this task's caller
+        // does not wait for acks other than its own.
+        if let Some(group) = sending.next_group() {
+            tokio::spawn(send_groups(sending, group));
+        }
+        outcome.unwrap_or(Ok(false))
+    }
+
+    /// Rejects the delivery (requeued or dead-lettered, as `options` say). Sent at once, on
+    /// its own; only then can a folded ack cover its tag.
+    pub(crate) async fn reject(
+        &self,
+        delivery: &Delivery,
+        options: BasicRejectOptions,
+    ) -> Result<bool, lapin::Error> {
+        let rejected = delivery.acker.reject(options).await;
+        // Whether or not it was sent: if it was not, the channel is gone and nothing else will
+        // be sent on it either.
+        lock(&self.state).in_hand.remove(&delivery.delivery_tag);
+        rejected
+    }
+}
+
+/// The right to send, held by one task at a time; given up when dropped, with the acks still
+/// waiting answered `Ok(false)` if it is dropped before sending them (only when the runtime
+/// shuts down).
+struct Sending {
+    state: Arc<Mutex<State>>,
+    /// Whether the right was given up already.
+    released: bool,
+}
+
+impl Sending {
+    /// The acks that came meanwhile, or `None` (and the right to send given up) if none did.
+    fn next_group(&mut self) -> Option<Vec<Waiting>> {
+        let mut state = lock(&self.state);
+        if state.waiting.is_empty() {
+            state.sending = false;
+            self.released = true;
+            None
+        } else {
+            Some(mem::take(&mut state.waiting))
+        }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.released {
+            let mut state = lock(&self.state);
+            state.sending = false;
+            // Dropping their senders answers them.
+            state.waiting.clear();
+        }
+    }
+}
+
+/// Sends `group`, then each group that came meanwhile, until none did.
+async fn send_groups(mut sending: Sending, mut group: Vec<Waiting>) {
+    loop {
+        send_group(&sending.state, group).await;
+        match sending.next_group() {
+            Some(next) => group = next,
+            None => return,
+        }
+    }
+}
+
+/// Sends `group`'s acks in as few frames as it can, answers those who wait, and returns the
+/// outcome for the one ack nobody waits for (the sender's own), if there is one.
+async fn send_group(
+    state: &Mutex<State>,
+    mut group: Vec<Waiting>,
+) -> Option<Result<bool, lapin::Error>> {
+    group.sort_unstable_by_key(|waiting| waiting.tag);
+    let folded = {
+        let mut state = lock(state);
+        let folded = foldable(&state.in_hand, group.iter().map(|waiting| waiting.tag));
+        for waiting in &group {
+            state.in_hand.remove(&waiting.tag);
+        }
+        folded
+    };
+    let rest = group.split_off(folded);
+    let mut own = None;
+    let mut answer = |waiting: Waiting, outcome: Result<bool, lapin::Error>| match waiting.sent {
+        Some(sent) => {
+            let _ = sent.send(outcome);
+        }
+        None => own = Some(outcome),
+    };
+    if let Some(last) = group.last() {
+        let outcome = last
+            .acker
+            .ack(BasicAckOptions {
+                multiple: folded > 1,
+            })
+            .await;
+        for waiting in group {
+            answer(waiting, outcome.clone());
+        }
+    }
+    let outcomes = join_all(rest.into_iter().map(|waiting| async move {
+        let outcome = waiting.acker.ack(BasicAckOptions::default()).await;
+        (waiting, outcome)
+    }))
+    .await;
+    for (waiting, outcome) in outcomes {
+        answer(waiting, outcome);
+    }
+    own
+}
+
+/// How many of `acks` (ascending, all in `in_hand`) one `multiple` ack can settle: those below
+/// the lowest tag in hand that is not being acked.
+fn foldable(in_hand: &BTreeSet<DeliveryTag>, acks: impl Iterator<Item = DeliveryTag>) -> usize {
+    in_hand
+        .iter()
+        .zip(acks)
+        .take_while(|(held, acked)| **held == *acked)
+        .count()
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // Each change to the state is whole by the time the lock is released, so a panic while
+    // holding it (there is no code that can panic there) would leave nothing half done.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folds(in_hand: &[DeliveryTag], acks: &[DeliveryTag]) -> usize {
+        foldable(&in_hand.iter().copied().collect(), acks.iter().copied())
+    }
+
+    #[test]
+    fn a_run_from_the_lowest_tag_in_hand_folds() {
+        assert_eq!(folds(&[3, 4, 5, 9], &[3, 4, 5]), 3);
+        assert_eq!(folds(&[3, 4, 5, 9], &[3, 4, 5, 9]), 4);
+    }
+
+    #[test]
+    fn a_delivery_still_in_hand_stops_the_fold() {
+        // 4 still runs: acking 5 with `multiple` would settle 4 too.
+        assert_eq!(folds(&[3, 4, 5], &[3, 5]), 1);
+        assert_eq!(folds(&[3, 4, 5], &[4, 5]), 0);
+    }
+
+    #[test]
+    fn tags_already_settled_do_not_stop_the_fold() {
+        // 2 was rejected (its frame is sent, so it left the set); 1 and 3 fold over it.
+        assert_eq!(folds(&[1, 3], &[1, 3]), 2);
+    }
+}
