@@ -102,8 +102,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut drain_rates = Vec::new();
     let drains = [(1, false), (1, true), (100, false), (100, true)];
     for (prefetch, events) in drains.into_iter().filter(|_| !args.publish_only) {
-        let (line, offload_rate, peak) = drain(&args, &url, &queue, prefetch, events).await?;
-        lines.push(line);
+        let (drain_lines, offload_rate, peak) =
+            drain(&args, &url, &queue, prefetch, events).await?;
+        lines.extend(drain_lines);
         drain_rates.push(offload_rate);
         worker_peak = worker_peak.max(peak);
     }
@@ -698,15 +699,21 @@ const SCHEDULED_DELAY: Duration = Duration::from_secs(10);
 
 /// `args.tasks` zero-work tasks drained by raw lapin, then by a worker process, at
 /// `prefetch`, with lifecycle events on or off, `args.rounds` times alternating; the medians,
-/// the worker's median rate and its peak memory.
+/// the worker's median rate and its peak memory. At prefetch 100 with events, also raw lapin
+/// writing the same events as the worker would ([`broker::drain_ceiling_with_events`]).
 async fn drain(
     args: &Args,
     url: &str,
     queue: &BenchQueue,
     prefetch: u16,
     events: bool,
-) -> Result<(Line, f64, u64), lapin::Error> {
+) -> Result<(Vec<Line>, f64, u64), lapin::Error> {
     let (mut raw, mut offload, mut peak) = (Vec::new(), Vec::new(), 0);
+    let stream = queue
+        .topology
+        .events_stream()
+        .filter(|_| events && prefetch > 1);
+    let mut raw_with_events = Vec::new();
     for round in 1..=args.rounds {
         eprintln!(
             "drain at prefetch {prefetch}, round {round} of {}: {} tasks ...",
@@ -714,6 +721,13 @@ async fn drain(
         );
         broker::fill(url, queue.name(), "sleep", args.tasks).await?;
         raw.push(broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?);
+        if let Some(stream) = &stream {
+            broker::fill(url, queue.name(), "sleep", args.tasks).await?;
+            raw_with_events.push(
+                broker::drain_ceiling_with_events(url, queue.name(), stream, prefetch, args.tasks)
+                    .await?,
+            );
+        }
         broker::fill(url, queue.name(), "sleep", args.tasks).await?;
         let (worker, drained) =
             drain_with_worker(url, queue.name(), (prefetch, events), &[], args.tasks).await;
@@ -743,7 +757,22 @@ async fn drain(
         target: target.map_or_else(String::new, |t| format!(">= {}", percent(t))),
         met: target.map(|t| offload / raw >= t),
     };
-    Ok((line, offload, peak))
+    let mut lines = vec![line];
+    if !raw_with_events.is_empty() {
+        let with_events = stats::median(&mut raw_with_events);
+        lines.push(Line {
+            measure: format!(
+                "  the same, against raw consume-and-ack writing the same events (confirm before ack), which reached {} of raw",
+                percent(with_events / raw)
+            ),
+            offload: rate(offload),
+            ceiling: rate(with_events),
+            ratio: percent(offload / with_events),
+            target: String::new(),
+            met: None,
+        });
+    }
+    Ok((lines, offload, peak))
 }
 
 /// HTTP-target tasks: one worker at prefetch 100 calling a target that answers at once,

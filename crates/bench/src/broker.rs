@@ -230,6 +230,94 @@ pub async fn drain_ceiling(
     Ok(rate)
 }
 
+/// The drain ceiling with lifecycle events: [`drain_ceiling`]'s consume-and-ack loop keeping
+/// offload's promise at no cost of its own. Each delivery adds a `started` and a `succeeded`
+/// event to a batch; a batch goes to `stream` as one message whenever fewer than two are
+/// awaiting their confirm (as the worker's sink sends them), and once confirmed, its
+/// deliveries are settled with one `multiple` ack (as the worker folds them). What is left
+/// between this and the worker is the worker's own cost; what lies between this and
+/// [`drain_ceiling`] is the broker's cost of the events. Returns messages per second.
+pub async fn drain_ceiling_with_events(
+    url: &str,
+    queue: &str,
+    stream: &str,
+    prefetch: u16,
+    count: u64,
+) -> Result<f64, lapin::Error> {
+    const IN_FLIGHT: usize = 2;
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(offload_common::events::CONTENT_TYPE.into());
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-ceiling-events".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Confirms are taken in the order the batches were sent, so a `multiple` ack never
+    // settles a delivery whose batch is still unconfirmed.
+    let mut confirming = futures_util::stream::FuturesOrdered::new();
+    let mut batch: Vec<Event> = Vec::new();
+    let mut last = None;
+    let (mut received, mut acked, mut in_batch) = (0, 0, 0);
+    while acked < count {
+        tokio::select! {
+            Some(done) = confirming.next(), if !confirming.is_empty() => {
+                let (newest, tasks): (lapin::Acker, u64) = done?;
+                newest.ack(BasicAckOptions { multiple: true }).await?;
+                acked += tasks;
+            }
+            delivery = consumer.next(), if received < count => {
+                let Some(delivery) = delivery else { break };
+                let delivery = delivery?;
+                received += 1;
+                let id = uuid::Uuid::new_v4();
+                let mut started = Event::task(EventType::Started, id, "sleep");
+                started.attempt = Some(1);
+                started.worker = Some("bench-ceiling".into());
+                let mut succeeded = Event::task(EventType::Succeeded, id, "sleep");
+                succeeded.attempt = Some(1);
+                succeeded.duration_ms = Some(0);
+                batch.extend([started, succeeded]);
+                last = Some(delivery.acker);
+                in_batch += 1;
+            }
+        }
+        if confirming.len() < IN_FLIGHT
+            && let Some(acker) = last.take()
+        {
+            let body = offload_common::events::encode_batch(&batch);
+            batch.clear();
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    stream.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.clone(),
+                )
+                .await?;
+            let tasks = std::mem::take(&mut in_batch);
+            confirming.push_back(async move { confirm.await.map(|_| (acker, tasks)) });
+        }
+    }
+    let rate = per_second(acked, started.elapsed());
+    let _ = connection.close(200, "drained".into()).await;
+    Ok(rate)
+}
+
 /// Writes `tasks` finished tasks to `stream` as `succeeded` events, `per_message` to a stream
 /// message, as workers would; returns their ids.
 pub async fn write_events(
