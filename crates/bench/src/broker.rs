@@ -196,19 +196,8 @@ pub async fn drain_ceiling(
     count: u64,
 ) -> Result<f64, lapin::Error> {
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
     let started = Instant::now();
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench-ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (_channel, mut consumer) = consume(&connection, queue, prefetch, "bench-ceiling").await?;
     let mut acks = futures_util::stream::FuturesUnordered::new();
     let (mut received, mut acked) = (0, 0);
     while acked < count {
@@ -246,10 +235,6 @@ pub async fn drain_ceiling_with_events(
 ) -> Result<f64, lapin::Error> {
     const IN_FLIGHT: usize = 2;
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -258,14 +243,8 @@ pub async fn drain_ceiling_with_events(
         .with_delivery_mode(2)
         .with_content_type(offload_common::events::CONTENT_TYPE.into());
     let started = Instant::now();
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench-ceiling-events".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (_channel, mut consumer) =
+        consume(&connection, queue, prefetch, "bench-ceiling-events").await?;
     // Confirms are taken in the order the batches were sent, so a `multiple` ack never
     // settles a delivery whose batch is still unconfirmed.
     let mut confirming = futures_util::stream::FuturesOrdered::new();
@@ -316,6 +295,29 @@ pub async fn drain_ceiling_with_events(
     let rate = per_second(acked, started.elapsed());
     let _ = connection.close(200, "drained".into()).await;
     Ok(rate)
+}
+
+/// Subscribes to `queue` at `prefetch` on a channel of its own; the channel closes when the
+/// returned handle to it is dropped.
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(Channel, lapin::Consumer), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
 
 /// Writes `tasks` finished tasks to `stream` as `succeeded` events, `per_message` to a stream
