@@ -165,15 +165,7 @@ pub async fn fill(url: &str, queue: &str, kind: &str, count: u64) -> Result<(), 
     let (body, properties) = zero_work_task(kind);
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for _ in 0..count {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties.clone(),
-            )
-            .await?;
+        let confirm = publish_to(&channel, queue, &body, &properties).await?;
         pending.push(confirm);
         // Keep a window, not all of them, in flight.
         if pending.len() >= 256 {
@@ -239,9 +231,7 @@ pub async fn drain_ceiling_with_events(
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(offload_common::events::CONTENT_TYPE.into());
+    let properties = event_batch_properties();
     let started = Instant::now();
     let (_channel, mut consumer) =
         consume(&connection, queue, prefetch, "bench-ceiling-events").await?;
@@ -279,15 +269,7 @@ pub async fn drain_ceiling_with_events(
         {
             let body = offload_common::events::encode_batch(&batch);
             batch.clear();
-            let confirm = publisher
-                .basic_publish(
-                    "".into(),
-                    stream.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties.clone(),
-                )
-                .await?;
+            let confirm = publish_to(&publisher, stream, &body, &properties).await?;
             let tasks = std::mem::take(&mut in_batch);
             confirming.push_back(async move { confirm.await.map(|_| (acker, tasks)) });
         }
@@ -295,6 +277,31 @@ pub async fn drain_ceiling_with_events(
     let rate = per_second(acked, started.elapsed());
     let _ = connection.close(200, "drained".into()).await;
     Ok(rate)
+}
+
+/// Publishes `body` straight to `queue` (through the default exchange); the confirm to await.
+async fn publish_to(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: &BasicProperties,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties.clone(),
+        )
+        .await
+}
+
+/// The properties of a stream message holding a batch of events, as offload writes them.
+fn event_batch_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(offload_common::events::CONTENT_TYPE.into())
 }
 
 /// Subscribes to `queue` at `prefetch` on a channel of its own; the channel closes when the
@@ -330,9 +337,7 @@ pub async fn write_events(
 ) -> Result<Vec<uuid::Uuid>, lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
     let ids: Vec<uuid::Uuid> = (0..tasks).map(|_| uuid::Uuid::new_v4()).collect();
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(offload_common::events::CONTENT_TYPE.into());
+    let properties = event_batch_properties();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for chunk in ids.chunks(per_message.max(1)) {
         let events: Vec<Event> = chunk
@@ -345,15 +350,7 @@ pub async fn write_events(
             })
             .collect();
         let body = offload_common::events::encode_batch(&events);
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                stream.into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties.clone(),
-            )
-            .await?;
+        let confirm = publish_to(&channel, stream, &body, &properties).await?;
         pending.push(confirm);
         if pending.len() >= 64 {
             pending.next().await.transpose()?;

@@ -33,8 +33,9 @@ const MAX_BATCH: usize = 512;
 /// Events waiting to be published; past it, unconfirmed events are dropped (and counted).
 const QUEUE_CAPACITY: usize = 16_384;
 /// Batches awaiting the broker's confirm at once. Two, not more: the events that come while
-/// they are on their way make the next batch, and fewer, larger batches are what the broker's
-/// cost goes with (docs/PERFORMANCE.md: 8 in flight drained at 46-55% of raw, 2 at 57-66%).
+/// they are on their way make the next batch, and fewer, larger batches mean fewer stream
+/// writes and, in the worker, larger groups of acks to fold (docs/PERFORMANCE.md: 8 in flight
+/// drained at 46-55% of raw, 2 at 57-66%).
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 /// Longest wait for the broker to confirm a batch.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
