@@ -225,8 +225,12 @@ pub fn decode_batch(body: &[u8]) -> impl Iterator<Item = Result<Event, String>> 
 
 struct Pending {
     event: Event,
-    confirmed: Option<oneshot::Sender<bool>>,
+    /// `None` when nobody waits for the confirm.
+    then: Option<Then>,
 }
+
+/// Called with whether a pending event's batch was confirmed, on the sink's own task.
+type Then = Box<dyn FnOnce(bool) + Send>;
 
 /// Publishes events to the stream in batches. Cheap to clone.
 #[derive(Clone)]
@@ -253,14 +257,7 @@ impl EventSink {
     /// Publishes `event` when it can, without waiting: for events whose loss costs only
     /// detail (`queued`, `started`), since the terminal event of the same task is confirmed.
     pub fn emit(&self, event: Event) {
-        if self
-            .sender
-            .try_send(Pending {
-                event,
-                confirmed: None,
-            })
-            .is_err()
-        {
+        if self.sender.try_send(Pending { event, then: None }).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
@@ -275,14 +272,30 @@ impl EventSink {
     /// the stream, `false` if it could not be published.
     pub async fn emit_confirmed(&self, event: Event) -> bool {
         let (confirmed, outcome) = oneshot::channel();
+        self.emit_then(event, move |published| {
+            let _ = confirmed.send(published);
+        })
+        .await;
+        outcome.await.unwrap_or(false)
+    }
+
+    /// Publishes `event` as [`EventSink::emit_confirmed`] does, but instead of waiting, has
+    /// the sink call `then` with the outcome once it is known; this returns as soon as the
+    /// event is in the sink's queue. `then` runs on the sink's task, between handing out one
+    /// batch's confirms and the next: it must be quick, and hand anything slow to a task of
+    /// its own. A busy worker uses this to settle a whole batch's tasks from the one wake-up
+    /// of its confirm, rather than wake each task to settle its own.
+    pub async fn emit_then(&self, event: Event, then: impl FnOnce(bool) + Send + 'static) {
         let pending = Pending {
             event,
-            confirmed: Some(confirmed),
+            then: Some(Box::new(then)),
         };
-        if self.sender.send(pending).await.is_err() {
-            return false;
+        if let Err(mpsc::error::SendError(Pending {
+            then: Some(then), ..
+        })) = self.sender.send(pending).await
+        {
+            then(false);
         }
-        outcome.await.unwrap_or(false)
     }
 }
 
@@ -306,14 +319,14 @@ async fn publish_batches(
             Some(()) = confirming.next(), if !confirming.is_empty() => continue,
         };
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut awaited = first.confirmed.is_some();
+        let mut awaited = first.then.is_some();
         batch.push(first);
         let linger_until = tokio::time::Instant::now() + LINGER;
         loop {
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
                     Ok(pending) => {
-                        awaited |= pending.confirmed.is_some();
+                        awaited |= pending.then.is_some();
                         batch.push(pending);
                     }
                     Err(_) => break,
@@ -327,7 +340,7 @@ async fn publish_batches(
             tokio::select! {
                 pending = receiver.recv() => match pending {
                     Some(pending) => {
-                        awaited |= pending.confirmed.is_some();
+                        awaited |= pending.then.is_some();
                         batch.push(pending);
                     }
                     None => break,
@@ -336,17 +349,16 @@ async fn publish_batches(
                 () = tokio::time::sleep_until(linger_until) => break,
             }
         }
-        let sent = send(&broker, &stream, &batch).await;
+        let body = encode_batch(batch.iter().map(|pending| &pending.event));
+        let sent = send(&broker, &stream, &body).await;
         let broker = broker.clone();
         confirming.push(async move {
             let published = match sent {
                 Some((link, confirm)) => confirmed(&broker, &link, confirm).await,
                 None => false,
             };
-            for pending in batch {
-                if let Some(confirmed) = pending.confirmed {
-                    let _ = confirmed.send(published);
-                }
+            for then in batch.into_iter().filter_map(|pending| pending.then) {
+                then(published);
             }
         });
     }
@@ -358,10 +370,9 @@ async fn publish_batches(
 async fn send(
     broker: &Broker,
     stream: &ShortString,
-    batch: &[Pending],
+    body: &[u8],
 ) -> Option<(Link, lapin::PublisherConfirm)> {
     let link = broker.link()?;
-    let body = encode_batch(batch.iter().map(|pending| &pending.event));
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
@@ -373,7 +384,7 @@ async fn send(
             mandatory: true,
             ..BasicPublishOptions::default()
         },
-        &body,
+        body,
         properties,
     );
     let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, send)

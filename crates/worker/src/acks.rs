@@ -16,7 +16,8 @@
 //! No ack waits for company. The first task to ack sends its own frame at once; the acks that
 //! arrive while a frame is on its way wait for it, and go together as the next group, sent by
 //! a task spawned for that. A worker that settles one task at a time (prefetch 1) thus pays
-//! nothing for this.
+//! nothing for this. An ack can also be handed over without waiting ([`Settle::ack_then`]):
+//! the events sink does so for a whole batch of tasks when its confirm comes.
 
 use std::{
     collections::BTreeSet,
@@ -34,7 +35,7 @@ use lapin::{
 use tokio::sync::oneshot;
 
 /// A channel's acks: note each delivery as it is taken in hand ([`Acks::taken`]), then settle
-/// it with [`Acks::ack`] or [`Acks::reject`].
+/// it through [`Acks::settle`].
 #[derive(Clone, Default)]
 pub(crate) struct Acks {
     state: Arc<Mutex<State>>,
@@ -50,12 +51,16 @@ struct State {
     sending: bool,
 }
 
-/// An ack, and who waits for its outcome.
+/// An ack, and what to do with its outcome (`None` for the sender's own).
 struct Waiting {
     tag: DeliveryTag,
     acker: Acker,
-    sent: Option<oneshot::Sender<Result<bool, lapin::Error>>>,
+    then: Option<Then>,
 }
+
+/// Called with an ack's outcome once its frame is sent: `Ok(false)` if its channel is gone
+/// (the broker then delivers it again).
+type Then = Box<dyn FnOnce(Result<bool, lapin::Error>) + Send>;
 
 impl Acks {
     /// Notes a delivery taken in hand. Call it in the order of delivery, before the delivery
@@ -64,19 +69,39 @@ impl Acks {
         lock(&self.state).in_hand.insert(tag);
     }
 
-    /// Acks the delivery, alone or with others; `Ok(false)` if its channel is gone (the broker
-    /// then delivers it again).
-    pub(crate) async fn ack(&self, delivery: &Delivery) -> Result<bool, lapin::Error> {
-        let mine = |sent| Waiting {
+    /// How to settle `delivery`, once: it must have been [`Acks::taken`].
+    pub(crate) fn settle(&self, delivery: &Delivery) -> Settle {
+        Settle {
+            acks: self.clone(),
             tag: delivery.delivery_tag,
             acker: delivery.acker.clone(),
-            sent,
-        };
+        }
+    }
+}
+
+/// Settles one delivery taken in hand: ack it, or reject it.
+pub(crate) struct Settle {
+    acks: Acks,
+    tag: DeliveryTag,
+    acker: Acker,
+}
+
+impl Settle {
+    /// Acks the delivery, alone or with others; `Ok(false)` if its channel is gone (the broker
+    /// then delivers it again).
+    pub(crate) async fn ack(self) -> Result<bool, lapin::Error> {
+        let state = &self.acks.state;
         let queued = {
-            let mut state = lock(&self.state);
+            let mut state = lock(state);
             if state.sending {
                 let (sent, outcome) = oneshot::channel();
-                state.waiting.push(mine(Some(sent)));
+                state.waiting.push(Waiting {
+                    tag: self.tag,
+                    acker: self.acker.clone(),
+                    then: Some(Box::new(move |outcome| {
+                        let _ = sent.send(outcome);
+                    })),
+                });
                 Some(outcome)
             } else {
                 state.sending = true;
@@ -87,10 +112,15 @@ impl Acks {
             return outcome.await.unwrap_or(Ok(false));
         }
         let mut sending = Sending {
-            state: Arc::clone(&self.state),
+            state: Arc::clone(state),
             released: false,
         };
-        let outcome = send_group(&self.state, vec![mine(None)]).await;
+        let own = Waiting {
+            tag: self.tag,
+            acker: self.acker,
+            then: None,
+        };
+        let outcome = send_group(state, vec![own]).await;
         // Whatever came meanwhile goes next, from a task of its own, so this task's caller
         // does not wait for acks other than its own.
         if let Some(group) = sending.next_group() {
@@ -99,17 +129,40 @@ impl Acks {
         outcome.unwrap_or(Ok(false))
     }
 
+    /// Acks the delivery without waiting: it goes with the next group, and `then` is called
+    /// with its outcome once its frame is sent, from the task that sends it.
+    pub(crate) fn ack_then(self, then: impl FnOnce(Result<bool, lapin::Error>) + Send + 'static) {
+        let start = {
+            let mut state = lock(&self.acks.state);
+            state.waiting.push(Waiting {
+                tag: self.tag,
+                acker: self.acker,
+                then: Some(Box::new(then)),
+            });
+            !mem::replace(&mut state.sending, true)
+        };
+        if start {
+            let mut sending = Sending {
+                state: Arc::clone(&self.acks.state),
+                released: false,
+            };
+            // Taken when the task runs, not now: the acks handed over meanwhile (the rest of
+            // an events batch) go in the same group.
+            tokio::spawn(async move {
+                if let Some(group) = sending.next_group() {
+                    send_groups(sending, group).await;
+                }
+            });
+        }
+    }
+
     /// Rejects the delivery (requeued or dead-lettered, as `options` say). Sent at once, on
     /// its own; only then can a folded ack cover its tag.
-    pub(crate) async fn reject(
-        &self,
-        delivery: &Delivery,
-        options: BasicRejectOptions,
-    ) -> Result<bool, lapin::Error> {
-        let rejected = delivery.acker.reject(options).await;
+    pub(crate) async fn reject(self, options: BasicRejectOptions) -> Result<bool, lapin::Error> {
+        let rejected = self.acker.reject(options).await;
         // Whether or not it was sent: if it was not, the channel is gone and nothing else will
         // be sent on it either.
-        lock(&self.state).in_hand.remove(&delivery.delivery_tag);
+        lock(&self.acks.state).in_hand.remove(&self.tag);
         rejected
     }
 }
@@ -140,10 +193,13 @@ impl Sending {
 impl Drop for Sending {
     fn drop(&mut self) {
         if !self.released {
-            let mut state = lock(&self.state);
-            state.sending = false;
-            // Dropping their senders answers them.
-            state.waiting.clear();
+            let waiting = {
+                let mut state = lock(&self.state);
+                state.sending = false;
+                mem::take(&mut state.waiting)
+            };
+            // Dropping their callbacks (their senders, the tasks' guards) answers them.
+            drop(waiting);
         }
     }
 }
@@ -176,10 +232,8 @@ async fn send_group(
     };
     let rest = group.split_off(folded);
     let mut own = None;
-    let mut answer = |waiting: Waiting, outcome: Result<bool, lapin::Error>| match waiting.sent {
-        Some(sent) => {
-            let _ = sent.send(outcome);
-        }
+    let mut answer = |waiting: Waiting, outcome: Result<bool, lapin::Error>| match waiting.then {
+        Some(then) => then(outcome),
         None => own = Some(outcome),
     };
     if let Some(last) = group.last() {

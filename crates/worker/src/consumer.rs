@@ -26,12 +26,15 @@ use offload_common::{
     topology::{delay_in_levels, delay_routing_key},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 use tracing::Instrument;
 
 use crate::{
     Config, Registry, RetryPolicy, Task,
-    acks::Acks,
+    acks::{Acks, Settle},
     handler::{Completed, HandlerFuture},
     metrics::{self, Metrics},
 };
@@ -267,14 +270,17 @@ impl Worker {
 
     /// Runs one delivery in the background, holding `permit` until it is settled.
     fn start(&self, delivery: Delivery, acks: &Acks, permit: OwnedSemaphorePermit) {
-        let context = Arc::clone(&self.context);
         acks.taken(delivery.delivery_tag);
-        let acks = acks.clone();
-        self.tasks.spawn(async move {
-            let in_hand = context.metrics.hold();
-            process(&delivery, &acks, context).await;
-            drop((in_hand, permit));
-        });
+        let taken = Taken {
+            settle: acks.settle(&delivery),
+            held: Held {
+                _permit: permit,
+                _in_hand: self.context.metrics.hold(),
+                _tracked: self.tasks.token(),
+            },
+        };
+        let context = Arc::clone(&self.context);
+        tokio::spawn(async move { process(&delivery, taken, context).await });
     }
 
     async fn drain(&self, channel: &Channel, consumer: &Consumer) {
@@ -347,6 +353,23 @@ fn fatal(
     }
 }
 
+/// A delivery in hand: how to settle it, and what it holds until it is settled.
+struct Taken {
+    settle: Settle,
+    held: Held,
+}
+
+/// Held from a delivery's arrival until its settling frame is sent, which may be after its
+/// task has ended (an ack handed to the events sink).
+struct Held {
+    /// Its place among the PREFETCH tasks in hand.
+    _permit: OwnedSemaphorePermit,
+    /// Counted in the `in_hand` gauge.
+    _in_hand: metrics::InHand,
+    /// A graceful shutdown waits for it.
+    _tracked: TaskTrackerToken,
+}
+
 /// What every delivery's processing needs, shared by all of them.
 struct Context {
     registry: Arc<Registry>,
@@ -369,10 +392,10 @@ struct Context {
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
-async fn process(delivery: &Delivery, acks: &Acks, context: Arc<Context>) {
+async fn process(delivery: &Delivery, taken: Taken, context: Arc<Context>) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
-        Err(error) => return undecodable(delivery, acks, &context, &error).await,
+        Err(error) => return undecodable(delivery, taken, &context, &error).await,
     };
     let previous_deliveries = delivery_count(&delivery.properties);
     // The attempt this copy started with, plus the broker's redeliveries of it (crashes,
@@ -410,7 +433,7 @@ async fn process(delivery: &Delivery, acks: &Acks, context: Arc<Context>) {
                     task.kind
                 ));
                 let outcome = to_dead(&context, &dead, attempt);
-                settle(delivery, acks, &context, outcome, dead).await;
+                settle(delivery, taken, &context, outcome, dead).await;
                 return;
             }
         };
@@ -468,14 +491,19 @@ async fn process(delivery: &Delivery, acks: &Acks, context: Arc<Context>) {
             }
         };
         terminal.1.at = std::time::SystemTime::now();
-        settle(delivery, acks, &context, terminal.0, terminal.1).await;
+        settle(delivery, taken, &context, terminal.0, terminal.1).await;
     }
     .instrument(span)
     .await;
 }
 
 /// Moves a message that is not a task envelope to the dead-letter queue, with its reason.
-async fn undecodable(delivery: &Delivery, acks: &Acks, context: &Context, error: &DecodeError) {
+async fn undecodable(
+    delivery: &Delivery,
+    taken: Taken,
+    context: &Arc<Context>,
+    error: &DecodeError,
+) {
     let message_id = delivery
         .properties
         .message_id()
@@ -488,7 +516,7 @@ async fn undecodable(delivery: &Delivery, acks: &Acks, context: &Context, error:
     dead.reason = Some(DeadReason::Undecodable);
     dead.error = Some(error.to_string());
     let outcome = to_dead(context, &dead, 1);
-    settle(delivery, acks, context, outcome, dead).await;
+    settle(delivery, taken, context, outcome, dead).await;
 }
 
 /// How one attempt ended.
@@ -710,18 +738,50 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
 /// again (at least once) rather than end without a word on the stream.
 async fn settle(
     delivery: &Delivery,
-    acks: &Acks,
-    context: &Context,
+    Taken { settle, held }: Taken,
+    context: &Arc<Context>,
     outcome: Outcome,
     event: Event,
 ) {
     let counted = (event.event, event.kind.clone(), event.reason);
     let outcome = match &context.events {
+        Some(events) if matches!(outcome, Outcome::Ack) => {
+            // The common case. Rather than wait for the confirm here, hand the ack to the
+            // events sink: its confirm settles the whole batch's tasks at once, in as few
+            // frames as the fold allows, and this task ends now. Its permit, gauge and
+            // shutdown token go with the ack, so none is released before the frame is sent.
+            let context = Arc::clone(context);
+            let span = tracing::Span::current();
+            events
+                .emit_then(event, move |published| {
+                    if published {
+                        count(&context.metrics, counted);
+                        settle.ack_then(move |sent| {
+                            if let Err(error) = sent {
+                                span.in_scope(|| not_settled(&error));
+                            }
+                            drop(held);
+                        });
+                    } else {
+                        tokio::spawn(
+                            async move {
+                                not_confirmed();
+                                let requeued =
+                                    settle.reject(BasicRejectOptions { requeue: true }).await;
+                                if let Err(error) = requeued {
+                                    not_settled(&error);
+                                }
+                                drop(held);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                })
+                .await;
+            return;
+        }
         Some(events) if !events.emit_confirmed(event).await => {
-            tracing::warn!(
-                target: TASK_LOG,
-                "the task's event was not confirmed by the broker; returning the task to the queue"
-            );
+            not_confirmed();
             Outcome::Requeue
         }
         _ => {
@@ -749,23 +809,29 @@ async fn settle(
         },
     };
     let result = match in_place {
-        None => acks.ack(delivery).await,
+        None => settle.ack().await,
         // reject, not nack: from RabbitMQ 4.3 a nack no longer counts toward a quorum queue's
         // delivery limit, so a task that always fails would be retried forever.
-        Some(InPlace::Requeue) => {
-            acks.reject(delivery, BasicRejectOptions { requeue: true })
-                .await
-        }
-        Some(InPlace::Reject) => {
-            acks.reject(delivery, BasicRejectOptions { requeue: false })
-                .await
-        }
+        Some(InPlace::Requeue) => settle.reject(BasicRejectOptions { requeue: true }).await,
+        Some(InPlace::Reject) => settle.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(error) = result {
-        // The channel is gone; the broker requeues the delivery by itself.
-        tracing::warn!(
-            target: TASK_LOG,
-            "could not settle the delivery ({error}); the broker will redeliver it"
-        );
+        not_settled(&error);
     }
+    drop(held);
+}
+
+fn not_confirmed() {
+    tracing::warn!(
+        target: TASK_LOG,
+        "the task's event was not confirmed by the broker; returning the task to the queue"
+    );
+}
+
+fn not_settled(error: &lapin::Error) {
+    // The channel is gone; the broker requeues the delivery by itself.
+    tracing::warn!(
+        target: TASK_LOG,
+        "could not settle the delivery ({error}); the broker will redeliver it"
+    );
 }
