@@ -17,6 +17,14 @@ pub struct Config {
     #[arg(long, env = "PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
+    /// Threads running the worker's tasks (the tokio runtime's worker threads). One runs tens
+    /// of thousands of tasks a second whose handlers wait (HTTP targets, async Rust); more
+    /// cost a busy worker CPU in handing tasks between threads (docs/PERFORMANCE.md). Raise
+    /// it for Rust handlers that compute without `tokio::task::spawn_blocking`, so that one
+    /// such task does not hold up the others.
+    #[arg(long, env = "THREADS", default_value_t = DEFAULT_THREADS, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: u16,
+
     /// Duration of one unit of work in the built-in `sleep` kind (one unit per `.` in
     /// `payload.message`), e.g. `1s`, `50ms`.
     #[arg(long, env = "SLEEP_UNIT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -84,6 +92,8 @@ pub struct Config {
 
 /// Default for `--prefetch`.
 pub const DEFAULT_PREFETCH: u16 = 1;
+/// Default for `--threads`.
+pub const DEFAULT_THREADS: u16 = 1;
 /// Default for `--sleep-unit`.
 pub const DEFAULT_SLEEP_UNIT: Duration = Duration::from_secs(1);
 /// Default for `--result-max-bytes`: 64 KiB.
@@ -110,6 +120,7 @@ impl Config {
     pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             prefetch: DEFAULT_PREFETCH,
+            threads: DEFAULT_THREADS,
             sleep_unit: DEFAULT_SLEEP_UNIT,
             sleep_max_units: DEFAULT_SLEEP_MAX_UNITS,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
@@ -145,6 +156,7 @@ mod tests {
         let parsed = Config::try_parse_from(["offload-worker"]).expect("defaults parse");
         let built = Config::new(parsed.broker.amqp_url.clone(), parsed.broker.queue.clone());
         assert_eq!(parsed.prefetch, built.prefetch);
+        assert_eq!(parsed.threads, built.threads);
         assert_eq!(parsed.sleep_unit, built.sleep_unit);
         assert_eq!(parsed.sleep_max_units, built.sleep_max_units);
         assert_eq!(parsed.shutdown_grace, built.shutdown_grace);
@@ -155,5 +167,10 @@ mod tests {
     #[test]
     fn prefetch_zero_is_refused() {
         assert!(Config::try_parse_from(["offload-worker", "--prefetch", "0"]).is_err());
+    }
+
+    #[test]
+    fn threads_zero_is_refused() {
+        assert!(Config::try_parse_from(["offload-worker", "--threads", "0"]).is_err());
     }
 }

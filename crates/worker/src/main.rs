@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use offload_worker::{Config, handlers};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     let registry = handlers::builtin(&config);
-    offload_worker::main(config, registry).await
+    offload_worker::block_on(config, registry)
 }

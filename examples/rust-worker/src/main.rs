@@ -41,9 +41,8 @@ impl Handler for Reverse {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     let registry = handlers::builtin(&config).register(Reverse);
-    offload_worker::main(config, registry).await
+    offload_worker::block_on(config, registry)
 }

@@ -55,12 +55,11 @@ impl Handler for Flaky {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     let registry = handlers::builtin(&config)
         .register(Panics)
         .register(Crashes)
         .register(Flaky);
-    offload_worker::main(config, registry).await
+    offload_worker::block_on(config, registry)
 }
