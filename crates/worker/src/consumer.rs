@@ -732,10 +732,11 @@ async fn publish_copy(delivery: &Delivery, context: &Context, to: &Move) -> Resu
     }
 }
 
-/// Publishes the attempt's `event` and waits for the broker's confirm, then settles the
-/// delivery: a status that says `running` therefore always means the task has not finished.
-/// An event the broker did not confirm turns the outcome into a requeue, so the task runs
-/// again (at least once) rather than end without a word on the stream.
+/// Publishes the attempt's `event`, and settles the delivery only once the broker has
+/// confirmed it: a status that says `running` therefore always means the task has not
+/// finished. An event the broker did not confirm turns the outcome into a requeue, so the task
+/// runs again (at least once) rather than end without a word on the stream. An ack with
+/// events on is left to the events sink, and this returns before it is sent.
 async fn settle(
     delivery: &Delivery,
     Taken { settle, held }: Taken,
@@ -821,6 +822,7 @@ async fn settle(
     drop(held);
 }
 
+/// Logs, within the task's span, that its event was not confirmed.
 fn not_confirmed() {
     tracing::warn!(
         target: TASK_LOG,
@@ -828,6 +830,7 @@ fn not_confirmed() {
     );
 }
 
+/// Logs, within the task's span, that its settling frame could not be sent.
 fn not_settled(error: &lapin::Error) {
     // The channel is gone; the broker requeues the delivery by itself.
     tracing::warn!(
