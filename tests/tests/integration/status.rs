@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use lapin::BasicProperties;
+use lapin::{
+    BasicProperties,
+    options::{QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable},
+};
 use offload_api::Config as GatewayConfig;
 use offload_tests::{
     FaultyProxy, InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
@@ -195,6 +199,82 @@ async fn a_worker_killed_between_its_terminal_event_and_its_ack_runs_the_task_ag
     .await;
     assert!(body["finished_at"].is_string(), "{body}");
     gateway.stop().await;
+}
+
+/// A terminal event the broker refuses does not end the task: its delivery is requeued, never
+/// acked, however often it runs, until the queue's delivery limit dead-letters it. The stream
+/// is replaced by a queue that refuses every message (the worker's passive checks see a queue
+/// of that name and leave it). It is not deleted while the worker may still publish to it: a
+/// first version did, and in some runs the broker confirmed an event routed to the queue just
+/// as it was deleted, so that task was acked with no event kept.
+#[tokio::test]
+async fn a_terminal_event_the_broker_refuses_returns_the_task_to_the_queue() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "event-refused", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let stream = queue.topology().events_stream().expect("events are on");
+    let channel = queue.connection().create_channel().await.expect("channel");
+    channel
+        .queue_delete(stream.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the stream");
+    let mut refusing = FieldTable::default();
+    refusing.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    refusing.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            stream.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            refusing,
+        )
+        .await
+        .expect("declare a queue that refuses every message");
+    let _ = channel.close(200, "done".into()).await;
+
+    let task = offload_common::TaskEnvelope::new(
+        offload_common::TaskKind::try_from("sleep").expect("valid kind"),
+        json!({"message": "instant"}),
+    );
+    queue.publish_raw(&task.to_bytes(), task.properties()).await;
+    eventually(
+        DEADLINE,
+        "the delivery limit to dead-letter the task",
+        || async { (queue.dead().await == 1).then_some(()) },
+    )
+    .await;
+
+    // Each run logs `task completed`, then the refusal, then requeues the task.
+    eventually(
+        DEADLINE,
+        "each run's refusal in the worker's log",
+        || async {
+            let log = worker.events();
+            let refused = log
+                .iter()
+                .filter(|line| {
+                    line["message"].as_str().is_some_and(|message| {
+                        message.contains("event was not confirmed by the broker")
+                    })
+                })
+                .count();
+            let runs = worker
+                .completed()
+                .iter()
+                .filter(|id| **id == task.id)
+                .count();
+            (refused > 1 && runs == refused).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(queue.ready().await, 0);
+    let dead = queue.take_dead().await.expect("the task, dead-lettered");
+    assert_eq!(offload_tests::task_id_of(&dead), Some(task.id));
 }
 
 #[tokio::test]
