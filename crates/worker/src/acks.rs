@@ -90,20 +90,37 @@ impl Settle {
     /// Acks the delivery, alone or with others; `Ok(false)` if its channel is gone (the broker
     /// then delivers it again).
     pub(crate) async fn ack(self) -> Result<bool, lapin::Error> {
-        let Some(mut sending) = Sending::claim(&self.acks.state) else {
-            // A group is on its way: go with the next one.
-            let (sent, outcome) = oneshot::channel();
-            self.ack_then(move |outcome| {
-                let _ = sent.send(outcome);
-            });
+        let state = &self.acks.state;
+        let queued = {
+            let mut state = lock(state);
+            if state.sending {
+                let (sent, outcome) = oneshot::channel();
+                state.waiting.push(Waiting {
+                    tag: self.tag,
+                    acker: self.acker.clone(),
+                    then: Some(Box::new(move |outcome| {
+                        let _ = sent.send(outcome);
+                    })),
+                });
+                Some(outcome)
+            } else {
+                state.sending = true;
+                None
+            }
+        };
+        if let Some(outcome) = queued {
             return outcome.await.unwrap_or(Ok(false));
+        }
+        let mut sending = Sending {
+            state: Arc::clone(state),
+            released: false,
         };
         let own = Waiting {
             tag: self.tag,
             acker: self.acker,
             then: None,
         };
-        let outcome = send_group(&sending.state, vec![own]).await;
+        let outcome = send_group(state, vec![own]).await;
         // Whatever came meanwhile goes next, from a task of its own, so this task's caller
         // does not wait for acks other than its own.
         if let Some(group) = sending.next_group() {
@@ -115,14 +132,22 @@ impl Settle {
     /// Acks the delivery without waiting: it goes with the next group, and `then` is called
     /// with its outcome once its frame is sent, from the task that sends it.
     pub(crate) fn ack_then(self, then: impl FnOnce(Result<bool, lapin::Error>) + Send + 'static) {
-        lock(&self.acks.state).waiting.push(Waiting {
-            tag: self.tag,
-            acker: self.acker,
-            then: Some(Box::new(then)),
-        });
-        if let Some(mut sending) = Sending::claim(&self.acks.state) {
-            // The group is taken when the task runs, not now: the acks handed over meanwhile
-            // (the rest of an events batch) go in it too.
+        let start = {
+            let mut state = lock(&self.acks.state);
+            state.waiting.push(Waiting {
+                tag: self.tag,
+                acker: self.acker,
+                then: Some(Box::new(then)),
+            });
+            !mem::replace(&mut state.sending, true)
+        };
+        if start {
+            let mut sending = Sending {
+                state: Arc::clone(&self.acks.state),
+                released: false,
+            };
+            // Taken when the task runs, not now: the acks handed over meanwhile (the rest of
+            // an events batch) go in the same group.
             tokio::spawn(async move {
                 if let Some(group) = sending.next_group() {
                     send_groups(sending, group).await;
@@ -152,15 +177,6 @@ struct Sending {
 }
 
 impl Sending {
-    /// The right to send, unless another task holds it.
-    fn claim(state: &Arc<Mutex<State>>) -> Option<Self> {
-        let taken = mem::replace(&mut lock(state).sending, true);
-        (!taken).then(|| Self {
-            state: Arc::clone(state),
-            released: false,
-        })
-    }
-
     /// The acks that came meanwhile, or `None` (and the right to send given up) if none did.
     fn next_group(&mut self) -> Option<Vec<Waiting>> {
         let mut state = lock(&self.state);
