@@ -13,16 +13,16 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-        BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        QueueDeclareOptions, QueuePurgeOptions,
     },
     types::{AMQPValue, FieldTable},
 };
 use offload_common::{
-    Broker, Event, EventSink, EventType, TaskEnvelope,
+    Broker, Event, EventSink, EventType, Message, PublishError as BrokerPublishError, TaskEnvelope,
     envelope::{copy_properties, integer_header},
 };
 use serde::Serialize;
@@ -188,7 +188,6 @@ impl DeadLetters {
         pick: impl Fn(&Delivery) -> bool,
         events: Option<&EventSink>,
     ) -> Result<usize, PublishError> {
-        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
         let queue = self.broker.topology().queue().to_owned();
         let mut retried = 0;
         for delivery in scan.deliveries.iter().filter(|delivery| pick(delivery)) {
@@ -198,10 +197,10 @@ impl DeadLetters {
                 event.id = task.id;
                 event.kind.clone_from(&task.kind);
                 if !events.emit_confirmed(event).await {
-                    return Err(PublishError::Timeout(CONFIRM_TIMEOUT));
+                    return Err(BrokerPublishError::Timeout(CONFIRM_TIMEOUT).into());
                 }
             }
-            let published = self.put_back(&link, &queue, delivery).await;
+            let published = self.put_back(&queue, delivery).await;
             if let (Err(_), Some(events)) = (&published, events) {
                 // It stays dead: say so again, after the `retried` that said otherwise.
                 let mut dead = Event::new(EventType::Dead);
@@ -218,46 +217,18 @@ impl DeadLetters {
     }
 
     /// Publishes a copy of the dead `delivery` to the work queue and waits for the confirm.
-    async fn put_back(
-        &self,
-        link: &offload_common::Link,
-        queue: &str,
-        delivery: &Delivery,
-    ) -> Result<(), PublishError> {
-        {
-            let publish = async {
-                link.publisher()
-                    .basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &delivery.data,
-                        // Fresh attempts: none of what its deaths and attempts wrote.
-                        copy_properties(
-                            &delivery.properties,
-                            |name| name.starts_with("x-offload-"),
-                            &FieldTable::default(),
-                        ),
-                    )
-                    .await?
-                    .await
-            };
-            match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    Err(PublishError::Returned(returned.reply_text.to_string()))
-                }
-                Ok(Ok(_)) => {
-                    self.broker.report_nack(link);
-                    Err(PublishError::Nacked)
-                }
-                Ok(Err(error)) => Err(PublishError::Broker(error)),
-                Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
-            }
-        }
+    async fn put_back(&self, queue: &str, delivery: &Delivery) -> Result<(), PublishError> {
+        // Fresh attempts: none of what its deaths and attempts wrote.
+        let properties = copy_properties(
+            &delivery.properties,
+            |name| name.starts_with("x-offload-"),
+            &FieldTable::default(),
+        );
+        let message = Message::to_queue(queue, &delivery.data, properties);
+        Ok(self
+            .broker
+            .publish_confirmed(message, CONFIRM_TIMEOUT)
+            .await?)
     }
 
     /// Discards the dead tasks that `pick` picks. Returns how many.
@@ -275,12 +246,12 @@ impl DeadLetters {
             }
         }
         scan.close().await;
-        failed.map_or(Ok(discarded), |error| Err(PublishError::Broker(error)))
+        failed.map_or(Ok(discarded), |error| Err(error.into()))
     }
 
     /// Discards every dead task at once (`queue.purge`). Returns how many.
     pub async fn purge(&self) -> Result<u32, PublishError> {
-        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
+        let link = self.broker.link().ok_or(BrokerPublishError::Disconnected)?;
         let channel = link.connection().create_channel().await?;
         let purged = channel
             .queue_purge(self.queue().as_str().into(), QueuePurgeOptions::default())
@@ -291,7 +262,7 @@ impl DeadLetters {
 
     /// Reads up to [`SCAN_MAX`] messages of the dead-letter queue, holding them unacked.
     async fn scan(&self) -> Result<Scan, PublishError> {
-        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
+        let link = self.broker.link().ok_or(BrokerPublishError::Disconnected)?;
         let channel = link.connection().create_channel().await?;
         let read = tokio::time::timeout(SCAN_TIMEOUT, self.read(&channel)).await;
         match read {
@@ -308,7 +279,7 @@ impl DeadLetters {
             }
             Err(_) => {
                 let _ = channel.close(200, "scan timed out".into()).await;
-                Err(PublishError::Timeout(SCAN_TIMEOUT))
+                Err(BrokerPublishError::Timeout(SCAN_TIMEOUT).into())
             }
         }
     }
@@ -347,7 +318,7 @@ impl DeadLetters {
         while deliveries.len() < SCAN_MAX as usize {
             match tokio::time::timeout(SCAN_IDLE, consumer.next()).await {
                 Ok(Some(Ok(delivery))) => deliveries.push(delivery),
-                Ok(Some(Err(error))) => return Err(PublishError::Broker(error)),
+                Ok(Some(Err(error))) => return Err(error.into()),
                 Ok(None) | Err(_) => break,
             }
         }

@@ -13,6 +13,8 @@ use axum::{
 };
 use serde::Serialize;
 
+use offload_common::PublishError as Broker;
+
 use crate::{auth::Scope, publisher::PublishError};
 
 /// The longest excerpt of client input an error message quotes.
@@ -209,13 +211,15 @@ impl ApiError {
             Self::Replaying { .. } => "events_replaying",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable { error, .. } => match error {
-                PublishError::Disconnected | PublishError::Broker(_) => "broker_unavailable",
+                PublishError::Broker(Broker::Disconnected | Broker::Channel(_)) => {
+                    "broker_unavailable"
+                }
                 PublishError::Blocked => "broker_blocked",
                 PublishError::Overloaded => "overloaded",
-                PublishError::Nacked => "queue_full",
-                PublishError::Returned(_) => "queue_missing",
+                PublishError::Broker(Broker::Nacked) => "queue_full",
+                PublishError::Broker(Broker::Returned(_)) => "queue_missing",
                 PublishError::UnknownKind => "unknown_kind",
-                PublishError::Timeout(_) => "confirm_timeout",
+                PublishError::Broker(Broker::Timeout(_)) => "confirm_timeout",
             },
             Self::TooManyConnections { .. } => "too_many_connections",
             Self::Internal => "internal_error",
@@ -322,7 +326,7 @@ impl ApiError {
 /// What to tell a client whose task the broker did not take. Never the broker's own text.
 fn unavailable_advice(error: &PublishError) -> &'static str {
     match error {
-        PublishError::Disconnected | PublishError::Broker(_) => {
+        PublishError::Broker(Broker::Disconnected | Broker::Channel(_)) => {
             "the task was not queued: the gateway has no connection to RabbitMQ right now. Retry after the Retry-After delay"
         }
         PublishError::Blocked => {
@@ -331,17 +335,17 @@ fn unavailable_advice(error: &PublishError) -> &'static str {
         PublishError::Overloaded => {
             "the task was not queued: this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT). Retry after the Retry-After delay"
         }
-        PublishError::Nacked => {
+        PublishError::Broker(Broker::Nacked) => {
             "the task was not queued: RabbitMQ refused it (nack: the queue is at its length limit, or a cluster is moving its leader after losing a node). Retry after the Retry-After delay"
         }
         // Answered as `UnknownKind` by the route, which knows the kind; never reaches here.
         PublishError::UnknownKind => "the task was not queued: no worker handles its kind",
-        PublishError::Returned(_) => {
+        PublishError::Broker(Broker::Returned(_)) => {
             "the task was not queued: the work queue does not exist right now (it is being declared again). Retry after the Retry-After delay"
         }
         // Without a confirm nobody knows whether the broker kept the task; say so, since a
         // retry may then run it twice (delivery is at least once anyway).
-        PublishError::Timeout(_) => {
+        PublishError::Broker(Broker::Timeout(_)) => {
             "the task may not have been queued: RabbitMQ did not confirm it within CONFIRM_TIMEOUT. Retry after the Retry-After delay; if it was queued after all it runs twice, so handlers should be idempotent"
         }
     }
@@ -450,7 +454,7 @@ mod tests {
     #[test]
     fn server_errors_never_quote_the_broker() {
         let error = ApiError::Unavailable {
-            error: PublishError::Returned("NO_ROUTE secret-broker-text".into()),
+            error: Broker::Returned("NO_ROUTE secret-broker-text".into()).into(),
             retry_after: 1,
         };
         let body = String::from_utf8(error.body_bytes()).expect("UTF-8");

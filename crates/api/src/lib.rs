@@ -16,7 +16,7 @@ mod status;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use offload_common::{Broker, BrokerError, EventSink, broker::session::Supervisor};
+use offload_common::{Broker, BrokerError, EventSink, Supervisor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -229,9 +229,8 @@ impl Application {
             None => (&mut supervisor).await,
         };
         tracing::info!("offload-api stopped");
-        match ended {
-            Ok(Ok(())) | Err(_) => Ok(()),
-            Ok(Err(error)) => Err(error.into()),
-        }
+        // A session that panicked is an error too: a supervisor (compose, Kubernetes) must
+        // see a failure and restart the process.
+        ended.map_err(Into::into)
     }
 }

@@ -13,12 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{
-    Confirmation,
-    options::BasicPublishOptions,
-    types::{FieldTable, ShortString},
+use lapin::types::FieldTable;
+use offload_common::{
+    Broker, BrokerState, Message, PublishError as BrokerPublishError, TaskEnvelope,
+    topology::delayed_task_routing_key,
 };
-use offload_common::{Broker, BrokerState, TaskEnvelope, topology::delayed_task_routing_key};
 use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
@@ -29,9 +28,9 @@ pub struct Publisher {
     broker: Broker,
     watch: Arc<ConfirmWatch>,
     /// `<QUEUE>.kinds`: tasks are published there with their kind as routing key.
-    exchange: ShortString,
+    exchange: String,
     /// `<QUEUE>.later`: tasks to run later.
-    later: ShortString,
+    later: String,
     confirm_timeout: Duration,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -39,33 +38,28 @@ pub struct Publisher {
 }
 
 /// Why a task was not accepted by the broker. Every variant means "not confirmed, try again";
-/// all but [`PublishError::Timeout`] also mean the task is certainly not on the queue.
+/// all but a [`BrokerPublishError::Timeout`] also mean the task is certainly not on the queue.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// No live connection to the broker right now.
-    #[error("not connected to RabbitMQ")]
-    Disconnected,
     /// The broker has blocked publishers because it is short of memory or disk.
     #[error("RabbitMQ is blocking publishers (memory or disk alarm)")]
     Blocked,
     /// This gateway already has its maximum of publishes awaiting a confirm.
     #[error("this gateway has too many tasks awaiting the broker's confirm (MAX_IN_FLIGHT)")]
     Overloaded,
-    /// The broker refused the message (for instance the queue is at its length limit).
-    #[error("RabbitMQ refused the task (nack: the queue is full, or its leader is moving)")]
-    Nacked,
-    /// The message could not be routed: the work queue does not exist.
-    #[error("RabbitMQ returned the task unrouted ({0}): the queue does not exist")]
-    Returned(String),
     /// The message could not be routed: no worker has bound its kind.
     #[error("no worker has registered the kind")]
     UnknownKind,
-    /// No confirm came in time; the task may or may not be queued.
-    #[error("RabbitMQ did not confirm the task within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
-    /// The channel failed while publishing (typically the connection dropped).
-    #[error("publishing failed: {0}")]
-    Broker(#[from] lapin::Error),
+    /// Not confirmed by the broker: disconnected, nacked, returned because the queue is gone,
+    /// timed out, or the channel failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerPublishError),
+}
+
+impl From<lapin::Error> for PublishError {
+    fn from(error: lapin::Error) -> Self {
+        Self::Broker(BrokerPublishError::Channel(error))
+    }
 }
 
 /// Publishes in a row without a confirm after which the broker counts as not confirming.
@@ -127,8 +121,8 @@ impl Publisher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            exchange: broker.topology().kinds_exchange().into(),
-            later: broker.topology().later_exchange().into(),
+            exchange: broker.topology().kinds_exchange(),
+            later: broker.topology().later_exchange(),
             broker,
             confirm_timeout,
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
@@ -190,11 +184,9 @@ impl Publisher {
             .in_flight
             .try_acquire()
             .map_err(|_| PublishError::Overloaded)?;
-        let link = self.broker.link().ok_or(PublishError::Disconnected)?;
-        if link.connection().status().blocked() {
+        if self.broker.is_blocked() {
             return Err(PublishError::Blocked);
         }
-        let channel = link.publisher();
         let body = task.to_bytes();
         let mut properties = task.properties();
         if !headers.inner().is_empty() {
@@ -202,54 +194,44 @@ impl Publisher {
         }
         // Either exchange routes only the kinds workers bound, so an unbound kind comes back
         // as a return whether it is to run now or later.
-        let (exchange, routing_key): (ShortString, ShortString) = match delay {
-            None => (self.exchange.clone(), task.kind.as_str().into()),
-            Some(delay) => (
-                self.later.clone(),
-                delayed_task_routing_key(delay, task.kind.as_str()).into(),
+        let message = match delay {
+            None => Message::to_exchange(&self.exchange, task.kind.as_str(), &body, properties),
+            Some(delay) => Message::to_exchange(
+                &self.later,
+                &delayed_task_routing_key(delay, task.kind.as_str()),
+                &body,
+                properties,
             ),
-        };
-        let publish_and_confirm = async {
-            let confirm = channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?;
-            confirm.await
-        };
+        }
+        .maybe_unbound();
         let began = Instant::now();
-        let answered = tokio::time::timeout(self.confirm_timeout, publish_and_confirm).await;
-        if answered.is_ok() {
+        let published = self
+            .broker
+            .publish_confirmed(message, self.confirm_timeout)
+            .await;
+        if let Err(BrokerPublishError::Disconnected) = published {
+            // Failed without asking the broker anything: no answer, and no silence either.
+            return Err(BrokerPublishError::Disconnected.into());
+        }
+        let answered = !matches!(published, Err(BrokerPublishError::Timeout(_)));
+        if answered {
             self.metrics.confirmed(began.elapsed());
         }
-        self.watch
-            .answered(answered.is_ok(), self.watch.epoch.elapsed());
-        match answered {
-            Err(_) => Err(PublishError::Timeout(self.confirm_timeout)),
-            Ok(Err(error)) => Err(PublishError::Broker(error)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+        self.watch.answered(answered, self.watch.epoch.elapsed());
+        match published {
+            Ok(()) => Ok(()),
+            Err(BrokerPublishError::Returned(text)) => {
                 // Either nobody bound this kind, or the queue (and so every binding) is gone.
                 // Only the failure path pays for asking which.
-                if let Ok(true) = self.broker.topology().exists(link.connection()).await {
+                if let Some(link) = self.broker.link()
+                    && let Ok(true) = self.broker.topology().exists(link.connection()).await
+                {
                     return Err(PublishError::UnknownKind);
                 }
                 self.broker.report_unroutable();
-                Err(PublishError::Returned(returned.reply_text.to_string()))
+                Err(BrokerPublishError::Returned(text).into())
             }
-            // NotRequested cannot happen (the channel is put in confirm mode before it is
-            // handed out); were it to, it is no confirm, so it is not a success.
-            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
-                self.broker.report_nack(&link);
-                Err(PublishError::Nacked)
-            }
+            Err(error) => Err(error.into()),
         }
     }
 }

@@ -20,9 +20,7 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
-use offload_common::{
-    Broker, BrokerError, DeadReason, Event, EventSink, EventType, broker::session::backoff,
-};
+use offload_common::{Broker, DeadReason, Delivered, Event, EventSink, EventType};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -599,84 +597,58 @@ impl Tracker {
 
     /// Reads the stream from its first event, then follows it, applying every event, until
     /// `shutdown`. Writes a marker through `sink` first, to learn when it has caught up.
-    pub async fn follow(self, mut broker: Broker, sink: EventSink, shutdown: CancellationToken) {
+    pub async fn follow(self, broker: Broker, sink: EventSink, shutdown: CancellationToken) {
         let Some(stream) = broker.topology().events_stream() else {
             return;
         };
+        let mut subscription = broker.subscribe(&stream, FOLLOW_PREFETCH);
+        subscription.set_arguments(stream_offset(None));
         let mut next_offset: Option<i64> = None;
-        let mut delays = backoff();
         loop {
-            let link = tokio::select! {
-                () = shutdown.cancelled() => return,
-                link = broker.connected() => link,
+            let delivered = tokio::select! {
+                () = shutdown.cancelled() => break,
+                delivered = subscription.next() => delivered,
             };
-            if !self.is_live() {
-                let mut marker = Event::new(EventType::Gateway);
-                marker.marker = Some(self.inner.marker);
-                sink.emit(marker);
-            }
-            let followed = async {
-                let subscribe = async {
-                    let channel = link.connection().create_channel().await?;
-                    channel
-                        .basic_qos(FOLLOW_PREFETCH, BasicQosOptions::default())
-                        .await?;
-                    let consumer = channel
-                        .basic_consume(
-                            stream.as_str().into(),
-                            "".into(),
-                            BasicConsumeOptions::default(),
-                            stream_offset(next_offset),
-                        )
-                        .await?;
-                    Ok::<_, lapin::Error>((channel, consumer))
-                };
-                let (channel, mut consumer) =
-                    broker.within("the stream subscription", subscribe).await?;
-                delays = backoff();
-                while let Some(delivery) = tokio::select! {
-                    () = shutdown.cancelled() => None,
-                    delivery = consumer.next() => delivery,
-                } {
-                    let delivery = delivery?;
-                    let offset = offset_of(&delivery.properties);
-                    for event in offload_common::events::decode_batch(&delivery.data) {
-                        match event {
-                            Ok(event) => self.apply(&event, offset),
-                            Err(problem) => tracing::debug!("skipping a stream entry: {problem}"),
-                        }
+            let delivery = match delivered {
+                Delivered::Message(delivery) => delivery,
+                Delivered::Subscribed => {
+                    if !self.is_live() {
+                        let mut marker = Event::new(EventType::Gateway);
+                        marker.marker = Some(self.inner.marker);
+                        sink.emit(marker);
                     }
-                    if let Some(offset) = offset {
-                        next_offset = Some(offset + 1);
-                    }
-                    broker
-                        .within("an ack", delivery.ack(BasicAckOptions::default()))
-                        .await?;
-                    // lapin's consumer is always ready while deliveries are buffered, so
-                    // catching up on a backlog would never yield: give requests their turn.
-                    tokio::task::coop::consume_budget().await;
+                    continue;
                 }
-                let _ = broker
-                    .within(
-                        "closing the channel",
-                        channel.close(200, "done following".into()),
-                    )
-                    .await;
-                Ok::<_, BrokerError>(())
+                Delivered::Lost(reason) => {
+                    tracing::warn!("reading the events stream failed ({reason}); reading on");
+                    // Resume after the last event applied, not from the first again.
+                    subscription.set_arguments(stream_offset(next_offset));
+                    continue;
+                }
+            };
+            let offset = offset_of(&delivery.properties);
+            for event in offload_common::events::decode_batch(&delivery.data) {
+                match event {
+                    Ok(event) => self.apply(&event, offset),
+                    Err(problem) => tracing::debug!("skipping a stream entry: {problem}"),
+                }
             }
-            .await;
-            if shutdown.is_cancelled() {
-                return;
+            if let Some(offset) = offset {
+                next_offset = Some(offset + 1);
             }
-            if let Err(error) = followed {
+            let acked = broker
+                .within("an ack", delivery.ack(BasicAckOptions::default()))
+                .await;
+            if let Err(error) = acked {
                 tracing::warn!("reading the events stream failed ({error}); reading on shortly");
-                broker.check_topology();
+                subscription.set_arguments(stream_offset(next_offset));
+                subscription.restart().await;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))) => {}
-            }
+            // lapin's consumer is always ready while deliveries are buffered, so catching up
+            // on a backlog would never yield: give requests their turn.
+            tokio::task::coop::consume_budget().await;
         }
+        subscription.close("done following").await;
     }
 
     /// Reads the result of task `id` back from the stream entry at `offset`.

@@ -16,12 +16,12 @@ use std::{
 };
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use lapin::{BasicProperties, Confirmation, options::BasicPublishOptions, types::ShortString};
+use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Broker, Link, envelope::rfc3339};
+use crate::{Broker, Message, Sent, envelope::rfc3339};
 
 /// The event format version this build writes and reads.
 pub const EVENTS_VERSION: u32 = 1;
@@ -244,7 +244,7 @@ impl EventSink {
     /// every clone of the sink is dropped, after publishing what was given to it.
     pub fn start(broker: Broker, stream: String) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let handle = tokio::spawn(publish_batches(receiver, broker, stream.into()));
+        let handle = tokio::spawn(publish_batches(receiver, broker, stream));
         (
             Self {
                 sender,
@@ -299,11 +299,7 @@ impl EventSink {
     }
 }
 
-async fn publish_batches(
-    mut receiver: mpsc::Receiver<Pending>,
-    broker: Broker,
-    stream: ShortString,
-) {
+async fn publish_batches(mut receiver: mpsc::Receiver<Pending>, broker: Broker, stream: String) {
     // Batches are sent one after the other, in order, so one process's events reach the
     // stream in the order it emitted them; their confirms are awaited concurrently, up to
     // MAX_BATCHES_IN_FLIGHT, so a busy process does not wait a whole round trip per batch.
@@ -351,10 +347,9 @@ async fn publish_batches(
         }
         let body = encode_batch(batch.iter().map(|pending| &pending.event));
         let sent = send(&broker, &stream, &body).await;
-        let broker = broker.clone();
         confirming.push(async move {
             let published = match sent {
-                Some((link, confirm)) => confirmed(&broker, &link, confirm).await,
+                Some(sent) => sent.confirmed_within(CONFIRM_TIMEOUT).await.is_ok(),
                 None => false,
             };
             for then in batch.into_iter().filter_map(|pending| pending.then) {
@@ -365,50 +360,14 @@ async fn publish_batches(
     while confirming.next().await.is_some() {}
 }
 
-/// Sends one batch; the link it went on and its confirm to await, or `None` if it could not
-/// be sent.
-async fn send(
-    broker: &Broker,
-    stream: &ShortString,
-    body: &[u8],
-) -> Option<(Link, lapin::PublisherConfirm)> {
-    let link = broker.link()?;
+/// Sends one batch: its confirm to await, or `None` if it could not be sent.
+async fn send(broker: &Broker, stream: &str, body: &[u8]) -> Option<Sent> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_app_id("offload".into());
-    let send = link.publisher().basic_publish(
-        ShortString::from(""),
-        stream.clone(),
-        BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        },
-        body,
-        properties,
-    );
-    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, send)
-        .await
-        .ok()?
-        .ok()?;
-    Some((link, confirm))
-}
-
-/// Whether the broker confirmed the batch, within the timeout.
-async fn confirmed(broker: &Broker, link: &Link, confirm: lapin::PublisherConfirm) -> bool {
-    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-        Ok(Ok(Confirmation::Ack(None))) => true,
-        Ok(Ok(Confirmation::Ack(Some(_)))) => {
-            // The stream is gone: have the session declare it again.
-            broker.report_unroutable();
-            false
-        }
-        Ok(Ok(Confirmation::Nack(_))) => {
-            broker.report_nack(link);
-            false
-        }
-        Ok(Ok(_) | Err(_)) | Err(_) => false,
-    }
+    let send = broker.send(Message::to_queue(stream, body, properties));
+    tokio::time::timeout(CONFIRM_TIMEOUT, send).await.ok()?.ok()
 }
 
 /// `Option<SystemTime>` as an RFC 3339 string, or absent.

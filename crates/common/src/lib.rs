@@ -13,8 +13,11 @@ pub mod topology;
 pub mod trace;
 
 pub use broker::{
-    BrokerArgs, BrokerError, redact_url,
-    session::{Broker, BrokerState, Link},
+    BrokerArgs, BrokerError,
+    publish::{Message, PublishError, Returns, Sent},
+    redact_url,
+    session::{Broker, BrokerState, Link, Supervisor},
+    subscribe::{Delivered, Subscription},
 };
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
 pub use events::{DeadReason, Event, EventSink, EventType};

@@ -27,22 +27,25 @@
 use std::process::ExitCode;
 
 mod acks;
+mod attempt;
 mod config;
-mod consumer;
+mod consume;
 mod handler;
 pub mod handlers;
 mod metrics;
 mod retry;
+mod run;
+mod settle;
 mod targets;
 
 pub use config::{
     Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SLEEP_MAX_UNITS, DEFAULT_SLEEP_UNIT, DEFAULT_THREADS,
 };
-pub use consumer::{TASK_LOG, WorkerError, run};
 pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
 pub use offload_common::shutdown::signal as shutdown_signal;
 pub use retry::RetryPolicy;
+pub use run::{TASK_LOG, WorkerError, run};
 pub use targets::{DEFAULT_TARGET_TIMEOUT, SigningSecret, TargetArgs, TargetsError};
 
 /// What `offload-worker`'s `fn main` does: builds the tokio runtime with `config.threads`

@@ -3,7 +3,9 @@
 //! [`BrokerArgs`] is flattened into both command lines; [`session`] is the layer both
 //! binaries stand on (connect, declare, watch, back off); [`url`] reads and redacts URLs.
 
+pub mod publish;
 pub mod session;
+pub mod subscribe;
 pub mod url;
 
 use std::{path::PathBuf, time::Duration};
@@ -363,6 +365,9 @@ pub enum BrokerError {
     /// The queues exist with other settings, or could not be declared.
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
+    /// The session's supervisor panicked: a bug, and the process is no longer connected.
+    #[error("the broker session stopped: it panicked ({0})")]
+    SessionPanicked(String),
 }
 
 impl BrokerError {

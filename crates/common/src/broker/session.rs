@@ -132,9 +132,43 @@ struct Shared {
     renew: tokio::sync::Notify,
 }
 
-/// The supervisor task: ends when shutdown is asked for (`Ok`) or on an error retrying cannot
-/// fix (a topology mismatch before the topology was ever declared).
-pub type Supervisor = JoinHandle<Result<(), BrokerError>>;
+/// The supervisor task, as a future: ends when shutdown is asked for (`Ok`), on an error
+/// retrying cannot fix (a topology mismatch before the topology was ever declared), or with
+/// [`BrokerError::SessionPanicked`] if it panicked, so that a process whose session died says
+/// so in its exit code instead of stopping as if asked to.
+pub struct Supervisor(JoinHandle<Result<(), BrokerError>>);
+
+impl Supervisor {
+    /// Whether the task has ended (and so awaiting it returns at once).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl From<JoinHandle<Result<(), BrokerError>>> for Supervisor {
+    fn from(handle: JoinHandle<Result<(), BrokerError>>) -> Self {
+        Self(handle)
+    }
+}
+
+impl Future for Supervisor {
+    type Output = Result<(), BrokerError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(context).map(|joined| {
+            joined.unwrap_or_else(|error| {
+                Err(BrokerError::SessionPanicked(if error.is_panic() {
+                    crate::telemetry::panic_message(error.into_panic().as_ref()).to_owned()
+                } else {
+                    "its task was cancelled".to_owned()
+                }))
+            })
+        })
+    }
+}
 
 impl Broker {
     /// Reads the settings, connects once and declares `topology` (the gateway's is
@@ -182,7 +216,7 @@ impl Broker {
                 None
             }
         };
-        let handle = tokio::spawn(supervisor.run(first));
+        let handle = Supervisor(tokio::spawn(supervisor.run(first)));
         Ok((
             Self {
                 link: receiver,
@@ -241,6 +275,14 @@ impl Broker {
         )
         .await
         .ok()
+    }
+
+    /// Whether the broker is refusing publishes for now (a memory or disk alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.link
+            .borrow()
+            .as_ref()
+            .is_some_and(|link| link.connection.status().blocked())
     }
 
     /// What a publish could do now.
@@ -507,5 +549,34 @@ impl SessionTask {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_supervisor_ends_with_an_error_not_a_clean_stop() {
+        let panicked: Supervisor = tokio::spawn(async {
+            assert!(!std::hint::black_box(true), "a bug in the session");
+            Ok(())
+        })
+        .into();
+
+        let ended = panicked.await;
+
+        match ended {
+            Err(BrokerError::SessionPanicked(message)) => {
+                assert!(message.contains("a bug in the session"), "{message}");
+            }
+            other => panic!("expected SessionPanicked, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_that_stops_as_asked_ends_ok() {
+        let stopped: Supervisor = tokio::spawn(async { Ok(()) }).into();
+        assert!(stopped.await.is_ok());
     }
 }
