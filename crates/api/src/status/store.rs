@@ -1,243 +1,30 @@
-//! The gateway's view of task states, built by reading the events stream: the whole retention
-//! window at start, then following it.
-//!
-//! Bounded: at most `STATUS_CAPACITY` tasks, the oldest forgotten first. Results are not held:
-//! the view keeps the stream offset of a task's `succeeded` event and reads the result back
-//! from the stream when asked for it. Waiters (`?wait=`) park on a `Notify` per task, so ten
-//! thousand of them cost memory, not threads or polling.
+//! The view itself: at most `STATUS_CAPACITY` tasks, the oldest forgotten first, kinds
+//! interned, and what the routes and the dashboard ask of it.
 
+#[cfg(test)]
+use std::time::SystemTime;
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-use futures_util::StreamExt;
-use lapin::{
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
-    types::{AMQPValue, FieldTable, LongString},
-};
-use offload_common::{Broker, DeadReason, Delivered, Event, EventSink, EventType};
+use offload_common::{Event, EventType};
 use serde::Serialize;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Deliveries the follower lets the broker send ahead (streams need a prefetch).
-const FOLLOW_PREFETCH: u16 = 1000;
-/// Longest a result may take to be read back from the stream.
-const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// On the queue, waiting for a worker.
-    Queued,
-    /// Waiting in the delay levels until `run_at` (posted with a delay, or a failed attempt's
-    /// backoff), then queued.
-    Scheduled,
-    /// A worker is running it.
-    Running,
-    /// Done.
-    Succeeded,
-    /// It will not run again; it is in the dead-letter queue.
-    Dead,
-}
-
-impl Status {
-    /// Whether the task's life is over (until a redelivery: delivery is at least once).
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Dead)
-    }
-}
-
-/// What GET /tasks/{id} answers.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct TaskView {
-    /// The task id.
-    pub id: Uuid,
-    /// Its kind.
-    #[schema(value_type = String)]
-    pub kind: Arc<str>,
-    /// Where it is.
-    pub status: Status,
-    /// Attempts started so far.
-    pub attempts: u64,
-    /// When the gateway accepted it.
-    #[serde(serialize_with = "time")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub submitted_at: Option<SystemTime>,
-    /// When its latest attempt started.
-    #[serde(serialize_with = "time")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub started_at: Option<SystemTime>,
-    /// When it succeeded or died.
-    #[serde(serialize_with = "time")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub finished_at: Option<SystemTime>,
-    /// While scheduled: when its next attempt is due.
-    #[serde(serialize_with = "time")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub run_at: Option<SystemTime>,
-    /// The latest error, if any.
-    #[schema(value_type = Option<String>)]
-    pub error: Option<Arc<str>>,
-    /// Why it is dead, once dead.
-    pub reason: Option<DeadReason>,
-    /// The handler's result, once succeeded (read back from the stream).
-    pub result: Option<serde_json::Value>,
-    /// Stream offset of the `succeeded` event holding the result; not shown.
-    #[serde(skip)]
-    pub result_offset: Option<i64>,
-}
-
-/// An optional time as RFC 3339 with milliseconds, or null (for `serialize_with`).
-#[allow(clippy::ref_option)] // serde's serialize_with hands us `&Option<T>`
-pub(crate) fn time<S: serde::Serializer>(
-    time: &Option<SystemTime>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match time {
-        Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
-        None => serializer.serialize_none(),
-    }
-}
-
-/// One task, as small as it can be held: a million of them is the default capacity's worth.
-/// Times are milliseconds since the epoch (0: not yet), the kind an index into the view's
-/// interned kinds, and what few tasks have (a key, waiters) sits behind one pointer.
-struct Entry {
-    kind: u32,
-    status: Status,
-    reason: Option<DeadReason>,
-    /// This gateway accepted it (after it started, so the stream holds nothing older of it).
-    accepted_here: bool,
-    attempts: u32,
-    submitted_at: u64,
-    started_at: u64,
-    finished_at: u64,
-    /// While scheduled: when the next attempt is due.
-    run_at: u64,
-    /// Stream offset of the `succeeded` event holding the result; -1: none.
-    result_offset: i64,
-    error: Option<Box<str>>,
-    extra: Option<Box<Extra>>,
-}
-
-impl Entry {
-    /// Folds one event into the task; the Idempotency-Key to index, if the event brings one.
-    fn fold(&mut self, event: &Event, offset: Option<i64>) -> Option<String> {
-        let mut key_to_index = None;
-        // An attempt's end is final: a `started` or `failed` read after it comes from a
-        // duplicate delivery (delivery is at least once; after a failover RabbitMQ writes an
-        // earlier unconfirmed publish late), and a success is not undone by a duplicate's
-        // death. Only `retried` brings a dead task back.
-        let ended = match self.status {
-            Status::Succeeded => true,
-            Status::Dead => event.event != EventType::Succeeded,
-            _ => false,
-        };
-        let stale = ended
-            || event.event == EventType::Failed
-                && event
-                    .attempt
-                    .is_some_and(|attempt| attempt < u64::from(self.attempts));
-        if let Some(attempt) = event.attempt {
-            self.attempts = self
-                .attempts
-                .max(u32::try_from(attempt).unwrap_or(u32::MAX));
-        }
-        let error = || event.error.as_deref().map(Box::from);
-        match event.event {
-            EventType::Queued => {
-                if let Some(submitted_at) = event.submitted_at {
-                    self.submitted_at = millis(submitted_at);
-                }
-                if let Some(run_at) = event.run_at
-                    && self.status == Status::Queued
-                {
-                    self.status = Status::Scheduled;
-                    self.run_at = millis(run_at);
-                }
-                if let Some(key) = &event.idempotency_key {
-                    self.extra.get_or_insert_with(Box::default).idempotency_key =
-                        Some(key.as_str().into());
-                    key_to_index = Some(key.clone());
-                }
-            }
-            EventType::Started | EventType::Failed | EventType::Succeeded | EventType::Dead
-                if stale => {}
-            EventType::Started => {
-                self.status = Status::Running;
-                self.started_at = millis(event.at);
-            }
-            EventType::Failed => {
-                self.error = error();
-                match event.run_at {
-                    Some(run_at) => {
-                        self.status = Status::Scheduled;
-                        self.run_at = millis(run_at);
-                    }
-                    None => self.status = Status::Queued,
-                }
-            }
-            EventType::Succeeded => {
-                self.status = Status::Succeeded;
-                self.finished_at = millis(event.at);
-                // A note about a dropped result, or nothing.
-                self.error = error();
-                self.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
-            }
-            EventType::Dead => {
-                self.status = Status::Dead;
-                self.reason = event.reason;
-                self.finished_at = millis(event.at);
-                self.error = error();
-            }
-            // Only a dead task comes back; a `retried` read after its new run began (from
-            // another gateway's stream position) changes nothing.
-            EventType::Retried if self.status == Status::Dead => {
-                self.status = Status::Queued;
-                self.reason = None;
-                self.error = None;
-                self.finished_at = 0;
-                self.run_at = 0;
-                self.attempts = 0;
-            }
-            EventType::Retried | EventType::Worker | EventType::Gateway => {}
-        }
-        key_to_index
-    }
-}
+use super::{Status, TaskView, fold::Entry, time_of};
 
 #[derive(Default)]
-struct Extra {
-    idempotency_key: Option<Box<str>>,
-    waiters: Option<Arc<Notify>>,
-}
-
-pub(crate) fn millis(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
-/// Milliseconds since the epoch as a time; 0 (not yet) as none.
-pub(crate) fn time_of(millis: u64) -> Option<SystemTime> {
-    (millis != 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
-}
-
-#[derive(Default)]
-struct View {
+pub(super) struct View {
     tasks: HashMap<Uuid, Entry>,
     /// Ids in the order they were first seen, to forget the oldest.
     order: VecDeque<Uuid>,
-    idempotency: HashMap<Box<str>, Uuid>,
+    pub(super) idempotency: HashMap<Box<str>, Uuid>,
     /// Interned kinds, so a million tasks of five kinds hold five strings.
     kinds: Vec<Arc<str>>,
     kind_index: HashMap<Arc<str>, u32>,
@@ -320,51 +107,19 @@ impl View {
 /// The view, shared by the follower and every request. Cheap to clone.
 #[derive(Clone)]
 pub struct Tracker {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    view: Mutex<View>,
-    capacity: usize,
+pub(super) struct Inner {
+    pub(super) view: Mutex<View>,
+    pub(super) capacity: usize,
     /// Set once the follower has read this gateway's start marker back: the view is
     /// complete up to the present.
-    live: AtomicBool,
-    marker: Uuid,
+    pub(super) live: AtomicBool,
+    pub(super) marker: Uuid,
     /// Keys being submitted on this gateway right now, so two requests with one key at once
     /// make one task.
-    claims: Mutex<HashMap<String, Arc<Notify>>>,
-}
-
-/// What an Idempotency-Key stands for, when a request asks.
-pub enum Claim {
-    /// A task was accepted with this key already.
-    Done(Uuid),
-    /// Another request on this gateway is submitting with this key: wait, then ask again.
-    Wait(Arc<Notify>),
-    /// This request submits; the claim is released when the guard drops.
-    Mine(ClaimGuard),
-}
-
-/// Whether another request still holds a key's claim.
-pub enum ClaimState {
-    /// Still being submitted elsewhere on this gateway.
-    Pending,
-    /// Released: ask again.
-    Released,
-}
-
-/// Releases an Idempotency-Key claim when dropped.
-pub struct ClaimGuard {
-    tracker: Tracker,
-    key: String,
-}
-
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        if let Some(notify) = self.tracker.claims().remove(&self.key) {
-            notify.notify_waiters();
-        }
-    }
+    pub(super) claims: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl Tracker {
@@ -381,18 +136,11 @@ impl Tracker {
         }
     }
 
-    fn view(&self) -> MutexGuard<'_, View> {
+    pub(super) fn view(&self) -> MutexGuard<'_, View> {
         // A panic while holding the lock leaves a view that is still consistent enough to
         // read: every update below is a handful of field writes.
         self.inner
             .view
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn claims(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
-        self.inner
-            .claims
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -486,31 +234,6 @@ impl Tracker {
         self.apply(&event, None);
     }
 
-    /// Claims `key` for a submission, or says what it already stands for.
-    pub fn claim(&self, key: &str) -> Claim {
-        if let Some(id) = self.view().idempotency.get(key).copied() {
-            return Claim::Done(id);
-        }
-        let mut claims = self.claims();
-        if let Some(notify) = claims.get(key) {
-            return Claim::Wait(Arc::clone(notify));
-        }
-        claims.insert(key.to_owned(), Arc::new(Notify::new()));
-        Claim::Mine(ClaimGuard {
-            tracker: self.clone(),
-            key: key.to_owned(),
-        })
-    }
-
-    /// Whether `key` is still claimed by a submission on this gateway.
-    pub fn claim_state(&self, key: &str) -> ClaimState {
-        if self.claims().contains_key(key) {
-            ClaimState::Pending
-        } else {
-            ClaimState::Released
-        }
-    }
-
     /// Applies one event read from the stream at `offset` (`None`: not from the stream).
     pub fn apply(&self, event: &Event, offset: Option<i64>) {
         if event.event == EventType::Gateway {
@@ -594,128 +317,12 @@ impl Tracker {
             }
         }
     }
-
-    /// Reads the stream from its first event, then follows it, applying every event, until
-    /// `shutdown`. Writes a marker through `sink` first, to learn when it has caught up.
-    pub async fn follow(self, broker: Broker, sink: EventSink, shutdown: CancellationToken) {
-        let Some(stream) = broker.topology().events_stream() else {
-            return;
-        };
-        let mut subscription = broker.subscribe(&stream, FOLLOW_PREFETCH);
-        subscription.set_arguments(stream_offset(None));
-        let mut next_offset: Option<i64> = None;
-        loop {
-            let delivered = tokio::select! {
-                () = shutdown.cancelled() => break,
-                delivered = subscription.next() => delivered,
-            };
-            let delivery = match delivered {
-                Delivered::Message(delivery) => delivery,
-                Delivered::Subscribed => {
-                    if !self.is_live() {
-                        let mut marker = Event::new(EventType::Gateway);
-                        marker.marker = Some(self.inner.marker);
-                        sink.emit(marker);
-                    }
-                    continue;
-                }
-                Delivered::Lost(reason) => {
-                    tracing::warn!("reading the events stream failed ({reason}); reading on");
-                    // Resume after the last event applied, not from the first again.
-                    subscription.set_arguments(stream_offset(next_offset));
-                    continue;
-                }
-            };
-            let offset = offset_of(&delivery.properties);
-            for event in offload_common::events::decode_batch(&delivery.data) {
-                match event {
-                    Ok(event) => self.apply(&event, offset),
-                    Err(problem) => tracing::debug!("skipping a stream entry: {problem}"),
-                }
-            }
-            if let Some(offset) = offset {
-                next_offset = Some(offset + 1);
-            }
-            let acked = broker
-                .within("an ack", delivery.ack(BasicAckOptions::default()))
-                .await;
-            if let Err(error) = acked {
-                tracing::warn!("reading the events stream failed ({error}); reading on shortly");
-                subscription.set_arguments(stream_offset(next_offset));
-                subscription.restart().await;
-            }
-            // lapin's consumer is always ready while deliveries are buffered, so catching up
-            // on a backlog would never yield: give requests their turn.
-            tokio::task::coop::consume_budget().await;
-        }
-        subscription.close("done following").await;
-    }
-
-    /// Reads the result of task `id` back from the stream entry at `offset`.
-    pub async fn read_result(broker: &Broker, id: Uuid, offset: i64) -> Option<serde_json::Value> {
-        let stream = broker.topology().events_stream()?;
-        let link = broker.link()?;
-        let read = async {
-            let channel = link.connection().create_channel().await.ok()?;
-            channel
-                .basic_qos(1, BasicQosOptions::default())
-                .await
-                .ok()?;
-            let mut consumer = channel
-                .basic_consume(
-                    stream.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    stream_offset(Some(offset)),
-                )
-                .await
-                .ok()?;
-            let delivery = consumer.next().await?.ok()?;
-            let result = offload_common::events::decode_batch(&delivery.data)
-                .filter_map(Result::ok)
-                .find(|event| event.id == Some(id) && event.event == EventType::Succeeded)
-                .and_then(|event| event.result);
-            let _ = channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            let _ = channel.close(200, "result read".into()).await;
-            result
-        };
-        tokio::time::timeout(RESULT_READ_TIMEOUT, read)
-            .await
-            .ok()
-            .flatten()
-    }
-}
-
-/// `x-stream-offset`: from `offset`, or from the first event kept.
-fn stream_offset(offset: Option<i64>) -> FieldTable {
-    let mut args = FieldTable::default();
-    let value = match offset {
-        Some(offset) => AMQPValue::LongLongInt(offset),
-        None => AMQPValue::LongString(LongString::from("first")),
-    };
-    args.insert("x-stream-offset".into(), value);
-    args
-}
-
-/// The stream offset RabbitMQ puts in each delivery's headers.
-fn offset_of(properties: &lapin::BasicProperties) -> Option<i64> {
-    match properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get("x-stream-offset")?
-    {
-        AMQPValue::LongLongInt(offset) => Some(*offset),
-        AMQPValue::LongInt(offset) => Some(i64::from(*offset)),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::{Claim, millis};
 
     fn event(event_type: EventType, id: Uuid) -> Event {
         Event::task(event_type, id, "sleep")

@@ -1,0 +1,121 @@
+//! How one event changes one task: the status fold.
+
+use std::sync::Arc;
+
+use offload_common::{DeadReason, Event, EventType};
+use tokio::sync::Notify;
+
+use super::{Status, millis};
+
+/// One task, as small as it can be held: a million of them is the default capacity's worth.
+/// Times are milliseconds since the epoch (0: not yet), the kind an index into the view's
+/// interned kinds, and what few tasks have (a key, waiters) sits behind one pointer.
+pub(super) struct Entry {
+    pub(super) kind: u32,
+    pub(super) status: Status,
+    pub(super) reason: Option<DeadReason>,
+    /// This gateway accepted it (after it started, so the stream holds nothing older of it).
+    pub(super) accepted_here: bool,
+    pub(super) attempts: u32,
+    pub(super) submitted_at: u64,
+    pub(super) started_at: u64,
+    pub(super) finished_at: u64,
+    /// While scheduled: when the next attempt is due.
+    pub(super) run_at: u64,
+    /// Stream offset of the `succeeded` event holding the result; -1: none.
+    pub(super) result_offset: i64,
+    pub(super) error: Option<Box<str>>,
+    pub(super) extra: Option<Box<Extra>>,
+}
+
+impl Entry {
+    /// Folds one event into the task; the Idempotency-Key to index, if the event brings one.
+    pub(super) fn fold(&mut self, event: &Event, offset: Option<i64>) -> Option<String> {
+        let mut key_to_index = None;
+        // An attempt's end is final: a `started` or `failed` read after it comes from a
+        // duplicate delivery (delivery is at least once; after a failover RabbitMQ writes an
+        // earlier unconfirmed publish late), and a success is not undone by a duplicate's
+        // death. Only `retried` brings a dead task back.
+        let ended = match self.status {
+            Status::Succeeded => true,
+            Status::Dead => event.event != EventType::Succeeded,
+            _ => false,
+        };
+        let stale = ended
+            || event.event == EventType::Failed
+                && event
+                    .attempt
+                    .is_some_and(|attempt| attempt < u64::from(self.attempts));
+        if let Some(attempt) = event.attempt {
+            self.attempts = self
+                .attempts
+                .max(u32::try_from(attempt).unwrap_or(u32::MAX));
+        }
+        let error = || event.error.as_deref().map(Box::from);
+        match event.event {
+            EventType::Queued => {
+                if let Some(submitted_at) = event.submitted_at {
+                    self.submitted_at = millis(submitted_at);
+                }
+                if let Some(run_at) = event.run_at
+                    && self.status == Status::Queued
+                {
+                    self.status = Status::Scheduled;
+                    self.run_at = millis(run_at);
+                }
+                if let Some(key) = &event.idempotency_key {
+                    self.extra.get_or_insert_with(Box::default).idempotency_key =
+                        Some(key.as_str().into());
+                    key_to_index = Some(key.clone());
+                }
+            }
+            EventType::Started | EventType::Failed | EventType::Succeeded | EventType::Dead
+                if stale => {}
+            EventType::Started => {
+                self.status = Status::Running;
+                self.started_at = millis(event.at);
+            }
+            EventType::Failed => {
+                self.error = error();
+                match event.run_at {
+                    Some(run_at) => {
+                        self.status = Status::Scheduled;
+                        self.run_at = millis(run_at);
+                    }
+                    None => self.status = Status::Queued,
+                }
+            }
+            EventType::Succeeded => {
+                self.status = Status::Succeeded;
+                self.finished_at = millis(event.at);
+                // A note about a dropped result, or nothing.
+                self.error = error();
+                self.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
+            }
+            EventType::Dead => {
+                self.status = Status::Dead;
+                self.reason = event.reason;
+                self.finished_at = millis(event.at);
+                self.error = error();
+            }
+            // Only a dead task comes back; a `retried` read after its new run began (from
+            // another gateway's stream position) changes nothing.
+            EventType::Retried if self.status == Status::Dead => {
+                self.status = Status::Queued;
+                self.reason = None;
+                self.error = None;
+                self.finished_at = 0;
+                self.run_at = 0;
+                self.attempts = 0;
+            }
+            EventType::Retried | EventType::Worker | EventType::Gateway => {}
+        }
+        key_to_index
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Extra {
+    pub(super) idempotency_key: Option<Box<str>>,
+    pub(super) waiters: Option<Arc<Notify>>,
+}
