@@ -21,8 +21,8 @@ use tracing::Instrument;
 
 use crate::{
     Registry, RetryPolicy, TASK_LOG, Task,
-    handler::{Completed, HandlerFuture},
     metrics::Metrics,
+    registry::{Completed, HandlerFuture},
     settle::{InPlace, Move, Outcome, Taken, settle},
 };
 

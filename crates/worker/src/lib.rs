@@ -30,9 +30,9 @@ mod acks;
 mod attempt;
 mod config;
 mod consume;
-mod handler;
 pub mod handlers;
 mod metrics;
+mod registry;
 mod retry;
 mod run;
 mod settle;
@@ -42,8 +42,8 @@ pub use config::{
     Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SLEEP_MAX_UNITS, DEFAULT_SLEEP_UNIT, DEFAULT_THREADS,
 };
-pub use handler::{BoxError, Handler, HandlerError, Registry, Task};
 pub use offload_common::shutdown::signal as shutdown_signal;
+pub use registry::{BoxError, Handler, HandlerError, Registry, Task};
 pub use retry::RetryPolicy;
 pub use run::{TASK_LOG, WorkerError, run};
 pub use targets::{DEFAULT_TARGET_TIMEOUT, SigningSecret, TargetArgs, TargetsError};

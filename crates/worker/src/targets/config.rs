@@ -1,36 +1,23 @@
-//! HTTP targets: task kinds the worker runs by POSTing them to an endpoint of the user's app,
-//! whose answer decides what happens (the pattern of Cloud Tasks' HTTP targets).
-//!
-//! Kinds map to URLs in the worker's own configuration (`TARGETS`, `TARGETS_FILE`), never to
-//! a URL taken from a task, so no client can make offload call an address of its choosing.
+//! The targets' settings: `TARGETS`, `TARGETS_FILE`, the signing secret and the timeout, read
+//! and checked once at start, each target registered for its kind.
 
 use std::{
     collections::BTreeMap,
-    fmt,
     path::{Path, PathBuf},
-    str::FromStr,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use clap::Args;
-use hmac::{Hmac, Mac};
 use reqwest::{
-    StatusCode, Url,
-    header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER},
+    Url,
+    header::{HeaderMap, HeaderName, HeaderValue},
 };
-use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use serde::Deserialize;
 use tokio::sync::Semaphore;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::{
-    HandlerError, Registry, RetryPolicy, Task,
-    handler::{Completed, ErasedHandler, HandlerFuture},
-};
-
-/// How many bytes of a refusing answer's body go into the task's error.
-const ERROR_BODY_BYTES: usize = 512;
+use super::{call::HttpTarget, signing::SigningSecret};
+use crate::Registry;
 
 /// The HTTP-target settings of a worker.
 #[derive(Debug, Clone, Args)]
@@ -79,42 +66,6 @@ impl Default for TargetArgs {
 
 /// Default for `--target-timeout`.
 pub const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The key of the targets' signatures; never shown by `Debug`, so never logged.
-#[derive(Clone)]
-pub struct SigningSecret(Arc<[u8]>);
-
-impl FromStr for SigningSecret {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text.is_empty() {
-            return Err("the signing secret is empty".into());
-        }
-        Ok(Self(text.as_bytes().into()))
-    }
-}
-
-impl fmt::Debug for SigningSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SigningSecret(***)")
-    }
-}
-
-impl SigningSecret {
-    /// The `Offload-Signature` value for `body` sent at `unix_seconds`.
-    pub fn sign(&self, unix_seconds: u64, body: &[u8]) -> String {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
-        mac.update(unix_seconds.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!(
-            "t={unix_seconds},v1={}",
-            hex::encode(mac.finalize().into_bytes())
-        )
-    }
-}
 
 /// Why the targets' settings are unusable; the worker stops with this one line.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +173,7 @@ impl TargetArgs {
             let target =
                 HttpTarget::new(kind, entry, self.target_timeout, &client, secret.clone())?;
             tracing::info!(kind = target.kind(), url = %target.shown, "HTTP target");
-            registry = registry.register_target(target);
+            registry = registry.insert(target.kind().to_owned(), Arc::new(target));
         }
         Ok(registry)
     }
@@ -264,31 +215,6 @@ fn read_file(path: &Path) -> Result<TargetsFile, TargetsError> {
         path: path.to_owned(),
         message: error.to_string(),
     })
-}
-
-/// The body of a call, in the order docs/TARGETS.md shows.
-#[derive(Serialize)]
-struct Call<'a> {
-    id: uuid::Uuid,
-    kind: &'a str,
-    payload: &'a serde_json::Value,
-    attempt: u32,
-    submitted_at: String,
-}
-
-/// A task kind run by POSTing the task to a URL.
-pub(crate) struct HttpTarget {
-    kind: String,
-    url: Url,
-    /// The URL as logs and errors show it: without its query, which may hold a token.
-    shown: String,
-    /// Longest one call may take, answer included.
-    timeout: Duration,
-    /// Bounds calls in flight to this target, whatever PREFETCH allows.
-    limit: Option<Semaphore>,
-    headers: HeaderMap,
-    client: reqwest::Client,
-    secret: Option<SigningSecret>,
 }
 
 impl HttpTarget {
@@ -355,242 +281,11 @@ impl HttpTarget {
             secret,
         })
     }
-
-    pub(crate) fn kind(&self) -> &str {
-        &self.kind
-    }
-
-    /// POSTs `task` and reads the answer as what happened to it.
-    async fn run(&self, task: Task, result_max_bytes: usize) -> Result<Completed, HandlerError> {
-        let timeout = self.timeout;
-        let _permit = match &self.limit {
-            Some(limit) => Some(
-                limit
-                    .acquire()
-                    .await
-                    .expect("a target's semaphore is never closed"),
-            ),
-            None => None,
-        };
-        let body = serde_json::to_vec(&Call {
-            id: task.id,
-            kind: &task.kind,
-            payload: &task.payload,
-            attempt: task.attempt,
-            submitted_at: humantime::format_rfc3339_millis(task.submitted_at).to_string(),
-        })
-        .map_err(|error| HandlerError::permanent(format!("cannot write the call: {error}")))?;
-        let mut request = self
-            .client
-            .post(self.url.clone())
-            .timeout(timeout)
-            .headers(self.headers.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("offload-task-id", task.id.to_string())
-            .header("offload-attempt", task.attempt.to_string());
-        // The attempt's span, as the parent of whatever the target records.
-        if offload_common::trace::exporting() {
-            let context = tracing::Span::current().context();
-            for (name, value) in offload_common::trace::to_w3c(&context) {
-                request = request.header(name, value);
-            }
-        }
-        if let Some(secret) = &self.secret {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |since| since.as_secs());
-            request = request.header("offload-signature", secret.sign(now, &body));
-        }
-        let mut response = request
-            .body(body)
-            .send()
-            .await
-            .map_err(|error| HandlerError::from(describe(&error, &self.shown, timeout)))?;
-        let status = response.status();
-        if status.is_success() {
-            let is_json = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|value| value.to_str().ok())
-                .is_some_and(|value| value.contains("json"));
-            let (body, complete) = read_at_most(&mut response, result_max_bytes)
-                .await
-                .map_err(|error| HandlerError::from(describe(&error, &self.shown, timeout)))?;
-            if !complete {
-                return Ok(Completed::too_large(
-                    result_max_bytes.saturating_add(1),
-                    result_max_bytes,
-                ));
-            }
-            if !is_json || body.iter().all(u8::is_ascii_whitespace) {
-                return Ok(Completed::default());
-            }
-            return Ok(match serde_json::from_slice(&body) {
-                Ok(result) => Completed::bounded(Some(result), result_max_bytes),
-                Err(error) => Completed {
-                    result: None,
-                    note: Some(format!(
-                        "the target's answer is not JSON ({error}); no result kept"
-                    )),
-                },
-            });
-        }
-        let retry_after = retry_after(response.headers());
-        let (start, _) = read_at_most(&mut response, ERROR_BODY_BYTES)
-            .await
-            .unwrap_or_default();
-        let error = format!(
-            "{} answered {status}{}",
-            self.shown,
-            match String::from_utf8_lossy(&start).trim() {
-                "" => String::new(),
-                text => format!(": {text}"),
-            }
-        );
-        Err(match judge(status) {
-            Verdict::RetryAfter => match retry_after {
-                Some(delay) => HandlerError::retry_after(error, delay),
-                None => HandlerError::from(error),
-            },
-            Verdict::Retry => HandlerError::from(error),
-            Verdict::Redirect => HandlerError::permanent(format!(
-                "{error} (a redirect, which offload does not follow: point the target at the final URL)"
-            )),
-            Verdict::Permanent => HandlerError::permanent(error),
-        })
-    }
-}
-
-impl ErasedHandler for HttpTarget {
-    fn call(self: Arc<Self>, task: Task, result_max_bytes: usize) -> HandlerFuture {
-        Box::pin(async move { self.run(task, result_max_bytes).await })
-    }
-
-    fn policy(&self) -> Option<RetryPolicy> {
-        None
-    }
-}
-
-/// What an answer that is not 2xx means for the task.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// 429 and 503: after the answer's `Retry-After`, if it has one.
-    RetryAfter,
-    /// 408 and other 5xx: with backoff.
-    Retry,
-    /// 3xx: not followed, dead.
-    Redirect,
-    /// Other 4xx: a retry cannot help, dead.
-    Permanent,
-}
-
-fn judge(status: StatusCode) -> Verdict {
-    match status {
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Verdict::RetryAfter,
-        StatusCode::REQUEST_TIMEOUT => Verdict::Retry,
-        status if status.is_server_error() => Verdict::Retry,
-        status if status.is_redirection() => Verdict::Redirect,
-        _ => Verdict::Permanent,
-    }
-}
-
-/// `Retry-After` as seconds or as an HTTP date; a date in the past is no delay.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
-}
-
-/// Up to `max` bytes of the body; `false` if there was more (the rest is not read).
-async fn read_at_most(
-    response: &mut reqwest::Response,
-    max: usize,
-) -> Result<(Vec<u8>, bool), reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > max {
-            let room = max - body.len();
-            body.extend_from_slice(&chunk[..room]);
-            return Ok((body, false));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok((body, true))
-}
-
-/// A failed call in one line: what happened, to which URL (as shown: no query).
-fn describe(error: &reqwest::Error, url: &str, timeout: Duration) -> String {
-    if error.is_timeout() {
-        return format!(
-            "{url} did not answer within {} (the target's timeout)",
-            humantime::format_duration(timeout)
-        );
-    }
-    // reqwest's own text names the whole URL, query included: say it in our words, with
-    // the URL as shown, and the causes' text (which name no URL).
-    let what = if error.is_connect() {
-        "cannot connect"
-    } else if error.is_body() || error.is_decode() {
-        "the answer broke off"
-    } else {
-        "the call failed"
-    };
-    let mut text = format!("{url}: {what}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signatures_follow_the_stripe_scheme() {
-        let secret: SigningSecret = "whsec_test".parse().expect("a secret");
-        // Computed independently, with Python: hmac.new(b"whsec_test", b'{t}.{body}', sha256)
-        assert_eq!(
-            secret.sign(1_700_000_000, br#"{"a":1}"#),
-            "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789"
-        );
-        assert_eq!(format!("{secret:?}"), "SigningSecret(***)");
-    }
-
-    #[test]
-    fn answers_map_to_verdicts() {
-        assert_eq!(judge(StatusCode::TOO_MANY_REQUESTS), Verdict::RetryAfter);
-        assert_eq!(judge(StatusCode::SERVICE_UNAVAILABLE), Verdict::RetryAfter);
-        assert_eq!(judge(StatusCode::REQUEST_TIMEOUT), Verdict::Retry);
-        assert_eq!(judge(StatusCode::INTERNAL_SERVER_ERROR), Verdict::Retry);
-        assert_eq!(judge(StatusCode::BAD_GATEWAY), Verdict::Retry);
-        assert_eq!(judge(StatusCode::FOUND), Verdict::Redirect);
-        assert_eq!(judge(StatusCode::BAD_REQUEST), Verdict::Permanent);
-        assert_eq!(judge(StatusCode::NOT_FOUND), Verdict::Permanent);
-        assert_eq!(judge(StatusCode::UNPROCESSABLE_ENTITY), Verdict::Permanent);
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
-        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
-        headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).expect("a date"));
-        let delay = retry_after(&headers).expect("a date parses");
-        assert!(
-            delay > Duration::from_secs(110) && delay <= Duration::from_secs(120),
-            "{delay:?}"
-        );
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&headers), None);
-    }
 
     #[test]
     fn targets_parse_from_the_list_and_the_file() {

@@ -291,10 +291,11 @@ impl Registry {
         self
     }
 
-    /// Adds an HTTP target for its kind, replacing any handler of that kind.
-    pub(crate) fn register_target(mut self, target: crate::targets::HttpTarget) -> Self {
-        self.handlers
-            .insert(target.kind().to_owned(), Arc::new(target));
+    /// Adds `handler` for `kind`, replacing any handler of that kind: how handlers that are
+    /// not a Rust type per kind (an HTTP target) join the registry.
+    #[must_use]
+    pub(crate) fn insert(mut self, kind: String, handler: Arc<dyn ErasedHandler>) -> Self {
+        self.handlers.insert(kind, handler);
         self
     }
 
