@@ -1,0 +1,351 @@
+//! The broker topology offload relies on, declared by one idempotent function.
+//!
+//! ```text
+//!   publish, routing key = kind
+//!      │
+//!      ▼
+//!   <QUEUE>.kinds (direct) ──one binding per kind a worker handles──► [QUEUE] ──► workers
+//!
+//!   to run later: <QUEUE>.later (topic), routing key = the delay's bits then the kind,
+//!      one binding per kind a worker handles ──► <QUEUE>.delay.21 (below)
+//!                                       (quorum, x-delivery-limit)      │
+//!                                   rejected, or delivered more than the limit
+//!                                                                       ▼
+//!                      <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
+//!
+//!   lifecycle events ──► [<QUEUE>.events] (stream, x-max-age, x-max-length-bytes)
+//!
+//!   delayed (retries, scheduled tasks), routing key = the delay's bits, most significant first
+//!      │
+//!      ▼
+//!   <QUEUE>.delay.21 (topic) ─bit 21 set─► [<QUEUE>.delay.21] (quorum, TTL 2^21 s) ─expired─┐
+//!      │ bit 21 clear                                                                       │
+//!      ▼                                                                                    │
+//!   <QUEUE>.delay.20 (topic) ◄──────────────────────────────────────────────────────────────┘
+//!      ⋮   (each level the same, down to level 0, TTL 1 s)
+//!   <QUEUE>.delay.0 (topic) ─bit 0 clear─► [QUEUE]   ◄─expired─ [<QUEUE>.delay.0]
+//! ```
+//!
+//! A delay of d seconds passes through the levels of d's set bits and no others, so each
+//! level queue holds messages of one TTL only and never blocks a short delay behind a long
+//! one (per-message TTLs expire only at a queue's head). Every hop is at-least-once
+//! dead-lettering between quorum queues, so a broker crash loses no delayed task. This is the
+//! design of NServiceBus's RabbitMQ transport and of kombu's native delayed delivery.
+//!
+//! The bindings of `<QUEUE>.kinds` are the registry of kinds: each worker binds the kinds it
+//! handles, the bindings are durable and outlive the workers, and a task of a kind nobody
+//! bound comes back to the gateway as a mandatory return.
+//!
+//! Every queue argument is written out, never left to the broker's defaults, because the
+//! defaults differ between RabbitMQ 3.10 and 4.x (4.x gives quorum queues a delivery limit of
+//! 20 unless told otherwise). The one exception is the replica count, written only when set
+//! (`REPLICAS`): RabbitMQ compares it on every declare, so a queue made without it would
+//! otherwise refuse every offload that sets it.
+
+//!
+//! [`delays`] is the arithmetic of the delay levels, [`declare`] what is said to the broker
+//! (declare, bind, check, count, delete), [`error`] how a refusal reads.
+
+mod declare;
+mod delays;
+mod error;
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+pub use delays::{
+    DELAY_LEVELS, MAX_DELAY, delay_in_levels, delay_routing_key, delayed_task_routing_key,
+};
+pub use error::{TopologyError, is_soft};
+
+/// The work queue, its dead-letter path, the kinds exchange and the events stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    queue: String,
+    delivery_limit: u32,
+    max_length: Option<u32>,
+    dead_max_length: u32,
+    kinds: Vec<String>,
+    events: Option<EventsRetention>,
+    replicas: Option<u32>,
+}
+
+/// How long and how much of the events stream RabbitMQ keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsRetention {
+    /// `x-max-age`: events older than this are dropped (a segment at a time).
+    pub max_age: std::time::Duration,
+    /// `x-max-length-bytes`: past this the oldest segments are dropped.
+    pub max_bytes: u64,
+}
+
+/// What [`Topology::depth`] counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct QueueDepth {
+    /// Tasks ready on the work queue.
+    pub ready: u32,
+    /// Consumers (worker subscriptions) of the work queue.
+    pub consumers: u32,
+    /// Tasks waiting in the delay levels: retries after a failure, and tasks to run later.
+    pub scheduled: u64,
+    /// Tasks in `<QUEUE>.dead`.
+    pub dead: u32,
+}
+
+impl Topology {
+    /// The topology for work queue `queue`, whose tasks are dead-lettered after being
+    /// delivered `delivery_limit` times more than once.
+    pub fn new(queue: impl Into<String>, delivery_limit: u32) -> Self {
+        Self {
+            queue: queue.into(),
+            delivery_limit,
+            max_length: None,
+            dead_max_length: crate::broker::DEFAULT_DEAD_MAX_LENGTH,
+            kinds: Vec::new(),
+            events: None,
+            replicas: None,
+        }
+    }
+
+    /// Binds these kinds to the work queue when declaring: what a worker does for the kinds
+    /// it handles.
+    #[must_use]
+    pub fn with_kinds<K: Into<String>>(mut self, kinds: impl IntoIterator<Item = K>) -> Self {
+        self.kinds = kinds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Declares the events stream with this retention; `None`: no stream (events off).
+    #[must_use]
+    pub fn with_events(mut self, retention: Option<EventsRetention>) -> Self {
+        self.events = retention;
+        self
+    }
+
+    /// The kinds this topology binds.
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
+    }
+
+    /// The exchange tasks are published to, with their kind as routing key.
+    pub fn kinds_exchange(&self) -> String {
+        format!("{}.kinds", self.queue)
+    }
+
+    /// The exchange tasks to run later are published to, with [`delayed_task_routing_key`]:
+    /// a topic exchange of its own, so that tasks to run now keep the direct exchange's
+    /// cheaper routing.
+    pub fn later_exchange(&self) -> String {
+        format!("{}.later", self.queue)
+    }
+
+    /// The stream of lifecycle events, if events are on.
+    pub fn events_stream(&self) -> Option<String> {
+        self.events.map(|_| format!("{}.events", self.queue))
+    }
+
+    /// Sets the delivery limit: how many times a task is delivered again after a failed
+    /// attempt before it is dead-lettered.
+    #[must_use]
+    pub fn with_delivery_limit(mut self, delivery_limit: u32) -> Self {
+        self.delivery_limit = delivery_limit;
+        self
+    }
+
+    /// How many cluster nodes hold a copy of each quorum queue
+    /// (`x-quorum-initial-group-size`) and of the events stream (`x-initial-cluster-size`).
+    /// `None` leaves it to the broker's defaults (`quorum_cluster_size` for quorum queues),
+    /// and declares no such argument: RabbitMQ checks both on every declare, so queues made
+    /// without it stay declarable.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: Option<u32>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Adds the replica count under `argument`, if one is set.
+    fn replicate(&self, args: &mut FieldTable, argument: &str) {
+        if let Some(replicas) = self.replicas {
+            args.insert(argument.into(), AMQPValue::LongLongInt(i64::from(replicas)));
+        }
+    }
+
+    /// Caps the work queue at `max_length` ready tasks (`x-max-length`); past it the broker
+    /// refuses publishes with a nack, which the gateway turns into 503. `None`: no cap.
+    #[must_use]
+    pub fn with_max_length(mut self, max_length: Option<u32>) -> Self {
+        self.max_length = max_length;
+        self
+    }
+
+    /// Caps the dead-letter queue at `max_length` tasks: past it the oldest is dropped.
+    ///
+    /// `drop-head`, because the dead-letter queue is a dead-letter *target*, and RabbitMQ does
+    /// not honour `reject-publish` on a quorum queue that dead-lettering delivers to
+    /// (rabbitmq-server issue #8495): with it the queue would grow past its bound anyway.
+    #[must_use]
+    pub fn with_dead_max_length(mut self, max_length: u32) -> Self {
+        self.dead_max_length = max_length;
+        self
+    }
+
+    /// The work queue the gateway publishes to and workers consume from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The exchange that dead-lettered tasks are routed through.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+
+    /// The queue where rejected and exhausted tasks end up, for an operator to inspect.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// The exchange a delayed message is published to: the top level's, with
+    /// [`delay_routing_key`] as routing key.
+    pub fn delay_exchange(&self) -> String {
+        self.delay_level(DELAY_LEVELS - 1)
+    }
+
+    /// Level `level`'s exchange and queue (they share the name).
+    fn delay_level(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.queue)
+    }
+
+    /// The arguments of delay level `level`, all explicit: a quorum queue whose messages
+    /// expire after 2^level seconds and are dead-lettered, at least once, to the next level
+    /// down, or from level 0 to the work queue.
+    pub fn delay_queue_arguments(&self, level: u32) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt((1_i64 << level) * 1000),
+        );
+        if level == 0 {
+            // The default exchange routes by queue name.
+            args.insert("x-dead-letter-exchange".into(), text(""));
+            args.insert("x-dead-letter-routing-key".into(), text(&self.queue));
+        } else {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                text(&self.delay_level(level - 1)),
+            );
+        }
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+
+    /// The arguments of the work queue, all explicit.
+    pub fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            text(&self.dead_letter_exchange()),
+        );
+        args.insert("x-dead-letter-routing-key".into(), text(&self.queue));
+        // at-least-once dead-lettering: the broker keeps a message until the dead-letter queue
+        // has confirmed it, so a crash between the two queues loses nothing. RabbitMQ requires
+        // reject-publish overflow for it.
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        if let Some(max_length) = self.max_length {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(max_length)),
+            );
+        }
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+
+    /// The arguments of the dead-letter queue, all explicit.
+    pub fn dead_letter_queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(self.dead_max_length)),
+        );
+        args.insert("x-overflow".into(), text("drop-head"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+
+    /// The events stream's arguments, all explicit.
+    fn stream_arguments(&self, retention: EventsRetention) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("stream"));
+        // RabbitMQ's own unit syntax: whole seconds.
+        args.insert(
+            "x-max-age".into(),
+            text(&format!("{}s", retention.max_age.as_secs().max(1))),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
+        );
+        self.replicate(&mut args, STREAM_REPLICAS);
+        args
+    }
+}
+
+/// The quorum queue argument for how many nodes hold a replica.
+const QUORUM_REPLICAS: &str = "x-quorum-initial-group-size";
+/// The stream argument for how many nodes hold a replica.
+const STREAM_REPLICAS: &str = "x-initial-cluster-size";
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_declared_on_every_queue_only_when_set() {
+        let retention = EventsRetention {
+            max_age: std::time::Duration::from_secs(60),
+            max_bytes: 1 << 20,
+        };
+        let unset = Topology::new("q", 3);
+        let set = Topology::new("q", 3).with_replicas(Some(3));
+        let quorum = |t: &Topology| {
+            vec![
+                t.queue_arguments(),
+                t.dead_letter_queue_arguments(),
+                t.delay_queue_arguments(0),
+                t.delay_queue_arguments(DELAY_LEVELS - 1),
+            ]
+        };
+        for args in quorum(&unset) {
+            assert!(!args.inner().contains_key(QUORUM_REPLICAS));
+        }
+        for args in quorum(&set) {
+            assert_eq!(
+                args.inner().get(QUORUM_REPLICAS),
+                Some(&AMQPValue::LongLongInt(3))
+            );
+        }
+        assert!(
+            !unset
+                .stream_arguments(retention)
+                .inner()
+                .contains_key(STREAM_REPLICAS)
+        );
+        assert_eq!(
+            set.stream_arguments(retention).inner().get(STREAM_REPLICAS),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+    }
+}
