@@ -4,7 +4,7 @@
 //! every digest in constant time, so neither memory dumps nor response timing give a key
 //! away. Keys never reach a log line: errors name a key by its position in the list.
 
-use std::{fmt, num::NonZeroU32, path::Path, sync::Arc};
+use std::{num::NonZeroU32, path::Path, sync::Arc};
 
 use axum::{
     extract::{Request, State},
@@ -21,45 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-
-/// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// `POST /tasks`.
-    Submit,
-    /// Status and listing endpoints.
-    Read,
-    /// Operator endpoints.
-    Admin,
-}
-
-impl Scope {
-    const ALL: [Self; 3] = [Self::Submit, Self::Read, Self::Admin];
-
-    fn bit(self) -> u8 {
-        match self {
-            Self::Submit => 1,
-            Self::Read => 2,
-            Self::Admin => 4,
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|scope| scope.to_string() == text)
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Submit => "submit",
-            Self::Read => "read",
-            Self::Admin => "admin",
-        })
-    }
-}
+pub use crate::scope::Scope;
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,

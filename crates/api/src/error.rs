@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use offload_common::PublishError as Broker;
 
-use crate::{auth::Scope, publisher::PublishError};
+use crate::{publisher::PublishError, scope::Scope};
 
 /// The longest excerpt of client input an error message quotes.
 const EXCERPT: usize = 100;
@@ -409,7 +409,7 @@ impl IntoResponse for ApiError {
         // For the metrics layer, which counts refusals by code.
         response
             .extensions_mut()
-            .insert(crate::metrics::Refusal(self.code()));
+            .insert(crate::metrics_registry::Refusal(self.code()));
         let headers = response.headers_mut();
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -4,13 +4,14 @@
 
 mod auth;
 mod config;
-mod dashboard;
-mod dead;
+mod dead_letters;
 mod error;
-mod metrics;
+mod history;
+mod metrics_registry;
 mod openapi;
 mod publisher;
 mod routes;
+mod scope;
 mod server;
 mod status;
 
@@ -45,9 +46,9 @@ pub struct AppState {
     retry_after_secs: u32,
     max_body_bytes: usize,
     body_timeout: Duration,
-    metrics: Arc<metrics::Metrics>,
+    metrics: Arc<metrics_registry::Metrics>,
     /// The dashboard's charts; `None` with DASHBOARD=off.
-    history: Option<dashboard::History>,
+    history: Option<history::History>,
 }
 
 impl AppState {
@@ -135,7 +136,7 @@ impl Application {
             None => (None, None),
         };
         let history = config.dashboard.then(|| {
-            let history = dashboard::History::default();
+            let history = history::History::default();
             tokio::spawn(
                 history
                     .clone()
@@ -143,7 +144,7 @@ impl Application {
             );
             history
         });
-        let metrics = Arc::new(metrics::Metrics::new());
+        let metrics = Arc::new(metrics_registry::Metrics::new());
         let publisher = Publisher::new(
             broker,
             config.confirm_timeout,

@@ -20,7 +20,7 @@ use offload_common::{
 };
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
+use crate::metrics_registry::Metrics;
 
 /// Publishes tasks. Cheap to clone; all clones share one connection.
 #[derive(Clone)]

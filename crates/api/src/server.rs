@@ -49,7 +49,7 @@ pub(crate) struct Limits {
     /// The longest a request may still take once shutdown begins.
     pub drain: Duration,
     /// Counts connections open and turned away.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::metrics_registry::Metrics>,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the requests in flight

@@ -16,7 +16,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     AppState,
     auth::{self, Scope},
-    dashboard::{History, Sample},
+    history::{History, Sample},
     openapi::KeyErrors,
     status::{TaskView, Totals, Tracker},
 };

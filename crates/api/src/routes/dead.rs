@@ -15,7 +15,7 @@ use super::Query;
 use crate::{
     AppState,
     auth::{self, Scope},
-    dead::{DeadLetters, DeadTask, SCAN_MAX, has_id, has_kind},
+    dead_letters::{DeadLetters, DeadTask, SCAN_MAX, has_id, has_kind},
     error::{ApiError, ErrorBody, Result},
     openapi::{KeyErrors, Unavailable},
     publisher::PublishError,

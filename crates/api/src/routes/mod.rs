@@ -3,7 +3,7 @@
 mod dashboard;
 mod dead;
 mod health;
-mod metrics;
+pub(crate) mod metrics;
 mod tasks;
 
 use std::sync::Arc;
@@ -46,7 +46,7 @@ pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
         // After every route is merged: it applies to the routes present.
         routes = routes.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::metrics::track,
+            crate::routes::metrics::track,
         ));
     }
     routes
@@ -102,7 +102,7 @@ async fn not_found(State(state): State<AppState>, method: Method, uri: Uri) -> R
         path: uri.path().to_owned(),
     }
     .into_response();
-    crate::metrics::count_route(&state, None, &method, &response);
+    crate::routes::metrics::count_route(&state, None, &method, &response);
     response
 }
 
@@ -119,7 +119,7 @@ async fn method_not_allowed(
     }
     .into_response();
     // The route layer does not see this fallback: count it here, under its route.
-    crate::metrics::count_route(&state, matched.as_ref(), &method, &response);
+    crate::routes::metrics::count_route(&state, matched.as_ref(), &method, &response);
     response
 }
 

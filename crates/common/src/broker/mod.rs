@@ -16,6 +16,7 @@ use lapin::{
     tcp::{OwnedIdentity, OwnedTLSConfig},
 };
 
+pub use crate::topology::DEFAULT_DEAD_MAX_LENGTH;
 use crate::topology::{EventsRetention, Topology};
 pub use url::{Endpoint, UrlError, redact_url};
 
@@ -113,9 +114,6 @@ pub struct BrokerArgs {
 pub const DEFAULT_EVENTS_MAX_BYTES: u64 = 1 << 30;
 /// Default for `--events-max-age`: 7 days.
 pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Default for `--dead-max-length`.
-pub const DEFAULT_DEAD_MAX_LENGTH: u32 = 100_000;
 
 impl BrokerArgs {
     /// Settings for a broker at `amqp_url` and a work queue named `queue`, every other

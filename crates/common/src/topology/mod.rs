@@ -57,6 +57,9 @@ pub use delays::{
 };
 pub use error::{TopologyError, is_soft};
 
+/// Default for `--dead-max-length`: the most tasks `<QUEUE>.dead` keeps.
+pub const DEFAULT_DEAD_MAX_LENGTH: u32 = 100_000;
+
 /// The work queue, its dead-letter path, the kinds exchange and the events stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -99,7 +102,7 @@ impl Topology {
             queue: queue.into(),
             delivery_limit,
             max_length: None,
-            dead_max_length: crate::broker::DEFAULT_DEAD_MAX_LENGTH,
+            dead_max_length: DEFAULT_DEAD_MAX_LENGTH,
             kinds: Vec::new(),
             events: None,
             replicas: None,

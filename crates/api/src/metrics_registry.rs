@@ -1,4 +1,5 @@
-//! The gateway's metrics, `GET /metrics` in the Prometheus text format.
+//! The gateway's metrics registry: what it counts, encoded in the Prometheus text format
+//! for `GET /metrics` (`routes/metrics.rs`, which also holds the layer that counts requests).
 //!
 //! Label sets are bounded: a route is one of the router's path templates (or `unmatched`), a
 //! method one of the standard ones (or `other`), a status one of the codes the gateway sends,
@@ -7,20 +8,12 @@
 
 use std::time::Duration;
 
-use axum::{
-    extract::{MatchedPath, Request, State},
-    http::Method,
-    middleware::Next,
-    response::Response,
-};
 use offload_common::{BrokerState, QueueDepth};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-
-use crate::AppState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -60,6 +53,18 @@ struct QueueLabel {
 /// The error code of a refusal, left on its response for the metrics layer to count.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Refusal(pub(crate) &'static str);
+
+/// What the gauges show, read at the time of a scrape.
+pub(crate) struct Snapshot {
+    /// What a publish could do now.
+    pub(crate) broker: BrokerState,
+    /// Publishes awaiting a confirm.
+    pub(crate) in_flight: usize,
+    /// Whether the broker has stopped confirming.
+    pub(crate) not_confirming: bool,
+    /// The queues' depth, if the broker answered in time.
+    pub(crate) depth: Option<QueueDepth>,
+}
 
 /// Everything the gateway counts.
 #[derive(Debug)]
@@ -181,17 +186,23 @@ impl Metrics {
             .inc();
     }
 
-    /// The text of a scrape, with the gauges read now.
-    pub(crate) fn encode(
-        &self,
-        publisher: &crate::publisher::Publisher,
-        depth: Option<QueueDepth>,
-    ) -> Result<String, std::fmt::Error> {
-        let broker = publisher.state();
+    /// Counts one answered request to `route` (a path template, or `unmatched`).
+    pub(crate) fn request(&self, route: String, method: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                status,
+            })
+            .inc();
+    }
+
+    /// The text of a scrape, with the gauges set from `now`.
+    pub(crate) fn encode(&self, now: &Snapshot) -> Result<String, std::fmt::Error> {
+        let (broker, depth) = (now.broker, now.depth);
         self.in_flight
-            .set(i64::try_from(publisher.in_flight()).unwrap_or(i64::MAX));
-        self.not_confirming
-            .set(i64::from(publisher.not_confirming()));
+            .set(i64::try_from(now.in_flight).unwrap_or(i64::MAX));
+        self.not_confirming.set(i64::from(now.not_confirming));
         for state in [
             BrokerState::Connected,
             BrokerState::Blocked,
@@ -219,71 +230,5 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
-    }
-}
-
-/// A standard method's name, or `other`: a label never takes what a client made up.
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    }
-}
-
-/// Counts each request routed to a route (by its template) and each refusal.
-pub(crate) async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = route_label(request.extensions().get::<MatchedPath>());
-    let method = method_label(request.method());
-    let response = next.run(request).await;
-    count(&state, route, method, &response);
-    response
-}
-
-/// Counts `response` to a request for `route`.
-fn count(state: &AppState, route: String, method: &'static str, response: &Response) {
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            method,
-            status: response.status().as_u16(),
-        })
-        .inc();
-    if let Some(Refusal(code)) = response.extensions().get::<Refusal>() {
-        state.metrics.refused(code);
-    }
-}
-
-/// Counts a request answered by one of the router's fallbacks, which run outside `track`:
-/// under its route's template when a route matched the path, else as `unmatched`.
-pub(crate) fn count_route(
-    state: &AppState,
-    route: Option<&MatchedPath>,
-    method: &Method,
-    response: &Response,
-) {
-    count(state, route_label(route), method_label(method), response);
-}
-
-fn route_label(route: Option<&MatchedPath>) -> String {
-    route.map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn made_up_methods_are_labelled_other() {
-        assert_eq!(method_label(&Method::POST), "POST");
-        let made_up = Method::from_bytes(b"BREW").expect("a valid extension method");
-        assert_eq!(method_label(&made_up), "other");
     }
 }
