@@ -95,12 +95,7 @@ pub struct Application {
 impl Application {
     /// Binds `config.bind`, connects to the broker and declares the topology.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let access = Access::from_settings(
-            config.api_keys.as_deref(),
-            config.api_keys_file.as_deref(),
-            config.rate_limit,
-            config.rate_limit_burst,
-        )?;
+        let access = access(&config)?;
         if access.is_open() {
             tracing::warn!(
                 "no API keys configured (API_KEYS / API_KEYS_FILE): anyone who reaches this port can submit tasks"
@@ -122,58 +117,10 @@ impl Application {
             shutdown.clone(),
         )
         .await?;
-        let (tracker, events) = match broker.topology().events_stream() {
-            Some(stream) => {
-                let (sink, _) = EventSink::start(broker.clone(), stream);
-                let tracker = status::Tracker::new(config.status_capacity);
-                tokio::spawn(tracker.clone().follow(
-                    broker.clone(),
-                    sink.clone(),
-                    shutdown.clone(),
-                ));
-                (Some(tracker), Some(sink))
-            }
-            None => (None, None),
-        };
-        let history = config.dashboard.then(|| {
-            let history = history::History::default();
-            tokio::spawn(
-                history
-                    .clone()
-                    .sample(broker.clone(), tracker.clone(), shutdown.clone()),
-            );
-            history
-        });
-        let metrics = Arc::new(metrics_registry::Metrics::new());
-        let publisher = Publisher::new(
-            broker,
-            config.confirm_timeout,
-            config.max_in_flight,
-            Arc::clone(&metrics),
-        );
-        let state = AppState {
-            publisher: Arc::new(publisher),
-            tracker,
-            events,
-            max_wait: config.max_wait,
-            access,
-            retry_after_secs: config.retry_after_secs,
-            max_body_bytes: config.max_body_bytes,
-            body_timeout: config.body_timeout,
-            metrics: Arc::clone(&metrics),
-            history,
-        };
-        let limits = server::Limits {
-            max_connections: config.max_connections as usize,
-            header_timeout: config.header_timeout,
-            max_header_bytes: config.max_header_bytes as usize,
-            retry_after_secs: config.retry_after_secs,
-            drain: config.body_timeout + config.confirm_timeout + Duration::from_secs(1),
-            metrics,
-        };
+        let (router, limits) = assemble(&config, access, broker, &shutdown);
         Ok(Self {
             listener,
-            router: routes::router(state, config.metrics, config.dashboard),
+            router,
             limits,
             shutdown,
             supervisor,
@@ -234,4 +181,87 @@ impl Application {
         // see a failure and restart the process.
         ended.map_err(Into::into)
     }
+}
+
+/// The router on `broker`'s session, and the server's limits; starts the session's
+/// followers (the events stream, the dashboard's sampling), which stop with `shutdown`.
+fn assemble(
+    config: &Config,
+    access: Access,
+    broker: Broker,
+    shutdown: &CancellationToken,
+) -> (axum::Router, server::Limits) {
+    let (tracker, events) = match broker.topology().events_stream() {
+        Some(stream) => {
+            let (sink, _) = EventSink::start(broker.clone(), stream);
+            let tracker = status::Tracker::new(config.status_capacity);
+            tokio::spawn(
+                tracker
+                    .clone()
+                    .follow(broker.clone(), sink.clone(), shutdown.clone()),
+            );
+            (Some(tracker), Some(sink))
+        }
+        None => (None, None),
+    };
+    let history = config.dashboard.then(|| {
+        let history = history::History::default();
+        tokio::spawn(
+            history
+                .clone()
+                .sample(broker.clone(), tracker.clone(), shutdown.clone()),
+        );
+        history
+    });
+    let metrics = Arc::new(metrics_registry::Metrics::new());
+    let publisher = Publisher::new(
+        broker,
+        config.confirm_timeout,
+        config.max_in_flight,
+        Arc::clone(&metrics),
+    );
+    let state = AppState {
+        publisher: Arc::new(publisher),
+        tracker,
+        events,
+        max_wait: config.max_wait,
+        access,
+        retry_after_secs: config.retry_after_secs,
+        max_body_bytes: config.max_body_bytes,
+        body_timeout: config.body_timeout,
+        metrics: Arc::clone(&metrics),
+        history,
+    };
+    let limits = server::Limits {
+        max_connections: config.max_connections as usize,
+        header_timeout: config.header_timeout,
+        max_header_bytes: config.max_header_bytes as usize,
+        retry_after_secs: config.retry_after_secs,
+        drain: config.body_timeout + config.confirm_timeout + Duration::from_secs(1),
+        metrics,
+    };
+    (
+        routes::router(state, config.metrics, config.dashboard),
+        limits,
+    )
+}
+
+/// The whole HTTP surface as [`Application::build`] makes it, on a broker session that never
+/// connects and without binding a port: for driving what needs no broker (validation, errors,
+/// API keys, the OpenAPI document) with `tower::ServiceExt::oneshot`. Publishing answers 503
+/// `broker_unavailable`. Call it within a tokio runtime.
+pub fn router(config: &Config) -> Result<axum::Router, StartError> {
+    let access = access(config)?;
+    let broker = Broker::detached(config.broker.topology());
+    Ok(assemble(config, access, broker, &CancellationToken::new()).0)
+}
+
+/// The API keys, their scopes and rate limit, as the settings say.
+fn access(config: &Config) -> Result<Access, AccessError> {
+    Access::from_settings(
+        config.api_keys.as_deref(),
+        config.api_keys_file.as_deref(),
+        config.rate_limit,
+        config.rate_limit_burst,
+    )
 }

@@ -120,8 +120,10 @@ async fn payload_is_optional_and_defaults_to_null() {
     gateway.stop().await;
 }
 
+/// Every status and code of a bad request is checked without a broker
+/// (crates/api/tests/http_surface.rs); here, that none of them queues anything.
 #[tokio::test]
-async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() {
+async fn bad_requests_get_a_json_error_and_queue_nothing() {
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "errors", 5).await;
     let mut config = Config::new(&url, queue.name());
@@ -129,105 +131,34 @@ async fn bad_requests_get_the_right_status_and_a_json_error_and_queue_nothing() 
     let gateway = TestGateway::spawn(config).await;
     let json_type = Some("application/json");
 
-    // 400: not JSON at all, or cut short.
-    let message = assert_json_error(
-        gateway.post_raw("{\"kind\": ", json_type).await,
-        StatusCode::BAD_REQUEST,
-        "invalid_json",
-    )
-    .await;
-    assert!(message.contains("not valid JSON"), "{message}");
-    assert_json_error(
-        gateway.post_raw("kind=sleep", json_type).await,
-        StatusCode::BAD_REQUEST,
-        "invalid_json",
-    )
-    .await;
-
-    // 415: no content type, or the wrong one.
-    let body = json!({"kind": "sleep"}).to_string();
-    let message = assert_json_error(
-        gateway.post_raw(body.clone(), None).await,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-    )
-    .await;
-    assert!(
-        message.contains("Content-Type: application/json"),
-        "{message}"
-    );
-    assert_json_error(
-        gateway.post_raw(body, Some("text/plain")).await,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-    )
-    .await;
-
-    // 413: over the configured limit.
-    let big = json!({"kind": "sleep", "payload": "x".repeat(2048)}).to_string();
-    let message = assert_json_error(
-        gateway.post_raw(big, json_type).await,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-    )
-    .await;
-    assert!(message.contains("MAX_BODY_BYTES"), "{message}");
-
-    // 422: JSON that is not a task.
-    for (body, hint) in [
-        (json!({"payload": {}}), "missing field `kind`"),
-        (json!({"kind": ""}), "1 to 64 characters"),
-        (json!({"kind": "Send Email"}), "1 to 64 characters"),
-        (json!({"kind": "k".repeat(65)}), "1 to 64 characters"),
-        (json!({"kind": 7}), "invalid type"),
+    for (body, content_type, status, code) in [
         (
-            json!({"kind": "sleep", "priority": 1}),
-            "unknown field `priority`",
+            "{\"kind\": ".to_owned(),
+            json_type,
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
         ),
-        (json!(["sleep"]), "invalid type"),
-    ] {
-        let message = assert_json_error(
-            gateway.post_task(&body).await,
+        (
+            json!({"kind": "sleep"}).to_string(),
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            json!({"kind": "sleep", "payload": "x".repeat(2048)}).to_string(),
+            json_type,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            json!({"kind": "sleep", "priority": 1}).to_string(),
+            json_type,
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_task",
-        )
-        .await;
-        assert!(message.contains(hint), "{body} -> {message}");
+        ),
+    ] {
+        assert_json_error(gateway.post_raw(body, content_type).await, status, code).await;
     }
-
-    // 404 and 405.
-    let response = gateway
-        .client()
-        .get(gateway.url("/nope"))
-        .send()
-        .await
-        .expect("answer");
-    assert_json_error(response, StatusCode::NOT_FOUND, "not_found").await;
-    let response = gateway
-        .client()
-        .get(gateway.url("/tasks"))
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(response.headers()[header::ALLOW], "POST");
-    assert_json_error(
-        response,
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-    )
-    .await;
-    let response = gateway
-        .client()
-        .delete(gateway.url("/health"))
-        .send()
-        .await
-        .expect("answer");
-    assert_json_error(
-        response,
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-    )
-    .await;
 
     assert_eq!(queue.ready().await, 0, "no bad request queued anything");
     gateway.stop().await;

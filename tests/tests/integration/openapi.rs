@@ -101,26 +101,6 @@ async fn every_operation_is_documented_answers_and_answers_only_as_documented() 
     gateway.stop().await;
 }
 
-/// The document follows the switches: what is off is neither served nor documented.
-#[tokio::test]
-async fn what_is_switched_off_is_not_documented() {
-    let url = amqp_url();
-    let queue = TestQueue::declare(&url, "openapi-off", 5).await;
-    let mut config = GatewayConfig::new(&url, queue.name());
-    config.metrics = false;
-    config.dashboard = false;
-    let gateway = TestGateway::spawn(config).await;
-    let documented = operations(&document(&gateway).await);
-    for gone in ["/metrics", "/", "/dashboard/state", "/dashboard.js"] {
-        assert!(
-            !documented.iter().any(|(_, path)| path == gone),
-            "{gone} is documented though off"
-        );
-    }
-    assert!(documented.contains(&("post".to_owned(), "/tasks".to_owned())));
-    gateway.stop().await;
-}
-
 /// Schemathesis (from PyPI, installed by tests/install-deps.sh) generates requests from the
 /// document, valid and not, against a live gateway with a worker: no 5xx, and every answer
 /// fits the document (status, content type, headers, body schema).

@@ -226,6 +226,27 @@ impl Broker {
         ))
     }
 
+    /// A session that never connects: every publish fails as [`PublishError::Disconnected`]
+    /// at once and [`Broker::connected`] never returns. For serving what needs no broker (a
+    /// router driven in tests without a socket, say).
+    ///
+    /// [`PublishError::Disconnected`]: super::publish::PublishError::Disconnected
+    pub fn detached(topology: Topology) -> Self {
+        // The sender goes at once: the link stays `None`, and waiters wait for good.
+        let (_, receiver) = watch::channel(None);
+        Self {
+            link: receiver,
+            shared: Arc::new(Shared {
+                topology,
+                timeout: Duration::from_secs(5),
+                unroutable: AtomicBool::new(false),
+                check: tokio::sync::Notify::new(),
+                nacked_on: AtomicU16::new(0),
+                renew: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
     /// The topology this session declares.
     pub fn topology(&self) -> &Topology {
         &self.shared.topology
