@@ -48,7 +48,7 @@ pub struct LoadShape {
     /// With `Some(max_attempts)`, every request is a `flaky` task scripted to fail its first
     /// 0, 1, ... `max_attempts - 1` attempts in turn, or every attempt: those are counted as
     /// poison (they must end dead). Failing "the first `max_attempts`" would not do: a
-    /// delivery lost with its connection counts as an attempt (README, "Failures and the
+    /// delivery lost with its connection counts as an attempt (docs/API.md, "Failures and the
     /// dead-letter queue"), so attempt numbers can skip one and such a task could succeed on
     /// attempt `max_attempts + 1`.
     pub scripted_failures: Option<u32>,
