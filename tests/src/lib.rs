@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod campaign;
 pub mod cluster;
+pub mod events;
 pub mod gateway;
 pub mod handlers;
 pub mod proxy;
@@ -16,6 +17,7 @@ pub mod worker;
 
 pub use broker::{PrivateBroker, TlsListener};
 pub use cluster::PrivateCluster;
+pub use events::EventLog;
 pub use gateway::{GatewayProcess, TestGateway};
 pub use proxy::FaultyProxy;
 pub use queue::{TEST_KINDS, TestQueue, header_text, publish_confirmed, task_id_of};

@@ -1,4 +1,6 @@
-//! `offload-worker` as a real child process, with its JSON log read back as events.
+//! `offload-worker` as a real child process. What it did to tasks is read from the queue's
+//! events stream ([`EventLog`]), as a user would; its JSON log is kept for the tests of the
+//! log itself.
 
 use std::{
     io::{BufRead, BufReader},
@@ -14,7 +16,7 @@ use nix::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::eventually;
+use crate::{EventLog, eventually};
 
 /// How a test worker is started.
 #[derive(Debug, Clone)]
@@ -49,6 +51,9 @@ impl Default for WorkerOptions {
 /// A running worker process. Killed when dropped.
 pub struct WorkerProcess {
     child: Child,
+    /// `<host>-<pid>`, as its events name it.
+    name: String,
+    events: EventLog,
     log: Arc<Mutex<Vec<Value>>>,
 }
 
@@ -85,11 +90,25 @@ impl WorkerProcess {
                 sink.lock().expect("log lock").push(event);
             }
         });
-        let worker = Self { child, log };
+        let name = format!("{}-{}", hostname(), child.id());
+        let events = EventLog::follow(url, queue);
+        let worker = Self {
+            child,
+            name,
+            events,
+            log,
+        };
+        // Its start-up line, not its `worker` event: a worker that dies on its first task
+        // (a test of crashes) may never get that event out.
         worker
             .wait_for_message("consuming", Duration::from_secs(20))
             .await;
         worker
+    }
+
+    /// `<host>-<pid>`: the worker's name in events.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The OS process id.
@@ -97,41 +116,43 @@ impl WorkerProcess {
         self.child.id()
     }
 
-    /// Every log event so far.
-    pub fn events(&self) -> Vec<Value> {
+    /// Every line it logged so far, each a JSON object.
+    pub fn log(&self) -> Vec<Value> {
         self.log.lock().expect("log lock").clone()
     }
 
-    fn ids_with_message(&self, message: &str) -> Vec<Uuid> {
-        self.events()
-            .iter()
-            .filter(|event| event["message"] == message)
-            .filter_map(|event| event["span"]["task_id"].as_str()?.parse().ok())
-            .collect()
-    }
-
-    /// Ids of the tasks this worker logged as started, in order.
+    /// Ids of the tasks whose attempts this worker started, in order (from its `started`
+    /// events).
     pub fn started(&self) -> Vec<Uuid> {
-        self.ids_with_message("task started")
+        self.events.started_by(&self.name)
     }
 
-    /// Ids of the tasks this worker logged as completed, in order.
+    /// Ids of the tasks whose attempts succeeded on this worker, in order (from its
+    /// `succeeded` events).
     pub fn completed(&self) -> Vec<Uuid> {
-        self.ids_with_message("task completed")
+        self.events.succeeded_on(&self.name)
     }
 
-    /// The "task started" event for `id`, if logged.
-    pub fn start_event(&self, id: Uuid) -> Option<Value> {
-        let id = id.to_string();
-        self.events().into_iter().find(|event| {
-            event["message"] == "task started" && event["span"]["task_id"] == id.as_str()
-        })
+    /// This worker's `started` event of task `id`, if any.
+    pub fn start_event(&self, id: Uuid) -> Option<offload_common::Event> {
+        self.events.start_of(id, &self.name)
+    }
+
+    /// Returns once every event on its queue's stream now has been read
+    /// ([`EventLog::sync`]): before asserting that it did *not* start or finish a task.
+    pub async fn sync(&self) {
+        self.events.sync().await;
+    }
+
+    /// Every event of its queue's stream so far (every worker's and gateway's).
+    pub fn queue_events(&self) -> Vec<offload_common::Event> {
+        self.events.events()
     }
 
     /// Waits until the worker logs an event whose message is `message`.
     pub async fn wait_for_message(&self, message: &str, deadline: Duration) -> Value {
         eventually(deadline, &format!("worker to log {message:?}"), || async {
-            self.events()
+            self.log()
                 .into_iter()
                 .find(|event| event["message"] == message)
         })
@@ -141,7 +162,7 @@ impl WorkerProcess {
     /// Waits until the worker logs an event whose message contains `text`.
     pub async fn wait_for_message_containing(&self, text: &str, deadline: Duration) -> Value {
         eventually(deadline, &format!("worker to log {text:?}"), || async {
-            self.events().into_iter().find(|event| {
+            self.log().into_iter().find(|event| {
                 event["message"]
                     .as_str()
                     .is_some_and(|message| message.contains(text))
@@ -228,4 +249,10 @@ pub fn declare_kinds(url: &str, queue: &str, env: &[(&str, String)]) {
         "offload-worker --declare-only failed: {}",
         String::from_utf8_lossy(&output.stdout)
     );
+}
+
+/// This machine's name, as a worker reads it for its events.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "worker".to_owned(), |name| name.trim().to_owned())
 }

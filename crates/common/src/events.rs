@@ -128,7 +128,8 @@ pub struct Event {
     /// `started`, `succeeded`, `failed`, `dead`: the attempt, 1 for the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u64>,
-    /// `started`, `worker`: which worker (`<host>-<pid>`).
+    /// `started`, `succeeded`, `failed`, `dead` (from a worker), `worker`: which worker
+    /// (`<host>-<pid>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
     /// `succeeded`: how long the attempt took.

@@ -71,6 +71,7 @@ pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Cont
         let event = |event_type| {
             let mut event = Event::task(event_type, id, &kind);
             event.attempt = Some(u64::from(attempt));
+            event.worker = Some(context.worker.to_string());
             event
         };
         let policy = context.registry.policy(&kind).unwrap_or(context.policy);
@@ -101,9 +102,7 @@ pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Cont
         );
         context.metrics.started(&kind, previous_deliveries > 0);
         if let Some(events) = &context.events {
-            let mut started = event(EventType::Started);
-            started.worker = Some(context.worker.to_string());
-            events.emit(started);
+            events.emit(event(EventType::Started));
         }
         let began = std::time::Instant::now();
         let ran = run_handler(running, context.deadline).await;
@@ -170,6 +169,7 @@ async fn undecodable(
     dead.id = message_id.and_then(|id| id.parse().ok());
     dead.kind = delivery.properties.kind().as_ref().map(ToString::to_string);
     dead.reason = Some(DeadReason::Undecodable);
+    dead.worker = Some(context.worker.to_string());
     dead.error = Some(error.to_string());
     let outcome = to_dead(context, &dead, 1);
     settle(delivery, taken, context, outcome, dead).await;

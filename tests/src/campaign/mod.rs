@@ -377,7 +377,7 @@ impl Rig {
             let id = id.to_string();
             for (w, worker) in self.workers.iter().enumerate() {
                 for event in worker
-                    .events()
+                    .log()
                     .iter()
                     .filter(|event| event["span"]["task_id"] == id.as_str())
                 {

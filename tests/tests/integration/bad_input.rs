@@ -262,7 +262,7 @@ async fn a_worker_dead_letters_any_bytes_it_cannot_run_and_carries_on() {
     )
     .await;
     let panics: Vec<Value> = worker
-        .events()
+        .log()
         .into_iter()
         .filter(|e| {
             e["message"]

@@ -42,6 +42,7 @@ async fn two_workers_share_six_tasks_three_each() {
         ids.push(gateway.submit_sleep("task..").await);
     }
     wait_all_completed(&[&first, &second], &ids).await;
+    first.sync().await;
 
     assert_eq!(
         first.completed().len(),
@@ -92,6 +93,7 @@ async fn short_tasks_go_to_the_free_worker_not_behind_a_long_one() {
         short.push(gateway.submit_sleep("quick.").await);
     }
     wait_all_completed(&[&workers[free]], &short).await;
+    workers[busy].sync().await;
 
     assert!(
         workers[busy].started().iter().all(|id| *id == long),
@@ -145,10 +147,11 @@ async fn acks_folded_together_never_settle_a_task_still_running() {
     wait_all_completed(&[&worker], &after).await;
     ids.extend(after);
 
+    worker.sync().await;
     let started = worker.started();
     assert_eq!(started.len(), ids.len(), "every task ran once, none twice");
     let troubles: Vec<_> = worker
-        .events()
+        .log()
         .into_iter()
         .filter(|event| {
             event["message"].as_str().is_some_and(|message| {

@@ -10,6 +10,7 @@ use std::{
 
 use lapin::BasicProperties;
 use offload_api::Config as GatewayConfig;
+use offload_common::{DeadReason, EventType};
 use offload_tests::{
     InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url, eventually,
     header_text,
@@ -64,7 +65,7 @@ async fn undecodable_and_unknown_kind_messages_are_dead_lettered_and_the_worker_
     reasons.sort();
     assert_eq!(reasons, ["no_handler", "undecodable"]);
     let warnings: Vec<String> = worker
-        .events()
+        .log()
         .iter()
         .filter(|e| e["level"] == "WARN")
         .filter_map(|e| e["message"].as_str().map(str::to_owned))
@@ -102,6 +103,7 @@ async fn a_permanent_failure_is_dead_lettered_at_once() {
         || async { (queue.dead().await == 1).then_some(()) },
     )
     .await;
+    worker.sync().await;
     assert_eq!(worker.started().len(), 1, "tried once, not retried");
     assert!(worker.completed().is_empty());
     let dead = queue.take_dead().await.expect("the dead task");
@@ -282,12 +284,12 @@ async fn the_dead_letter_queue_keeps_at_most_dead_max_length_tasks() {
         "every message dead-lettered",
         || async {
             let count = worker
-                .events()
+                .queue_events()
                 .iter()
-                .filter(|e| {
-                    e["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("dead-lettering the message"))
+                .filter(|event| {
+                    event.event == EventType::Dead
+                        && event.reason == Some(DeadReason::Undecodable)
+                        && event.worker.as_deref() == Some(worker.name())
                 })
                 .count();
             (count == FLOOD && queue.ready().await == 0).then_some(count)

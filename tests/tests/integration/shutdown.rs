@@ -26,6 +26,7 @@ async fn sigterm_lets_the_task_in_hand_finish_and_exits_zero() {
     .await;
     worker.terminate();
     let status = worker.wait_exit(Duration::from_secs(30)).await;
+    worker.sync().await;
 
     assert!(status.success(), "worker exited with {status}");
     assert!(
@@ -61,6 +62,7 @@ async fn a_task_outlasting_the_grace_period_goes_back_to_the_queue() {
     .await;
     worker.terminate();
     let status = worker.wait_exit(Duration::from_secs(30)).await;
+    worker.sync().await;
 
     assert!(status.success(), "worker exited with {status}");
     assert!(!worker.completed().contains(&id));

@@ -118,6 +118,7 @@ async fn spread_and_bounded(
         assert_eq!(status["status"], "succeeded", "{status}");
         assert_eq!(status["result"]["dots"], 4, "{status}");
     }
+    workers[0].sync().await;
     let ran_by: Vec<usize> = workers
         .iter()
         .map(|worker| {
