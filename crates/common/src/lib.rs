@@ -16,8 +16,9 @@ pub use broker::{
     BrokerArgs, BrokerError,
     publish::{Message, PublishError, Returns, Sent},
     redact_url,
-    session::{Broker, BrokerState, Link, Supervisor},
+    session::{Broker, BrokerState, Link},
     subscribe::{Delivered, Subscription},
+    supervisor::Supervisor,
 };
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
 pub use events::{DeadReason, Event, EventSink, EventType};

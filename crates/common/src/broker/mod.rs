@@ -6,6 +6,7 @@
 pub mod publish;
 pub mod session;
 pub mod subscribe;
+pub mod supervisor;
 pub mod url;
 
 use std::{path::PathBuf, time::Duration};

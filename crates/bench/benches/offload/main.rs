@@ -1,0 +1,188 @@
+//! `cargo bench -p offload-bench`: offload against raw lapin on the same broker, in one run.
+//! Prints one table and writes `docs/PERFORMANCE.md`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use clap::Parser;
+use offload_bench::{
+    amqp_url,
+    broker::BenchQueue,
+    free_port,
+    process::{self},
+    stats::{self, Line},
+};
+
+mod clients;
+mod drain;
+mod latency;
+mod publish;
+mod replay;
+mod targets;
+mod traces;
+
+use clients::{memory, slow_clients};
+use drain::drain;
+use latency::{end_to_end, latency, scheduled};
+use publish::{events_cost, hardening, metrics_cost, throughput};
+use replay::replay;
+use targets::http_targets;
+use traces::{drain_tracing_cost, tracing_cost};
+
+/// The benchmark. Every figure is measured beside its ceiling in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "offload-bench")]
+struct Args {
+    /// How long each throughput and latency measurement runs (after a warm-up of a fifth).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    length: Duration,
+
+    /// Concurrent HTTP connections, and publishes in flight for the ceiling.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+
+    /// Zero-work tasks queued for each drain measurement.
+    #[arg(long, default_value_t = 10_000)]
+    tasks: u64,
+
+    /// Throughput and drain measurements alternate the ceiling and offload this many times;
+    /// medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+
+    /// Where to write the report; `-` writes none.
+    #[arg(long, default_value_os_t = default_report())]
+    write: PathBuf,
+
+    /// Measure one group only, quick, when working on one part; writes no report: `drain`
+    /// (the worker's drains), `publish` (POST /tasks against its ceiling, and what each
+    /// feature costs it), `targets` (HTTP-target tasks), `traces` (what exporting spans
+    /// costs).
+    #[arg(long, value_enum)]
+    only: Option<Group>,
+
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A group of measurements, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    Drain,
+    Publish,
+    Targets,
+    Traces,
+}
+
+fn default_report() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the bench crate lives in crates/ of the workspace")
+        .join("docs/PERFORMANCE.md")
+}
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_offload-api-bench");
+
+const WORKER: &str = env!("CARGO_BIN_EXE_offload-worker-bench");
+
+const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let url = amqp_url();
+    let queue = BenchQueue::declare(&url, "run").await?;
+    let mut lines = Vec::new();
+    let only = args.only;
+    if let Some(group @ (Group::Targets | Group::Traces)) = only {
+        if group == Group::Targets {
+            lines.extend(http_targets(&args, &url, &queue).await?);
+        } else {
+            lines.push(tracing_cost(&args, &url, &queue).await?);
+            lines.push(drain_tracing_cost(&args, &url, &queue).await?);
+        }
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
+
+    // Drains first: the end-to-end measure runs at a rate one worker can keep up with.
+    let mut worker_peak = 0;
+    let mut drain_rates = Vec::new();
+    let drains = [(1, false), (1, true), (100, false), (100, true)];
+    for (prefetch, events) in drains.into_iter().filter(|_| only != Some(Group::Publish)) {
+        let (drain_lines, offload_rate, peak) =
+            drain(&args, &url, &queue, prefetch, events).await?;
+        lines.extend(drain_lines);
+        drain_rates.push(offload_rate);
+        worker_peak = worker_peak.max(peak);
+    }
+    if only != Some(Group::Publish) {
+        lines.push(drain_tracing_cost(&args, &url, &queue).await?);
+    }
+    if only == Some(Group::Drain) {
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
+
+    let port = free_port();
+    let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
+    let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+    let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
+    lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
+    lines.extend(replay(&args, &url, sustained).await?);
+    lines.push(hardening(&args, &url, &queue).await?);
+    lines.push(metrics_cost(&args, &url, &queue).await?);
+    lines.push(tracing_cost(&args, &url, &queue).await?);
+    lines.extend(slow_clients(&url, &queue).await);
+    if only == Some(Group::Publish) {
+        queue.delete().await;
+        lines.extend(memory(gateway.peak_rss().unwrap_or(0), None));
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
+    for share in [0.25, 0.5, 0.75] {
+        lines.push(latency(&args, &queue, &tasks_url, sustained, share).await?);
+    }
+    // Moderate: a quarter of what one worker at the default prefetch drains alone (it
+    // shares the two cores with the gateway and the load here).
+    // drain_rates[1]: prefetch 1 with events on, as the worker runs by default.
+    let (e2e, peak) = end_to_end(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await;
+    lines.extend(e2e);
+    worker_peak = worker_peak.max(peak);
+    lines.extend(scheduled(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await);
+    lines.extend(http_targets(&args, &url, &queue).await?);
+    let gateway_peak = gateway.peak_rss().unwrap_or(0);
+    drop(gateway);
+    queue.delete().await;
+    lines.extend(memory(gateway_peak, Some(worker_peak)));
+
+    println!("{}", stats::table(&lines));
+    if args.write.as_os_str() != "-" {
+        std::fs::write(&args.write, report(&lines, &args))?;
+        println!("report written to {}", args.write.display());
+    }
+    Ok(())
+}
+
+fn report(lines: &[Line], args: &Args) -> String {
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    TEMPLATE
+        .replace("{table}", &stats::markdown(lines))
+        .replace("{date}", &date)
+        .replace("{cores}", &cores.to_string())
+        .replace("{connections}", &args.connections.to_string())
+        .replace("{tasks}", &args.tasks.to_string())
+        .replace(
+            "{length}",
+            &humantime::format_duration(args.length).to_string(),
+        )
+}
+
+const TEMPLATE: &str = include_str!("performance_template.md");
