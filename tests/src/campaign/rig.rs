@@ -1,0 +1,234 @@
+//! Everything one scenario runs on: the broker (a node or a cluster) behind proxies, the
+//! gateway and worker processes; what they completed and what is dead.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
+use uuid::Uuid;
+
+use super::{
+    CLUSTER_REPLICAS, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, DELIVERY_LIMIT, Fault, HEARTBEAT, PREFETCH,
+    WORKERS,
+};
+use crate::{
+    FaultyProxy, GatewayProcess, PrivateBroker, PrivateCluster, WorkerOptions, WorkerProcess,
+    free_port,
+};
+
+/// The broker side of a scenario.
+pub(super) enum Brokers {
+    /// One node behind one proxy, which gateway and workers share.
+    Single {
+        node: PrivateBroker,
+        proxy: FaultyProxy,
+    },
+    /// Three nodes, each behind a proxy for the gateway and one for the workers.
+    Cluster {
+        cluster: PrivateCluster,
+        gateway_proxies: Vec<FaultyProxy>,
+        /// Kept for their connections; the workers' URL names them.
+        _worker_proxies: Vec<FaultyProxy>,
+    },
+}
+
+/// Everything one scenario runs on.
+pub(super) struct Rig {
+    pub(super) brokers: Brokers,
+    pub(super) gateway: GatewayProcess,
+    pub(super) gateway_port: u16,
+    pub(super) env: Vec<(&'static str, String)>,
+    pub(super) workers: Vec<WorkerProcess>,
+    pub(super) worker_options: WorkerOptions,
+    pub(super) worker_url: String,
+    pub(super) queue: String,
+}
+
+/// Proxies in front of `addresses`, and the comma-separated AMQP URL list that names them.
+pub(super) async fn proxies(addresses: &[std::net::SocketAddr]) -> (Vec<FaultyProxy>, String) {
+    let mut proxies = Vec::new();
+    for &address in addresses {
+        proxies.push(FaultyProxy::start(address).await.expect("start a proxy"));
+    }
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|proxy| format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()))
+        .collect();
+    (proxies, urls.join(","))
+}
+
+impl Rig {
+    pub(super) async fn start(fault: Fault, worker_env: &[(&'static str, String)]) -> Self {
+        let (brokers, gateway_url, worker_url) = if fault.on_cluster() {
+            let cluster = PrivateCluster::start().await;
+            let addresses: Vec<_> = cluster.nodes().iter().map(PrivateBroker::addr).collect();
+            let (gateway_proxies, gateway_url) = proxies(&addresses).await;
+            let (worker_proxies, worker_url) = proxies(&addresses).await;
+            let brokers = Brokers::Cluster {
+                cluster,
+                gateway_proxies,
+                _worker_proxies: worker_proxies,
+            };
+            (brokers, gateway_url, worker_url)
+        } else {
+            let node = PrivateBroker::start().await;
+            let (mut proxies, url) = proxies(&[node.addr()]).await;
+            let proxy = proxies.pop().expect("one proxy for one node");
+            (Brokers::Single { node, proxy }, url.clone(), url)
+        };
+        let queue = format!(
+            "campaign-{}-{}",
+            fault.name(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut common = vec![
+            ("HEARTBEAT", HEARTBEAT.to_owned()),
+            ("CONNECT_TIMEOUT", CONNECT_TIMEOUT.to_owned()),
+        ];
+        if fault.on_cluster() {
+            common.push(("REPLICAS", CLUSTER_REPLICAS.to_owned()));
+        }
+        let env: Vec<_> = [
+            ("AMQP_URL", gateway_url),
+            ("QUEUE", queue.clone()),
+            ("DELIVERY_LIMIT", DELIVERY_LIMIT.to_string()),
+            ("CONFIRM_TIMEOUT", CONFIRM_TIMEOUT.to_owned()),
+        ]
+        .into_iter()
+        .chain(common.iter().cloned())
+        .collect();
+        let gateway_port = free_port();
+        let gateway = GatewayProcess::start(gateway_port, &env).await;
+        let worker_options = WorkerOptions {
+            prefetch: PREFETCH,
+            sleep_unit: "10ms",
+            shutdown_grace: "5s",
+            delivery_limit: DELIVERY_LIMIT,
+            binary: "offload-campaign-worker",
+            env: common
+                .into_iter()
+                // Poison tasks die after as many attempts as the delivery limit allows
+                // redeliveries; retries go through the delay levels at once (RETRY_BASE 0s).
+                .chain([("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string())])
+                .chain(worker_env.iter().cloned())
+                .collect(),
+        };
+        let mut workers = Vec::new();
+        for _ in 0..WORKERS {
+            workers.push(WorkerProcess::start(&worker_url, &queue, &worker_options).await);
+        }
+        Self {
+            brokers,
+            gateway,
+            gateway_port,
+            env,
+            workers,
+            worker_options,
+            worker_url,
+            queue,
+        }
+    }
+
+    /// The single node, for a single-node fault.
+    pub(super) fn node(&mut self) -> &mut PrivateBroker {
+        match &mut self.brokers {
+            Brokers::Single { node, .. } => node,
+            Brokers::Cluster { .. } => panic!("a single-node fault asked for on a cluster"),
+        }
+    }
+
+    /// The single node's proxy, for a network fault.
+    pub(super) fn proxy(&self) -> &FaultyProxy {
+        match &self.brokers {
+            Brokers::Single { proxy, .. } => proxy,
+            Brokers::Cluster { .. } => panic!("a single-node fault asked for on a cluster"),
+        }
+    }
+
+    /// The cluster, for a cluster fault.
+    pub(super) fn cluster(&mut self) -> &mut PrivateCluster {
+        match &mut self.brokers {
+            Brokers::Cluster { cluster, .. } => cluster,
+            Brokers::Single { .. } => panic!("a cluster fault asked for on a single node"),
+        }
+    }
+
+    /// Direct URLs of the nodes (not through a proxy), for the checker's own questions.
+    pub(super) fn direct_urls(&self) -> Vec<String> {
+        match &self.brokers {
+            Brokers::Single { node, .. } => vec![node.url()],
+            Brokers::Cluster { cluster, .. } => {
+                cluster.nodes().iter().map(PrivateBroker::url).collect()
+            }
+        }
+    }
+
+    /// A connection of the checker's own to whichever node answers first.
+    pub(super) async fn direct_connection(&self) -> Option<Connection> {
+        for url in self.direct_urls() {
+            // Bounded: a node that takes the TCP connection but not the handshake is skipped.
+            let connect = Connection::connect(&url, ConnectionProperties::default());
+            if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// Every completion logged by every worker process this scenario started, killed or not.
+    pub(super) fn completions(&self) -> HashMap<Uuid, usize> {
+        let mut counts = HashMap::new();
+        for worker in &self.workers {
+            for id in worker.completed() {
+                *counts.entry(id).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+    /// Messages in the dead-letter queue, asked over a connection of the campaign's own.
+    pub(super) async fn dead_lettered(&self) -> Option<u32> {
+        let connection = self.direct_connection().await?;
+        let channel = connection.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                format!("{}.dead", self.queue).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = connection.close(200, "counted".into()).await;
+        Some(declared.message_count())
+    }
+
+    /// The task ids of the messages in the dead-letter queue, each once: at-least-once
+    /// delivery may put two copies of one task there (its ack lost in a broker restart after
+    /// its dead copy was confirmed). The messages are read unacknowledged and go back to the
+    /// queue when the connection closes.
+    pub(super) async fn dead_ids(&self) -> Option<HashSet<Uuid>> {
+        let connection = self.direct_connection().await?;
+        let channel = connection.create_channel().await.ok()?;
+        let queue = format!("{}.dead", self.queue);
+        let mut ids = HashSet::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .ok()?
+        {
+            if let Some(id) = crate::queue::task_id_of(&message) {
+                ids.insert(id);
+            }
+        }
+        let _ = connection.close(200, "read".into()).await;
+        Some(ids)
+    }
+}
