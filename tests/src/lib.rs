@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod handlers;
 pub mod proxy;
 pub mod queue;
+pub mod table;
 pub mod target;
 mod tls;
 pub mod wait;

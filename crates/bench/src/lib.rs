@@ -18,15 +18,5 @@ pub mod slow;
 pub mod stats;
 pub mod target;
 
-/// The broker the benchmark uses: `AMQP_URL`, or the local default.
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
+/// The broker and ports: the same harness as the tests and the campaign.
+pub use offload_tests::{amqp_url, free_port};

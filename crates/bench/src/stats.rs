@@ -1,6 +1,8 @@
 //! Percentiles, and the table the benchmark prints.
 
-use std::{fmt::Write as _, time::Duration};
+use std::time::Duration;
+
+use offload_tests::table::Align;
 
 /// The `p`-th percentile (0 to 100) of `samples`, nearest rank; `None` when empty.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Option<Duration> {
@@ -95,31 +97,14 @@ fn cells(line: &Line) -> [String; 6] {
 
 /// The lines as an aligned plain-text table.
 pub fn table(lines: &[Line]) -> String {
-    let rows: Vec<[String; 6]> = std::iter::once(HEADER.map(str::to_owned))
-        .chain(lines.iter().map(cells))
-        .collect();
-    let widths: Vec<usize> = (0..HEADER.len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let padded: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
-    }
-    out
+    let rows: Vec<[String; 6]> = lines.iter().map(cells).collect();
+    offload_tests::table::text(HEADER, &rows, [Align::Left; 6])
 }
 
 /// The lines as a Markdown table.
 pub fn markdown(lines: &[Line]) -> String {
-    let mut out = format!("| {} |\n|{}\n", HEADER.join(" | "), "---|".repeat(6));
-    for line in lines {
-        let _ = writeln!(out, "| {} |", cells(line).join(" | "));
-    }
-    out
+    let rows: Vec<[String; 6]> = lines.iter().map(cells).collect();
+    offload_tests::table::markdown(HEADER, &rows)
 }
 
 #[cfg(test)]

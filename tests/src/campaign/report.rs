@@ -2,13 +2,13 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt::Write as _,
     time::Duration,
 };
 
 use uuid::Uuid;
 
 use super::{ANSWER_SLACK, CLUSTER_RECOVERY, CONFIRM_TIMEOUT_SECS, Fault, Outcome, Record};
+use crate::table::Align;
 
 /// What one scenario measured.
 #[derive(Debug, Clone)]
@@ -137,36 +137,25 @@ fn cells(row: &Row) -> [String; 13] {
 
 /// The rows as an aligned plain-text table, for the terminal.
 pub fn table(rows: &[Row]) -> String {
-    let all: Vec<[String; 13]> = std::iter::once(HEADER.map(str::to_owned))
-        .chain(rows.iter().map(cells))
-        .collect();
-    let widths: Vec<usize> = (0..HEADER.len())
-        .map(|i| all.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &all {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:>width$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  "));
-    }
-    out
+    let cells: Vec<[String; 13]> = rows.iter().map(cells).collect();
+    crate::table::text(HEADER, &cells, [Align::Right; 13])
 }
 
 /// The rows as a Markdown table, with a description column.
 pub fn markdown(rows: &[Row]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "| {} | what is done |", HEADER.join(" | "));
-    let _ = writeln!(out, "|{}---|", "---|".repeat(HEADER.len()));
-    for row in rows {
-        let _ = writeln!(
-            out,
-            "| {} | {} |",
-            cells(row).join(" | "),
-            row.fault.description()
-        );
-    }
-    out
+    let mut header = [""; 14];
+    header[..13].copy_from_slice(&HEADER);
+    header[13] = "what is done";
+    let cells: Vec<[String; 14]> = rows
+        .iter()
+        .map(|row| {
+            let mut out: [String; 14] = Default::default();
+            for (slot, cell) in out.iter_mut().zip(cells(row)) {
+                *slot = cell;
+            }
+            row.fault.description().clone_into(&mut out[13]);
+            out
+        })
+        .collect();
+    crate::table::markdown(header, &cells)
 }
