@@ -33,6 +33,9 @@ pub struct WorkerOptions {
     pub binary: &'static str,
     /// More environment variables, e.g. `("HEARTBEAT", "2")`.
     pub env: Vec<(&'static str, String)>,
+    /// Follow the queue's events stream, for [`WorkerProcess::started`] and the like. The
+    /// fault campaign does not: it reads its workers' logs (docs/RELIABILITY.md says why).
+    pub follow_events: bool,
 }
 
 impl Default for WorkerOptions {
@@ -44,6 +47,7 @@ impl Default for WorkerOptions {
             delivery_limit: 5,
             binary: "offload-worker-under-test",
             env: Vec::new(),
+            follow_events: true,
         }
     }
 }
@@ -53,7 +57,7 @@ pub struct WorkerProcess {
     child: Child,
     /// `<host>-<pid>`, as its events name it.
     name: String,
-    events: EventLog,
+    events: Option<EventLog>,
     log: Arc<Mutex<Vec<Value>>>,
 }
 
@@ -91,7 +95,7 @@ impl WorkerProcess {
             }
         });
         let name = format!("{}-{}", hostname(), child.id());
-        let events = EventLog::follow(url, queue);
+        let events = options.follow_events.then(|| EventLog::follow(url, queue));
         let worker = Self {
             child,
             name,
@@ -121,32 +125,56 @@ impl WorkerProcess {
         self.log.lock().expect("log lock").clone()
     }
 
+    fn events(&self) -> &EventLog {
+        self.events
+            .as_ref()
+            .expect("this worker was started with follow_events: false")
+    }
+
     /// Ids of the tasks whose attempts this worker started, in order (from its `started`
     /// events).
     pub fn started(&self) -> Vec<Uuid> {
-        self.events.started_by(&self.name)
+        self.events().started_by(&self.name)
     }
 
     /// Ids of the tasks whose attempts succeeded on this worker, in order (from its
     /// `succeeded` events).
     pub fn completed(&self) -> Vec<Uuid> {
-        self.events.succeeded_on(&self.name)
+        self.events().succeeded_on(&self.name)
     }
 
     /// This worker's `started` event of task `id`, if any.
     pub fn start_event(&self, id: Uuid) -> Option<offload_common::Event> {
-        self.events.start_of(id, &self.name)
+        self.events().start_of(id, &self.name)
+    }
+
+    /// Ids of the tasks it logged as started, in order: for the fault campaign.
+    pub fn logged_started(&self) -> Vec<Uuid> {
+        self.logged_ids("task started")
+    }
+
+    /// Ids of the tasks it logged as completed, in order: for the fault campaign.
+    pub fn logged_completed(&self) -> Vec<Uuid> {
+        self.logged_ids("task completed")
+    }
+
+    fn logged_ids(&self, message: &str) -> Vec<Uuid> {
+        self.log()
+            .iter()
+            .filter(|line| line["message"] == message)
+            .filter_map(|line| line["span"]["task_id"].as_str()?.parse().ok())
+            .collect()
     }
 
     /// Returns once every event on its queue's stream now has been read
     /// ([`EventLog::sync`]): before asserting that it did *not* start or finish a task.
     pub async fn sync(&self) {
-        self.events.sync().await;
+        self.events().sync().await;
     }
 
     /// Every event of its queue's stream so far (every worker's and gateway's).
     pub fn queue_events(&self) -> Vec<offload_common::Event> {
-        self.events.events()
+        self.events().events()
     }
 
     /// Waits until the worker logs an event whose message is `message`.

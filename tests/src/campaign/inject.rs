@@ -46,7 +46,7 @@ impl Rig {
             Fault::WorkerKill => {
                 let victim = &mut self.workers[0];
                 eventually(STEP_DEADLINE, "a worker with tasks in hand", || {
-                    let in_hand = victim.started().len() > victim.completed().len();
+                    let in_hand = victim.logged_started().len() > victim.logged_completed().len();
                     async move { in_hand.then_some(()) }
                 })
                 .await;

@@ -114,6 +114,9 @@ impl Rig {
                 .chain([("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string())])
                 .chain(worker_env.iter().cloned())
                 .collect(),
+            // Completions come from the workers' logs: reading the events stream through a
+            // cluster's rolling restart once missed succeeded events (docs/RELIABILITY.md).
+            follow_events: false,
         };
         let mut workers = Vec::new();
         for _ in 0..WORKERS {
@@ -182,7 +185,7 @@ impl Rig {
     pub(super) fn completions(&self) -> HashMap<Uuid, usize> {
         let mut counts = HashMap::new();
         for worker in &self.workers {
-            for id in worker.completed() {
+            for id in worker.logged_completed() {
                 *counts.entry(id).or_insert(0) += 1;
             }
         }
