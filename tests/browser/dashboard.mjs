@@ -1,7 +1,7 @@
 // Drives Debian's Chromium through offload's dashboard, as tests/tests/integration/dashboard.rs
 // asks: it submits tasks and sees the counts move, sees a failing task become dead, is refused
 // a retry with a read-only key, retries it with an admin key and sees it succeed, discards
-// another, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
+// another, pauses and resumes a kind and charts it alone, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
 // screenshots.
 // Every wait is on a condition with a deadline. Exits non-zero with the reason on failure.
 //
@@ -143,6 +143,22 @@ try {
   await until("the notice that it is discarded", async () => /is discarded/.test(await page.textContent("#notice")));
   const gone = await fetch(`${base}/dead/${doomed}`, { headers: { authorization: `Bearer ${adminKey}` } });
   if (gone.status !== 404) fail(`GET /dead/${doomed} after the discard answered ${gone.status}`);
+
+  step("pause a kind from the page: its tasks wait; resume it: they run");
+  const kindRow = (name) => page.evaluate((name) => document.querySelector(`#kinds tr[data-kind="${name}"]`)?.textContent ?? null, name);
+  await until("the sleep kind in the kinds table", async () => /running/.test((await kindRow("sleep")) ?? ""));
+  await page.click('button[aria-label="Pause kind sleep"]');
+  await until("the notice that it is paused", async () => /is paused/.test(await page.textContent("#notice")));
+  await until("the kind shown paused", async () => /paused/.test((await kindRow("sleep")) ?? ""));
+  const waiting = (await api("POST", "/tasks", { kind: "sleep", payload: { message: "while paused" } })).id;
+  await until("the waiting task on the kind's queue", async () => (await api("GET", "/kinds")).kinds.some((k) => k.kind === "sleep" && k.ready >= 1));
+  if ((await api("GET", `/tasks/${waiting}`)).status !== "queued") fail("a task of a paused kind did not wait");
+  await page.selectOption("#depth-kind", "sleep");
+  await until("the chart to show the kind alone", async () => /Ready \(sleep\)/.test(await page.textContent("#depth-legend")));
+  await page.click('button[aria-label="Resume kind sleep"]');
+  await until("the notice that it is resumed", async () => /is resumed/.test(await page.textContent("#notice")));
+  await until("the waiting task to show succeeded", async () => (await statusOf(page, waiting)) === "succeeded");
+  await page.selectOption("#depth-kind", "");
 
   await accessible(page, "desktop");
   await page.screenshot({ path: `${shots}/dashboard-desktop.png`, fullPage: true });

@@ -86,7 +86,7 @@ impl TestQueue {
         }
     }
 
-    /// The work queue's name.
+    /// `QUEUE`: what its queues are named after.
     pub fn name(&self) -> &str {
         self.topology.queue()
     }
@@ -101,7 +101,8 @@ impl TestQueue {
         &self.connection
     }
 
-    async fn counts(&self, queue: &str) -> (u32, u32) {
+    /// Ready messages and consumers of `queue`; `(0, 0)` if it does not exist (yet).
+    pub async fn counts(&self, queue: &str) -> (u32, u32) {
         let channel = self
             .connection
             .create_channel()
@@ -116,20 +117,38 @@ impl TestQueue {
                 },
                 FieldTable::default(),
             )
-            .await
-            .expect("queue exists");
-        let _ = channel.close(200, "done".into()).await;
-        (declared.message_count(), declared.consumer_count())
+            .await;
+        match declared {
+            Ok(declared) => {
+                let _ = channel.close(200, "done".into()).await;
+                (declared.message_count(), declared.consumer_count())
+            }
+            Err(_) => (0, 0),
+        }
     }
 
-    /// Messages ready on the work queue (not counting those delivered and not yet acked).
+    /// Messages ready on the kinds' queues (not counting those delivered and not yet acked).
     pub async fn ready(&self) -> u32 {
-        self.counts(self.topology.queue()).await.0
+        let mut ready = 0;
+        for kind in self.topology.kinds() {
+            ready += self.counts(&self.topology.kind_queue(kind)).await.0;
+        }
+        ready
     }
 
-    /// Consumers subscribed to the work queue.
+    /// Messages ready on `kind`'s queue.
+    pub async fn ready_of(&self, kind: &str) -> u32 {
+        self.counts(&self.topology.kind_queue(kind)).await.0
+    }
+
+    /// Workers consuming the `sleep` kind (which every test worker runs).
     pub async fn consumers(&self) -> u32 {
-        self.counts(self.topology.queue()).await.1
+        self.consumers_of("sleep").await
+    }
+
+    /// Workers consuming `kind`.
+    pub async fn consumers_of(&self, kind: &str) -> u32 {
+        self.counts(&self.topology.kind_queue(kind)).await.1
     }
 
     /// Messages in the dead-letter queue.
@@ -142,9 +161,14 @@ impl TestQueue {
         self.get(&self.topology.dead_letter_queue()).await
     }
 
-    /// Takes one message off the work queue (acked), if there is one.
+    /// Takes one message off the kinds' queues (acked), if there is one.
     pub async fn take_ready(&self) -> Option<lapin::message::BasicGetMessage> {
-        self.get(self.topology.queue()).await
+        for kind in self.topology.kinds() {
+            if let Some(message) = self.get(&self.topology.kind_queue(kind)).await {
+                return Some(message);
+            }
+        }
+        None
     }
 
     async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
@@ -161,10 +185,11 @@ impl TestQueue {
         message
     }
 
-    /// Publishes raw bytes straight onto the work queue, bypassing the gateway: what a buggy
+    /// Publishes raw bytes straight onto `kind`'s queue, bypassing the gateway: what a buggy
     /// or foreign producer might send.
-    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        publish_confirmed(&self.connection, "", self.name(), body, properties).await;
+    pub async fn publish_raw(&self, kind: &str, body: &[u8], properties: BasicProperties) {
+        let queue = self.topology.kind_queue(kind);
+        publish_confirmed(&self.connection, "", &queue, body, properties).await;
     }
 }
 

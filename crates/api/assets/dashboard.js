@@ -245,10 +245,77 @@ async function scanDead() {
   }
 }
 
+// One row per kind, with a Pause or Resume button (scope `admin`).
+function renderKinds(kinds) {
+  const rows = (kinds || []).map((kind) => {
+    const row = document.createElement("tr");
+    row.dataset.kind = kind.kind;
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    const action = kind.paused ? "Resume" : "Pause";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = action;
+    button.setAttribute("aria-label", `${action} kind ${kind.kind}`);
+    button.disabled = busy.has(`kind:${kind.kind}`);
+    button.addEventListener("click", () => toggleKind(kind, action, button));
+    actions.append(button);
+    row.append(
+      cell(kind.kind),
+      cell(kind.paused ? "paused" : "running", `kind-${kind.paused ? "paused" : "running"}`),
+      cell(kind.ready),
+      cell(kind.scheduled),
+      cell(kind.in_hand),
+      cell(kind.workers),
+      actions,
+    );
+    return row;
+  });
+  if (rows.length === 0) rows.push(emptyRow(7, kinds ? "No kinds yet." : "The broker cannot be asked."));
+  byId("kinds").tBodies[0].replaceChildren(...rows);
+  const select = byId("depth-kind");
+  const names = ["", ...(kinds || []).map((kind) => kind.kind)];
+  const shown = [...select.options].map((option) => option.value);
+  if (names.join("\n") !== shown.join("\n")) {
+    const chosen = select.value;
+    select.replaceChildren(
+      ...names.map((name) => Object.assign(document.createElement("option"), { value: name, textContent: name || "all kinds" })),
+    );
+    select.value = names.includes(chosen) ? chosen : "";
+  }
+}
+
+async function toggleKind(kind, action, button) {
+  const key = `kind:${kind.kind}`;
+  busy.add(key);
+  button.disabled = true;
+  try {
+    await call("POST", `/kinds/${encodeURIComponent(kind.kind)}/${action.toLowerCase()}`);
+    notify(`Kind ${kind.kind} is ${action === "Pause" ? "paused" : "resumed"}.`);
+  } catch (error) {
+    notify(`Could not ${action.toLowerCase()} kind ${kind.kind}: ${error.message}`, true);
+  } finally {
+    busy.delete(key);
+    refresh();
+  }
+}
+
+// The depth chart's points: every queue, or one kind's ready tasks.
+function depthPoints(samples, kind) {
+  const withDepth = samples.filter((sample) => sample.depth);
+  if (!kind) return withDepth.map((sample) => ({ at: sample.at, ...sample.depth }));
+  return withDepth.map((sample) => {
+    const found = (sample.depth.kinds || []).find((entry) => entry.kind === kind);
+    return { at: sample.at, ready: found ? found.ready : 0 };
+  });
+}
+
 let pausedDead = 0;
 let timer;
+let lastState;
 
 function render(state) {
+  lastState = state;
   badge("broker-state", state.broker, ["connected"], ["disconnected", "unroutable"]);
   badge("events-state", state.events, ["live"], ["off"]);
   badge("confirms-state", state.confirms, ["ok"], ["timing_out"]);
@@ -265,8 +332,10 @@ function render(state) {
   setText("total-succeeded", totals.succeeded);
   setText("total-failed", totals.failed);
   setText("total-dead", totals.dead);
-  const depthPoints = samples.filter((sample) => sample.depth).map((sample) => ({ at: sample.at, ...sample.depth }));
-  drawChart("depth-chart", "depth-legend", depthPoints, DEPTH_SERIES, " tasks");
+  renderKinds(state.kinds);
+  const kind = byId("depth-kind").value;
+  const series = kind ? [{ key: "ready", label: `Ready (${kind})`, color: DEPTH_SERIES[0].color }] : DEPTH_SERIES;
+  drawChart("depth-chart", "depth-legend", depthPoints(samples, kind), series, " tasks");
   drawChart("rate-chart", "rate-legend", rates(samples), RATE_SERIES, " tasks/s");
   renderRecent(state.recent);
   if (Date.now() > pausedDead) renderDead(state.dead);
@@ -290,5 +359,6 @@ async function refresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   byId("scan-dead").addEventListener("click", scanDead);
+  byId("depth-kind").addEventListener("change", () => lastState && render(lastState));
   refresh();
 });

@@ -188,7 +188,6 @@ impl DeadLetters {
         pick: impl Fn(&Delivery) -> bool,
         events: Option<&EventSink>,
     ) -> Result<usize, PublishError> {
-        let queue = self.broker.topology().queue().to_owned();
         let mut retried = 0;
         for delivery in scan.deliveries.iter().filter(|delivery| pick(delivery)) {
             let task = DeadTask::of(delivery, false);
@@ -200,7 +199,7 @@ impl DeadLetters {
                     return Err(BrokerPublishError::Timeout(CONFIRM_TIMEOUT).into());
                 }
             }
-            let published = self.put_back(&queue, delivery).await;
+            let published = self.put_back(task.kind.as_deref(), delivery).await;
             if let (Err(_), Some(events)) = (&published, events) {
                 // It stays dead: say so again, after the `retried` that said otherwise.
                 let mut dead = Event::new(EventType::Dead);
@@ -216,15 +215,18 @@ impl DeadLetters {
         Ok(retried)
     }
 
-    /// Publishes a copy of the dead `delivery` to the work queue and waits for the confirm.
-    async fn put_back(&self, queue: &str, delivery: &Delivery) -> Result<(), PublishError> {
+    /// Publishes a copy of the dead `delivery` to its kind's queue and waits for the confirm.
+    /// A task of no kind (not a task at all), or of a kind with no queue, comes back unrouted
+    /// and stays dead.
+    async fn put_back(&self, kind: Option<&str>, delivery: &Delivery) -> Result<(), PublishError> {
         // Fresh attempts: none of what its deaths and attempts wrote.
         let properties = copy_properties(
             &delivery.properties,
             |name| name.starts_with("x-offload-"),
             &FieldTable::default(),
         );
-        let message = Message::to_queue(queue, &delivery.data, properties);
+        let queue = self.broker.topology().kind_queue(kind.unwrap_or_default());
+        let message = Message::to_queue(&queue, &delivery.data, properties).maybe_unbound();
         Ok(self
             .broker
             .publish_confirmed(message, CONFIRM_TIMEOUT)

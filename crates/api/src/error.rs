@@ -117,6 +117,14 @@ pub enum ApiError {
         /// The kinds workers have announced, as far as this gateway knows.
         known: Vec<String>,
     },
+    /// `/kinds/{kind}`: no queue of that kind exists.
+    #[error("there is no queue for kind '{kind}'")]
+    KindNotFound {
+        /// The kind asked for.
+        kind: String,
+        /// The kinds this gateway knows of.
+        known: Vec<String>,
+    },
     /// The broker did not take the task.
     #[error("the task was not queued: {error}")]
     Unavailable {
@@ -163,6 +171,7 @@ impl ApiError {
             Self::NotFound { .. }
             | Self::UnknownTask
             | Self::DeadTaskNotFound
+            | Self::KindNotFound { .. }
             | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -199,7 +208,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::CrossSite => "cross_site_request",
-            Self::UnknownKind { .. } => "unknown_kind",
+            Self::UnknownKind { .. } | Self::KindNotFound { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
             Self::InvalidQuery(_) => "invalid_query",
@@ -283,6 +292,14 @@ impl ApiError {
                      A kind is accepted once a worker that handles it has started (or `offload-worker --declare-only` registered it)"
                 )
             }
+            Self::KindNotFound { kind, known } => format!(
+                "there is no queue for kind '{kind}': no worker that runs it has started (a worker declares its kinds' queues). Kinds known here: {}",
+                if known.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
             Self::Unavailable { error, .. } => unavailable_advice(error).into(),
             Self::TooManyConnections { .. } => {
                 format!("{self}; retry after the Retry-After delay")

@@ -8,14 +8,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use offload_common::{Broker, QueueDepth};
+use offload_common::QueueDepth;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::{Totals, Tracker};
 
-/// How often the depth is asked of the broker: three passive declares of a handful of
-/// queues, nothing the broker notices.
+/// How often the depth is asked of the broker: passive declares of a few dozen queues (the
+/// delay levels, and two per kind), nothing the broker notices.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// How many samples are kept: ten minutes' worth.
 pub const SAMPLES_KEPT: usize = 300;
@@ -59,12 +59,7 @@ impl History {
     }
 
     /// Samples every [`SAMPLE_EVERY`] until `shutdown`.
-    pub async fn sample(
-        self,
-        broker: Broker,
-        tracker: Option<Tracker>,
-        shutdown: CancellationToken,
-    ) {
+    pub(crate) async fn sample(self, state: crate::AppState, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(SAMPLE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -72,8 +67,9 @@ impl History {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let depth = broker.depth().await;
-            let totals = tracker
+            let depth = state.depth().await;
+            let totals = state
+                .tracker
                 .as_ref()
                 .filter(|tracker| tracker.is_live())
                 .map(Tracker::totals);

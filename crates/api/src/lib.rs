@@ -52,6 +52,24 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The kinds this gateway knows of: those it published a task of, and those workers
+    /// announced (events on), sorted.
+    fn kinds(&self) -> Vec<String> {
+        let mut kinds = self.publisher.kinds();
+        if let Some(tracker) = &self.tracker {
+            kinds.extend(tracker.kinds());
+        }
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+    }
+
+    /// The queues' depth, the known kinds' queues among them; `None` when the broker cannot
+    /// be asked.
+    async fn depth(&self) -> Option<offload_common::QueueDepth> {
+        self.publisher.broker().depth(&self.kinds()).await
+    }
+
     /// Whether task statuses can be read here: `live`, `replaying` (still reading the events
     /// stream) or `off` (EVENTS=off).
     fn events_state(&self) -> &'static str {
@@ -204,15 +222,7 @@ fn assemble(
         }
         None => (None, None),
     };
-    let history = config.dashboard.then(|| {
-        let history = history::History::default();
-        tokio::spawn(
-            history
-                .clone()
-                .sample(broker.clone(), tracker.clone(), shutdown.clone()),
-        );
-        history
-    });
+    let history = config.dashboard.then(history::History::default);
     let metrics = Arc::new(metrics_registry::Metrics::new());
     let publisher = Publisher::new(
         broker,
@@ -232,6 +242,9 @@ fn assemble(
         metrics: Arc::clone(&metrics),
         history,
     };
+    if let Some(history) = &state.history {
+        tokio::spawn(history.clone().sample(state.clone(), shutdown.clone()));
+    }
     let limits = server::Limits {
         max_connections: config.max_connections as usize,
         header_timeout: config.header_timeout,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use offload_common::{BrokerState, QueueDepth};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -37,7 +37,7 @@ struct StateLabel {
     state: &'static str,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 #[allow(non_camel_case_types)] // label values, written as Prometheus users read them
 enum QueuePart {
     ready,
@@ -45,9 +45,19 @@ enum QueuePart {
     dead,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueLabel {
-    state: QueuePart,
+/// `state`, and `kind` for a kind's own queue (the delay levels and the dead-letter queue
+/// are every kind's, and have none).
+type QueueLabel = Vec<(&'static str, String)>;
+
+fn queue_label(state: QueuePart, kind: Option<&str>) -> QueueLabel {
+    let state = match state {
+        QueuePart::ready => "ready",
+        QueuePart::scheduled => "scheduled",
+        QueuePart::dead => "dead",
+    };
+    let mut label = vec![("state", state.to_owned())];
+    label.extend(kind.map(|kind| ("kind", kind.to_owned())));
+    label
 }
 
 /// The error code of a refusal, left on its response for the metrics layer to count.
@@ -78,7 +88,8 @@ pub(crate) struct Metrics {
     broker: Family<StateLabel, Gauge>,
     submitted: Family<KindLabel, Counter>,
     queue: Family<QueueLabel, Gauge>,
-    consumers: Gauge,
+    consumers: Family<KindLabel, Gauge>,
+    paused: Family<KindLabel, Gauge>,
     not_confirming: Gauge,
 }
 
@@ -97,7 +108,8 @@ impl Metrics {
         let broker = Family::<StateLabel, Gauge>::default();
         let submitted = Family::<KindLabel, Counter>::default();
         let queue = Family::<QueueLabel, Gauge>::default();
-        let consumers = Gauge::default();
+        let consumers = Family::<KindLabel, Gauge>::default();
+        let paused = Family::<KindLabel, Gauge>::default();
         let not_confirming = Gauge::default();
         registry.register(
             "confirms_timing_out",
@@ -141,13 +153,18 @@ impl Metrics {
         );
         registry.register(
             "queue_messages",
-            "Tasks waiting, as the broker counts them at the scrape: ready on the work queue, scheduled in the delay levels, dead",
+            "Tasks waiting, as the broker counts them at the scrape: ready on each kind's queue (by kind), scheduled in the delay levels, dead",
             queue.clone(),
         );
         registry.register(
             "queue_consumers",
-            "Worker subscriptions to the work queue, at the scrape",
+            "Worker subscriptions to each kind's queue, at the scrape",
             consumers.clone(),
+        );
+        registry.register(
+            "kind_paused",
+            "1 while the kind is paused (POST /kinds/{kind}/pause), at the scrape",
+            paused.clone(),
         );
         Self {
             registry,
@@ -160,6 +177,7 @@ impl Metrics {
             submitted,
             queue,
             consumers,
+            paused,
             not_confirming,
         }
     }
@@ -199,7 +217,7 @@ impl Metrics {
 
     /// The text of a scrape, with the gauges set from `now`.
     pub(crate) fn encode(&self, now: &Snapshot) -> Result<String, std::fmt::Error> {
-        let (broker, depth) = (now.broker, now.depth);
+        let (broker, depth) = (now.broker, now.depth.as_ref());
         self.in_flight
             .set(i64::try_from(now.in_flight).unwrap_or(i64::MAX));
         self.not_confirming.set(i64::from(now.not_confirming));
@@ -217,15 +235,27 @@ impl Metrics {
         }
         if let Some(depth) = depth {
             for (state, count) in [
-                (QueuePart::ready, u64::from(depth.ready)),
                 (QueuePart::scheduled, depth.scheduled),
                 (QueuePart::dead, u64::from(depth.dead)),
             ] {
                 self.queue
-                    .get_or_create(&QueueLabel { state })
+                    .get_or_create(&queue_label(state, None))
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
-            self.consumers.set(i64::from(depth.consumers));
+            for kind in &depth.kinds {
+                self.queue
+                    .get_or_create(&queue_label(QueuePart::ready, Some(&kind.kind)))
+                    .set(i64::from(kind.ready));
+                let label = KindLabel {
+                    kind: kind.kind.clone(),
+                };
+                self.consumers
+                    .get_or_create(&label)
+                    .set(i64::from(kind.consumers));
+                self.paused
+                    .get_or_create(&label)
+                    .set(i64::from(kind.paused));
+            }
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;

@@ -22,6 +22,7 @@ use crate::error::ErrorBody;
     tags(
         (name = "tasks", description = "Submit tasks and follow them"),
         (name = "dead", description = "The dead-letter queue: list, retry, discard"),
+        (name = "kinds", description = "Each kind's queue; pause and resume a kind on every worker"),
         (name = "operations", description = "Health, metrics, the dashboard and this document"),
     ),
 )]

@@ -35,6 +35,9 @@ pub struct Publisher {
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     metrics: Arc<Metrics>,
+    /// The kinds this gateway has published a task of, routed: each has a queue, which the
+    /// queues' depth counts.
+    routed: Arc<std::sync::RwLock<std::collections::BTreeSet<String>>>,
 }
 
 /// Why a task was not accepted by the broker. Every variant means "not confirmed, try again";
@@ -129,6 +132,7 @@ impl Publisher {
             max_in_flight: max_in_flight as usize,
             metrics,
             watch: Arc::new(ConfirmWatch::new(confirm_timeout)),
+            routed: Arc::default(),
         }
     }
 
@@ -152,6 +156,31 @@ impl Publisher {
     /// Publishes awaiting a confirm now.
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// The kinds this gateway has published a task of, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        self.routed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Remembers that a task of `kind` was routed (a read lock but for a kind's first task).
+    fn routed(&self, kind: &str) {
+        let known = self
+            .routed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(kind);
+        if !known {
+            self.routed
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(kind.to_owned());
+        }
     }
 
     /// The broker session it publishes through.
@@ -219,7 +248,10 @@ impl Publisher {
         }
         self.watch.answered(answered, self.watch.epoch.elapsed());
         match published {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.routed(task.kind.as_str());
+                Ok(())
+            }
             Err(BrokerPublishError::Returned(text)) => {
                 // Either nobody bound this kind, or the queue (and so every binding) is gone.
                 // Only the failure path pays for asking which.

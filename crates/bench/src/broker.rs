@@ -20,6 +20,10 @@ use lapin::{
 };
 use offload_common::{Event, EventType, TaskEnvelope, TaskKind, Topology};
 
+/// The kinds a [`BenchQueue`] declares: the built-in `sleep`, the target benchmark's `http`,
+/// and the kinds the spread-over-kinds runs add.
+pub const BENCH_KINDS: [&str; 5] = ["sleep", "http", "http2", "http3", "http4"];
+
 /// A queue of the benchmark's own, with offload's topology; deleted by [`BenchQueue::delete`].
 pub struct BenchQueue {
     /// Its topology (a quorum queue, as offload declares it).
@@ -38,7 +42,7 @@ impl BenchQueue {
         // tasks use bound as a worker would bind it.
         let topology = offload_common::BrokerArgs::new(url, name)
             .topology()
-            .with_kinds(["sleep"]);
+            .with_kinds(BENCH_KINDS);
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         topology
             .declare(&connection)
@@ -50,17 +54,27 @@ impl BenchQueue {
         })
     }
 
-    /// The queue's name.
+    /// `QUEUE`: what its queues are named after.
     pub fn name(&self) -> &str {
         self.topology.queue()
     }
 
-    /// Removes every ready message, so that phases start from the same empty queue.
+    /// `kind`'s queue.
+    pub fn kind_queue(&self, kind: &str) -> String {
+        self.topology.kind_queue(kind)
+    }
+
+    /// Removes every ready message, so that phases start from the same empty queues.
     pub async fn purge(&self) -> Result<(), lapin::Error> {
         let channel = self.connection.create_channel().await?;
-        channel
-            .queue_purge(self.name().into(), QueuePurgeOptions::default())
-            .await?;
+        for kind in BENCH_KINDS {
+            channel
+                .queue_purge(
+                    self.kind_queue(kind).as_str().into(),
+                    QueuePurgeOptions::default(),
+                )
+                .await?;
+        }
         let _ = channel.close(200, "purged".into()).await;
         Ok(())
     }

@@ -17,10 +17,10 @@ pub use broker::{
     publish::{Message, PublishError, Returns, Sent},
     redact_url,
     session::{Broker, BrokerState, Link},
-    subscribe::{Delivered, Subscription},
+    subscribe::{Delivered, GATE_POLL, Retired, Subscription},
     supervisor::Supervisor,
 };
 pub use envelope::{DecodeError, ENVELOPE_VERSION, TaskEnvelope, TaskKind};
 pub use events::{DeadReason, Event, EventSink, EventType};
 pub use telemetry::{LogArgs, LogFormat};
-pub use topology::{QueueDepth, Topology, TopologyError};
+pub use topology::{KindDepth, QueueDepth, Topology, TopologyError};

@@ -15,7 +15,7 @@ use lapin::{
 use offload_common::{
     Broker, DeadReason, DecodeError, Event, EventSink, EventType, TaskEnvelope,
     envelope::{ATTEMPT_HEADER, delivery_count, first_attempt},
-    topology::{delay_in_levels, delay_routing_key},
+    topology::{delay_in_levels, delayed_task_routing_key},
 };
 use tracing::Instrument;
 
@@ -135,7 +135,7 @@ pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Cont
                 );
                 let mut failed = event(EventType::Failed);
                 failed.error = Some(error);
-                let later = retry_later(&context, delivery, attempt, delay, &mut failed);
+                let later = retry_later(&context, delivery, (&kind, attempt), delay, &mut failed);
                 (later, failed)
             }
             Ran::Rejected(error) => {
@@ -227,13 +227,14 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
     }
 }
 
-/// Sends the task through the delay levels for its next attempt after `delay`, numbered in
+/// Sends the task through the delay levels, back to its kind's queue, for its next attempt
+/// after `delay`, numbered in
 /// its attempt header; if that publish fails, it is requeued at once instead (the delivery
 /// limit still bounds that). Marks the `failed` event with when the next attempt is due.
 fn retry_later(
     context: &Context,
     delivery: &Delivery,
-    attempt: u32,
+    (kind, attempt): (&str, u32),
     delay: Duration,
     failed: &mut Event,
 ) -> Outcome {
@@ -260,7 +261,8 @@ fn retry_later(
     }
     Outcome::Move(Move {
         exchange: context.delay_exchange.clone(),
-        routing_key: delay_routing_key(delay).into(),
+        // The kind last: the delay's last hop routes it back to the kind's queue.
+        routing_key: delayed_task_routing_key(delay, kind).into(),
         headers,
         otherwise: InPlace::Requeue,
     })

@@ -17,6 +17,13 @@ pub struct Config {
     #[arg(long, env = "PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
+    /// How many tasks of a kind this worker runs at once, per kind: `kind=n` pairs separated
+    /// by commas, e.g. `resize=2,send-email=50`. Each kind has a subscription of its own with
+    /// this prefetch, so a slow kind never holds back another. A kind not named takes its
+    /// target's `concurrency` (TARGETS_FILE), else PREFETCH.
+    #[arg(long, env = "CONCURRENCY", default_value = "", value_parser = parse_concurrency)]
+    pub concurrency: Concurrency,
+
     /// Threads running the worker's tasks (the tokio runtime's worker threads). One runs tens
     /// of thousands of tasks a second whose handlers wait (HTTP targets, async Rust); more
     /// cost a busy worker CPU in handing tasks between threads (docs/PERFORMANCE.md). Raise
@@ -90,6 +97,39 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// `CONCURRENCY`: tasks in hand at once, per kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Concurrency(pub std::collections::BTreeMap<String, u16>);
+
+fn parse_concurrency(text: &str) -> Result<Concurrency, String> {
+    let mut limits = std::collections::BTreeMap::new();
+    for pair in text
+        .split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+    {
+        let Some((kind, limit)) = pair.split_once('=') else {
+            return Err(format!(
+                "{pair:?} is not kind=n (pairs are separated by commas)"
+            ));
+        };
+        let kind =
+            offload_common::TaskKind::try_from(kind.trim()).map_err(|error| error.to_string())?;
+        let limit: u16 = match limit.trim().parse() {
+            Ok(limit) if limit > 0 => limit,
+            _ => {
+                return Err(format!(
+                    "{pair:?}: n must be a whole number from 1 to 65535"
+                ));
+            }
+        };
+        if limits.insert(String::from(kind), limit).is_some() {
+            return Err(format!("{pair:?}: the kind is named twice"));
+        }
+    }
+    Ok(Concurrency(limits))
+}
+
 /// Default for `--prefetch`.
 pub const DEFAULT_PREFETCH: u16 = 1;
 /// Default for `--threads`.
@@ -120,6 +160,7 @@ impl Config {
     pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             prefetch: DEFAULT_PREFETCH,
+            concurrency: Concurrency::default(),
             threads: DEFAULT_THREADS,
             sleep_unit: DEFAULT_SLEEP_UNIT,
             sleep_max_units: DEFAULT_SLEEP_MAX_UNITS,
@@ -167,6 +208,23 @@ mod tests {
     #[test]
     fn prefetch_zero_is_refused() {
         assert!(Config::try_parse_from(["offload-worker", "--prefetch", "0"]).is_err());
+    }
+
+    #[test]
+    fn concurrency_is_per_kind_and_refuses_what_it_cannot_use() {
+        let parsed =
+            Config::try_parse_from(["offload-worker", "--concurrency", "resize=2, a.b=50"])
+                .expect("valid pairs parse");
+        assert_eq!(parsed.concurrency.0.get("resize"), Some(&2));
+        assert_eq!(parsed.concurrency.0.get("a.b"), Some(&50));
+        for bad in [
+            "resize", "resize=0", "resize=x", "Resize=2", "a=1,a=2", "a=70000",
+        ] {
+            assert!(
+                Config::try_parse_from(["offload-worker", "--concurrency", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,31 +1,36 @@
-//! The consume loop: take deliveries from the work queue's subscription, at most PREFETCH in
-//! hand, run each in a task of its own, and on shutdown stop taking more and drain.
+//! The consume loops: one per kind the worker runs, each on its kind's queue with a
+//! subscription (and so a channel and a prefetch) of its own, at most the kind's concurrency in
+//! hand, each delivery run in a task of its own. A kind's loop stops consuming while the kind is
+//! paused. On shutdown every loop stops taking more, and the worker drains.
 
 use std::{future::Future, sync::Arc};
 
 use lapin::message::Delivery;
 use offload_common::{Broker, Delivered, Event, EventType, Subscription, Supervisor};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::task::TaskTracker;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Config, WorkerError,
     acks::Acks,
     attempt::{Context, process},
+    forward::Forwarder,
+    metrics::KindState,
     settle::{Held, Taken},
 };
 
-/// One worker's subscription to its work queue, and the tasks it has in hand.
+/// The worker's kinds' loops, and the tasks they have in hand.
 pub(crate) struct ConsumeLoop {
     pub(crate) config: Config,
     pub(crate) broker: Broker,
     pub(crate) context: Arc<Context>,
+    /// Every task in hand, whatever its kind: a graceful shutdown waits for them.
     pub(crate) tasks: TaskTracker,
-    /// The worker's own bound on tasks in hand, whatever the broker sends: RabbitMQ 3.8 to
-    /// 3.10 grant a consumer an extra credit for each task dead-lettered at its delivery
-    /// limit (rabbitmq-server PR #5609), and after a reconnect the old connection's tasks
-    /// still run while the new one receives a fresh window.
-    pub(crate) permits: Arc<Semaphore>,
+    /// Each kind and how many of its tasks the worker holds at once.
+    pub(crate) kinds: Vec<(String, u16)>,
 }
 
 impl ConsumeLoop {
@@ -36,96 +41,54 @@ impl ConsumeLoop {
         shutdown: impl Future<Output = ()> + Send,
         supervisor: &mut Supervisor,
     ) -> Result<(), WorkerError> {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut subscription = self
-            .broker
-            .subscribe(self.broker.topology().queue(), self.config.prefetch);
-        // Delivery tags are per channel: a fresh subscription gets fresh acks.
-        let mut acks = Acks::default();
-        let mut subscriptions = 0_u64;
-        loop {
-            // A permit first, then a delivery: never more than PREFETCH tasks in hand.
-            let permit = tokio::select! {
-                () = &mut shutdown => {
-                    self.drain(&mut subscription).await;
-                    return Ok(());
-                }
-                ended = &mut *supervisor => return ended.map_err(Into::into),
-                permit = Arc::clone(&self.permits).acquire_owned() => {
-                    permit.expect("the permit semaphore is never closed")
-                }
+        let stop = CancellationToken::new();
+        let mut loops = JoinSet::new();
+        for (kind, concurrency) in &self.kinds {
+            let kind_loop = KindLoop {
+                queue: self.broker.topology().kind_queue(kind),
+                gate: self.broker.topology().gate(kind),
+                kind: kind.clone(),
+                concurrency: *concurrency,
+                broker: self.broker.clone(),
+                context: Arc::clone(&self.context),
+                tasks: self.tasks.clone(),
             };
-            let delivery = loop {
-                let delivered = tokio::select! {
-                    () = &mut shutdown => {
-                        self.drain(&mut subscription).await;
-                        return Ok(());
-                    }
-                    ended = &mut *supervisor => return ended.map_err(Into::into),
-                    delivered = subscription.next() => delivered,
-                };
-                match delivered {
-                    Delivered::Message(delivery) => break delivery,
-                    Delivered::Subscribed => {
-                        acks = Acks::default();
-                        subscriptions += 1;
-                        if subscriptions > 1 {
-                            self.context.metrics.reconnected();
-                        }
-                        self.subscribed();
-                    }
-                    Delivered::Lost(reason) => {
-                        // Tasks already running keep running (and keep their permits); if
-                        // their channel is gone their acks fail and the broker redelivers
-                        // them: the at-least-once promise.
-                        self.context.metrics.consuming(false);
-                        tracing::warn!("lost the subscription ({reason}); subscribing again");
-                    }
-                }
-            };
-            self.start(delivery, &acks, permit);
+            loops.spawn(kind_loop.run(stop.clone()));
         }
-    }
-
-    /// Says so, in the log, the metrics and (with events on) a `worker` event.
-    fn subscribed(&self) {
-        self.context.metrics.consuming(true);
-        tracing::info!(queue = self.broker.topology().queue(), "consuming");
-        if let Some(events) = &self.context.events {
-            let mut announce = Event::new(EventType::Worker);
-            announce.worker = Some(self.context.worker.to_string());
-            announce.kinds = Some(
-                self.context
-                    .registry
-                    .kinds()
-                    .iter()
-                    .map(|kind| (*kind).to_owned())
-                    .collect(),
-            );
-            events.emit(announce);
-        }
-    }
-
-    /// Runs one delivery in the background, holding `permit` until it is settled.
-    fn start(&self, delivery: Delivery, acks: &Acks, permit: OwnedSemaphorePermit) {
-        acks.taken(delivery.delivery_tag);
-        let taken = Taken {
-            settle: acks.settle(&delivery),
-            held: Held {
-                _permit: permit,
-                _in_hand: self.context.metrics.hold(),
-                _tracked: self.tasks.token(),
-            },
+        let forwarder = tokio::spawn(Forwarder::new(self.broker.clone()).run(stop.clone()));
+        let ended = tokio::select! {
+            () = shutdown => Ok(()),
+            ended = &mut *supervisor => ended.map_err(WorkerError::from),
+            // A kind's loop ends only when stopped; ending otherwise, it panicked.
+            Some(joined) = loops.join_next() => Err(WorkerError::Broker(
+                offload_common::BrokerError::SessionPanicked(match joined {
+                    Ok(_) => "a kind's consume loop ended".to_owned(),
+                    Err(error) => error.to_string(),
+                }),
+            )),
         };
-        let context = Arc::clone(&self.context);
-        tokio::spawn(async move { process(&delivery, taken, context).await });
+        stop.cancel();
+        let _ = forwarder.await;
+        let mut subscriptions = Vec::new();
+        while let Some(joined) = loops.join_next().await {
+            if let Ok(subscription) = joined {
+                subscriptions.push(subscription);
+            }
+        }
+        if ended.is_ok() {
+            self.drain().await;
+        }
+        for mut subscription in subscriptions {
+            subscription.close("worker shutting down").await;
+        }
+        if ended.is_ok() {
+            tracing::info!("offload-worker stopped");
+        }
+        ended
     }
 
-    async fn drain(&self, subscription: &mut Subscription) {
-        self.context.metrics.consuming(false);
-        // Stop the broker sending more; what it already sent is in `self.tasks` or will be
-        // requeued when the channel closes.
-        subscription.cancel().await;
+    /// Waits for the tasks in hand, at most SHUTDOWN_GRACE; the broker sends nothing more.
+    async fn drain(&self) {
         self.tasks.close();
         let grace = self.config.shutdown_grace;
         tracing::info!(
@@ -142,7 +105,146 @@ impl ConsumeLoop {
                 "grace period over; unfinished tasks go back to the queue"
             );
         }
-        subscription.close("worker shutting down").await;
-        tracing::info!("offload-worker stopped");
+    }
+}
+
+/// One kind's subscription and its bound on tasks in hand.
+struct KindLoop {
+    kind: String,
+    queue: String,
+    gate: String,
+    concurrency: u16,
+    broker: Broker,
+    context: Arc<Context>,
+    tasks: TaskTracker,
+}
+
+impl KindLoop {
+    /// Consumes the kind's queue until `stop`; then asks the broker to send no more, and
+    /// returns the subscription, whose channel the deliveries in hand are settled on.
+    async fn run(self, stop: CancellationToken) -> Subscription {
+        let mut subscription = self
+            .broker
+            .subscribe(&self.queue, self.concurrency)
+            .gated(&self.gate);
+        // The worker's own bound on tasks in hand, whatever the broker sends: RabbitMQ 3.8 to
+        // 3.10 grant a consumer an extra credit for each task dead-lettered at its delivery
+        // limit (rabbitmq-server PR #5609), and after a reconnect the old connection's tasks
+        // still run while the new one receives a fresh window.
+        let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        // Delivery tags are per channel: a fresh subscription gets fresh acks, and a tracker
+        // of its own deliveries, so that a paused subscription's channel closes once they
+        // are settled.
+        let mut acks = Acks::default();
+        let mut on_channel = TaskTracker::new();
+        let mut subscriptions = 0_u64;
+        loop {
+            // A permit first, then a delivery: never more than the kind's concurrency in hand.
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                permit = Arc::clone(&permits).acquire_owned() => {
+                    permit.expect("the permit semaphore is never closed")
+                }
+            };
+            let delivery = loop {
+                let delivered = tokio::select! {
+                    () = stop.cancelled() => None,
+                    delivered = subscription.next() => Some(delivered),
+                };
+                let Some(delivered) = delivered else {
+                    subscription.cancel().await;
+                    self.context
+                        .metrics
+                        .kind_state(&self.kind, KindState::Connecting);
+                    return subscription;
+                };
+                match delivered {
+                    Delivered::Message(delivery) => break delivery,
+                    Delivered::Subscribed => {
+                        acks = Acks::default();
+                        on_channel = TaskTracker::new();
+                        subscriptions += 1;
+                        if subscriptions > 1 {
+                            self.context.metrics.reconnected(&self.kind);
+                        }
+                        self.subscribed();
+                    }
+                    Delivered::Lost(reason) => {
+                        // Tasks already running keep running (and keep their permits); if
+                        // their channel is gone their acks fail and the broker redelivers
+                        // them: the at-least-once promise.
+                        self.context
+                            .metrics
+                            .kind_state(&self.kind, KindState::Connecting);
+                        tracing::warn!(
+                            kind = %self.kind,
+                            "lost the subscription ({reason}); subscribing again"
+                        );
+                    }
+                    Delivered::Paused(retired) => {
+                        self.context
+                            .metrics
+                            .kind_state(&self.kind, KindState::Paused);
+                        tracing::info!(kind = %self.kind, "the kind is paused: consuming none of its tasks until it is resumed");
+                        if let Some(retired) = retired {
+                            let in_hand = std::mem::take(&mut on_channel);
+                            in_hand.close();
+                            tokio::spawn(async move {
+                                in_hand.wait().await;
+                                retired.close().await;
+                            });
+                        }
+                    }
+                }
+            };
+            self.start(delivery, &acks, permit, &on_channel);
+        }
+        subscription.cancel().await;
+        self.context
+            .metrics
+            .kind_state(&self.kind, KindState::Connecting);
+        subscription
+    }
+
+    /// Says so, in the log, the metrics and (with events on) a `worker` event.
+    fn subscribed(&self) {
+        self.context
+            .metrics
+            .kind_state(&self.kind, KindState::Consuming);
+        tracing::info!(queue = %self.queue, kind = %self.kind, concurrency = self.concurrency, "consuming");
+        self.announce();
+    }
+
+    /// With events on, a `worker` event: this worker runs the kind (consuming it or paused),
+    /// so that gateways list it.
+    fn announce(&self) {
+        if let Some(events) = &self.context.events {
+            let mut announce = Event::new(EventType::Worker);
+            announce.worker = Some(self.context.worker.to_string());
+            announce.kinds = Some(vec![self.kind.clone()]);
+            events.emit(announce);
+        }
+    }
+
+    /// Runs one delivery in the background, holding `permit` until it is settled.
+    fn start(
+        &self,
+        delivery: Delivery,
+        acks: &Acks,
+        permit: OwnedSemaphorePermit,
+        on_channel: &TaskTracker,
+    ) {
+        acks.taken(delivery.delivery_tag);
+        let taken = Taken {
+            settle: acks.settle(&delivery),
+            held: Held {
+                _permit: permit,
+                _in_hand: self.context.metrics.hold(&self.kind),
+                _tracked: self.tasks.token(),
+                _on_channel: on_channel.token(),
+            },
+        };
+        let context = Arc::clone(&self.context);
+        tokio::spawn(async move { process(&delivery, taken, context).await });
     }
 }

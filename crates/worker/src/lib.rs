@@ -30,6 +30,7 @@ mod acks;
 mod attempt;
 mod config;
 mod consume;
+mod forward;
 pub mod handlers;
 mod metrics;
 mod registry;
@@ -39,7 +40,7 @@ mod settle;
 mod targets;
 
 pub use config::{
-    Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
+    Concurrency, Config, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SLEEP_MAX_UNITS, DEFAULT_SLEEP_UNIT, DEFAULT_THREADS,
 };
 pub use offload_common::shutdown::signal as shutdown_signal;

@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -58,10 +58,24 @@ pub(crate) struct Metrics {
     retried: Family<KindLabel, Counter>,
     dead: Family<DeadLabels, Counter>,
     duration: Family<KindLabel, Histogram, fn() -> Histogram>,
-    in_hand: Gauge,
+    in_hand: Family<KindLabel, Gauge>,
+    consuming: Family<KindLabel, Gauge>,
+    paused: Family<KindLabel, Gauge>,
     redeliveries: Counter,
-    reconnects: Counter,
-    consuming: AtomicBool,
+    reconnects: Family<KindLabel, Counter>,
+    /// Each kind's subscription: consuming, paused, or neither (connecting).
+    states: std::collections::HashMap<String, AtomicU8>,
+}
+
+/// Where a kind's subscription is, for `/health`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KindState {
+    /// Not subscribed (yet, or again).
+    Connecting = 0,
+    /// Consuming its queue.
+    Consuming = 1,
+    /// Its gate is closed: not consuming, as asked.
+    Paused = 2,
 }
 
 impl Metrics {
@@ -75,9 +89,11 @@ impl Metrics {
         let duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_buckets,
         );
-        let in_hand = Gauge::default();
+        let in_hand = Family::<KindLabel, Gauge>::default();
+        let consuming = Family::<KindLabel, Gauge>::default();
+        let paused = Family::<KindLabel, Gauge>::default();
         let redeliveries = Counter::default();
-        let reconnects = Counter::default();
+        let reconnects = Family::<KindLabel, Counter>::default();
         registry.register(
             "tasks_started",
             "Attempts started, by kind",
@@ -105,8 +121,18 @@ impl Metrics {
         );
         registry.register(
             "tasks_in_hand",
-            "Deliveries held: running, or being settled",
+            "Deliveries held: running, or being settled, by kind",
             in_hand.clone(),
+        );
+        registry.register(
+            "kind_consuming",
+            "1 while the worker consumes the kind's queue",
+            consuming.clone(),
+        );
+        registry.register(
+            "kind_paused",
+            "1 while the kind is paused (POST /kinds/{kind}/pause)",
+            paused.clone(),
         );
         registry.register(
             "redeliveries",
@@ -115,7 +141,7 @@ impl Metrics {
         );
         registry.register(
             "reconnects",
-            "Times the worker subscribed again after losing its subscription",
+            "Times the worker subscribed to a kind's queue again after losing its subscription, by kind",
             reconnects.clone(),
         );
         let known: HashSet<String> = kinds.into_iter().map(str::to_owned).collect();
@@ -127,7 +153,15 @@ impl Metrics {
             drop(succeeded.get_or_create(&label));
             drop(retried.get_or_create(&label));
             drop(duration.get_or_create(&label));
+            drop(in_hand.get_or_create(&label));
+            drop(consuming.get_or_create(&label));
+            drop(paused.get_or_create(&label));
+            drop(reconnects.get_or_create(&label));
         }
+        let states = known
+            .iter()
+            .map(|kind| (kind.clone(), AtomicU8::new(KindState::Connecting as u8)))
+            .collect();
         Self {
             registry,
             known,
@@ -137,9 +171,11 @@ impl Metrics {
             dead,
             duration,
             in_hand,
+            consuming,
+            paused,
             redeliveries,
             reconnects,
-            consuming: AtomicBool::new(false),
+            states,
         }
     }
 
@@ -185,20 +221,39 @@ impl Metrics {
             .inc();
     }
 
-    /// A delivery taken in hand; the guard gives it back when dropped.
-    pub(crate) fn hold(self: &Arc<Self>) -> InHand {
-        self.in_hand.inc();
-        InHand(Arc::clone(self))
+    /// A delivery of `kind` taken in hand; the guard gives it back when dropped.
+    pub(crate) fn hold(&self, kind: &str) -> InHand {
+        let gauge = self.in_hand.get_or_create(&self.kind(kind)).clone();
+        gauge.inc();
+        InHand(gauge)
     }
 
-    /// The worker subscribed (`true`) or lost its subscription (`false`).
-    pub(crate) fn consuming(&self, consuming: bool) {
-        self.consuming.store(consuming, Ordering::Relaxed);
+    /// Where `kind`'s subscription is now.
+    pub(crate) fn kind_state(&self, kind: &str, state: KindState) {
+        if let Some(current) = self.states.get(kind) {
+            current.store(state as u8, Ordering::Relaxed);
+        }
+        let label = self.kind(kind);
+        self.consuming
+            .get_or_create(&label)
+            .set(i64::from(state == KindState::Consuming));
+        self.paused
+            .get_or_create(&label)
+            .set(i64::from(state == KindState::Paused));
     }
 
-    /// Counts a subscription after the first.
-    pub(crate) fn reconnected(&self) {
-        self.reconnects.inc();
+    /// Every kind consumed or paused: the worker is doing what it is asked.
+    fn healthy(&self) -> bool {
+        !self.states.is_empty()
+            && self
+                .states
+                .values()
+                .all(|state| state.load(Ordering::Relaxed) != KindState::Connecting as u8)
+    }
+
+    /// Counts a subscription to `kind`'s queue after the first.
+    pub(crate) fn reconnected(&self, kind: &str) {
+        self.reconnects.get_or_create(&self.kind(kind)).inc();
     }
 
     fn encode(&self) -> Result<String, std::fmt::Error> {
@@ -209,11 +264,11 @@ impl Metrics {
 }
 
 /// One delivery in hand, counted in `tasks_in_hand` until dropped.
-pub(crate) struct InHand(Arc<Metrics>);
+pub(crate) struct InHand(Gauge);
 
 impl Drop for InHand {
     fn drop(&mut self) {
-        self.0.in_hand.dec();
+        self.0.dec();
     }
 }
 
@@ -258,9 +313,10 @@ async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse 
     }
 }
 
-/// 200 while the worker is connected and consuming; 503 otherwise.
+/// 200 while the worker consumes each of its kinds (or has paused it, as asked); 503
+/// otherwise.
 async fn health(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.consuming.load(Ordering::Relaxed) {
+    if metrics.healthy() {
         (
             StatusCode::OK,
             axum::Json(serde_json::json!({"status": "ok", "consuming": true})),

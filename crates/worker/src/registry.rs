@@ -243,6 +243,11 @@ pub(crate) trait ErasedHandler: Send + Sync {
     /// Runs `task`; a result over `result_max_bytes` of JSON is dropped, with a note.
     fn call(self: Arc<Self>, task: Task, result_max_bytes: usize) -> HandlerFuture;
     fn policy(&self) -> Option<RetryPolicy>;
+    /// How many of its tasks a worker runs at once, if the handler says (a target's
+    /// `concurrency` in TARGETS_FILE); `None`: the worker's CONCURRENCY or PREFETCH.
+    fn concurrency(&self) -> Option<u16> {
+        None
+    }
 }
 
 /// A Rust [`Handler`], behind [`ErasedHandler`].
@@ -304,6 +309,13 @@ impl Registry {
         let mut kinds: Vec<_> = self.handlers.keys().map(String::as_str).collect();
         kinds.sort_unstable();
         kinds
+    }
+
+    /// How many tasks of `kind` its handler runs at once, if it says.
+    pub(crate) fn concurrency(&self, kind: &str) -> Option<u16> {
+        self.handlers
+            .get(kind)
+            .and_then(|handler| handler.concurrency())
     }
 
     /// The retry policy of `kind`'s handler, if it has one of its own.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use offload_common::{Broker, BrokerError, EventSink, Topology};
-use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -30,6 +29,9 @@ pub enum WorkerError {
     /// TARGETS, TARGETS_FILE or the signing secret is unusable.
     #[error(transparent)]
     Targets(#[from] crate::TargetsError),
+    /// CONCURRENCY names a kind this worker does not run.
+    #[error("{0}")]
+    Concurrency(String),
     /// HTTP_BIND cannot be listened on.
     #[error("cannot listen on HTTP_BIND {addr}: {source}")]
     Listen {
@@ -69,7 +71,7 @@ pub async fn run(
         let stream = topology_stream(&broker);
         EventSink::start(broker.clone(), stream).0
     });
-    let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
+    let kinds = concurrency(&config, &registry)?;
     let metrics = Arc::new(Metrics::new(registry.kinds()));
     let listener_stop = CancellationToken::new();
     // Dropped on every way out of `run`, so the listener stops with the worker.
@@ -92,19 +94,18 @@ pub async fn run(
         broker: broker.clone(),
         metrics,
     });
+    tracing::info!(
+        queue = broker.topology().queue(),
+        kinds = ?kinds,
+        "offload-worker starting"
+    );
     let worker = ConsumeLoop {
         broker,
         context,
         tasks: TaskTracker::new(),
-        permits: Arc::new(Semaphore::new(usize::from(config.prefetch))),
+        kinds,
         config,
     };
-    tracing::info!(
-        queue = worker.broker.topology().queue(),
-        prefetch = worker.config.prefetch,
-        kinds = ?kinds,
-        "offload-worker starting"
-    );
     let mut supervisor = supervisor;
     let result = worker.run_until(shutdown, &mut supervisor).await;
     // Close the connection cleanly before the process exits (unless the session has ended
@@ -114,6 +115,35 @@ pub async fn run(
         let _ = supervisor.await;
     }
     result
+}
+
+/// Each kind and how many of its tasks this worker holds at once: CONCURRENCY, else its
+/// target's `concurrency`, else PREFETCH.
+fn concurrency(config: &Config, registry: &Registry) -> Result<Vec<(String, u16)>, WorkerError> {
+    let kinds = registry.kinds();
+    if let Some(unknown) = config
+        .concurrency
+        .0
+        .keys()
+        .find(|kind| !kinds.contains(&kind.as_str()))
+    {
+        return Err(WorkerError::Concurrency(format!(
+            "CONCURRENCY names kind '{unknown}', which this worker does not run (it runs {kinds:?})"
+        )));
+    }
+    Ok(kinds
+        .iter()
+        .map(|kind| {
+            let limit = config
+                .concurrency
+                .0
+                .get(*kind)
+                .copied()
+                .or_else(|| registry.concurrency(kind))
+                .unwrap_or(config.prefetch);
+            ((*kind).to_owned(), limit)
+        })
+        .collect())
 }
 
 /// The events stream's name; the topology has one whenever events are on.

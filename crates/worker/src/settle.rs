@@ -32,12 +32,14 @@ pub(crate) struct Taken {
 /// Held from a delivery's arrival until its settling frame is sent, which may be after its
 /// task has ended (an ack handed to the events sink).
 pub(crate) struct Held {
-    /// Its place among the PREFETCH tasks in hand.
+    /// Its place among its kind's tasks in hand.
     pub(crate) _permit: OwnedSemaphorePermit,
     /// Counted in the `in_hand` gauge.
     pub(crate) _in_hand: metrics::InHand,
     /// A graceful shutdown waits for it.
     pub(crate) _tracked: TaskTrackerToken,
+    /// A paused subscription's channel stays open until its deliveries are settled.
+    pub(crate) _on_channel: TaskTrackerToken,
 }
 
 /// How a delivery is settled.

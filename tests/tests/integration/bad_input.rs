@@ -245,7 +245,9 @@ async fn a_worker_dead_letters_any_bytes_it_cannot_run_and_carries_on() {
             .new_tree(&mut runner)
             .expect("the strategy draws a value")
             .current();
-        queue.publish_raw(&body, BasicProperties::default()).await;
+        queue
+            .publish_raw("sleep", &body, BasicProperties::default())
+            .await;
     }
     let good = gateway.submit_sleep("after the garbage.").await;
 

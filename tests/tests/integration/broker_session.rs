@@ -128,10 +128,11 @@ async fn a_worker_declares_a_deleted_queue_again_and_consumes_from_it() {
     let queue = TestQueue::declare(&url, "heal-worker", 5).await;
     let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
     let channel = queue.connection().create_channel().await.expect("channel");
+    let sleep = queue.topology().kind_queue("sleep");
     channel
-        .queue_delete(queue.name().into(), QueueDeleteOptions::default())
+        .queue_delete(sleep.as_str().into(), QueueDeleteOptions::default())
         .await
-        .expect("delete the work queue");
+        .expect("delete the kind's queue");
 
     // No gateway runs: the worker alone brings the queue back and subscribes again.
     eventually(
@@ -141,7 +142,7 @@ async fn a_worker_declares_a_deleted_queue_again_and_consumes_from_it() {
             let channel = queue.connection().create_channel().await.ok()?;
             let declared = channel
                 .queue_declare(
-                    queue.name().into(),
+                    sleep.as_str().into(),
                     lapin::options::QueueDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -201,9 +202,11 @@ async fn health_says_unroutable_while_the_queue_cannot_be_declared_again() {
     let gateway = TestGateway::start(&url, &queue).await;
     declare_kinds(&url, &queue, &[]);
 
-    // The gateway's user loses the right to declare; then the queue is deleted.
+    // The gateway's user loses the right to declare; then the queues are deleted: the
+    // dead-letter queue (the gateway's) and the `sleep` kind's (its workers').
     assert!(broker.ctl(&["set_permissions", "-p", "/", "offload", "^$", ".*", ".*"]));
-    assert!(broker.ctl(&["delete_queue", &queue]));
+    assert!(broker.ctl(&["delete_queue", &format!("{queue}.dead")]));
+    assert!(broker.ctl(&["delete_queue", &format!("{queue}.kind.sleep")]));
     eventually(DEADLINE, "/health to say unroutable", || async {
         let health = gateway.health().await;
         let status = health.status();
@@ -216,9 +219,9 @@ async fn health_says_unroutable_while_the_queue_cannot_be_declared_again() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["code"], "queue_missing", "{body}");
 
-    // The right back: the gateway declares the queue again by itself. The deletion took the
-    // kinds' bindings with it and no worker runs to bind them again, so the kind is unknown
-    // until one does (or an operator runs --declare-only); then tasks are accepted.
+    // The right back: the gateway declares its queues again by itself. No worker runs to
+    // declare the kind's queue again, so the kind is unknown until one does (or an operator
+    // runs --declare-only); then tasks are accepted.
     assert!(all("offload"));
     eventually(
         DEADLINE,

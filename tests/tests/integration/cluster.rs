@@ -39,15 +39,27 @@ async fn a_fresh_channel_that_met_a_dead_leader_is_replaced_and_confirmed_withou
         .expect("the kinds are declared");
     let task = json!({"kind": "sleep", "payload": {"message": "hello"}});
     gateway.submit_once_accepted(&task, DEADLINE).await;
-    // Quorum queues are placed on the node of the client that declares them: the gateway's.
-    let leader = eventually(DEADLINE, "the work queue's leader", || {
+    // A kind's queue is placed by `x-queue-leader-locator=balanced`, not necessarily beside
+    // the gateway: move the gateway to the leader's node.
+    let queue = format!("{queue}.kind.sleep");
+    let leader = eventually(DEADLINE, "the kind's queue's leader", || {
         cluster.leader_of(&queue, &[])
     })
     .await;
-    assert!(
-        proxies[leader].open_connections() > 0,
-        "the gateway is on the leader's node"
-    );
+    for (node, proxy) in proxies.iter().enumerate() {
+        if node != leader {
+            proxy.cut();
+        }
+    }
+    eventually(DEADLINE, "the gateway on the leader's node", || async {
+        (proxies[leader].open_connections() > 0
+            && gateway.health().await.status() == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+    for proxy in &proxies {
+        proxy.heal();
+    }
 
     // The gateway moves to another node (a fresh publishing channel that has not published
     // yet), then the leader's node dies and the gateway publishes at once, before the other

@@ -344,8 +344,8 @@ async fn a_gateway_killed_in_the_middle_of_retrying_loses_no_dead_task() {
     gateway.kill();
     let _ = retrying.await;
 
-    // Every task is on the work queue or still dead; one may be in both (at least once).
-    let mut seen = drain_ids(queue.connection(), queue.name()).await;
+    // Every task is on its kind's queue or still dead; one may be in both (at least once).
+    let mut seen = drain_ids(queue.connection(), &queue.topology().kind_queue("count")).await;
     let moved = seen.len();
     // The killed gateway's scan held the rest unacked; they come back as the broker notices.
     let still_dead = Mutex::new(Vec::new());

@@ -8,7 +8,7 @@ use std::{
 };
 
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use offload_common::{BrokerArgs, topology::delay_routing_key};
+use offload_common::{BrokerArgs, topology::delayed_task_routing_key};
 use offload_tests::{
     InProcessWorker, PrivateBroker, TestGateway, TestQueue, amqp_url, eventually, publish_confirmed,
 };
@@ -22,7 +22,7 @@ async fn publish_delayed(connection: &Connection, exchange: &str, body: &[u8], d
     publish_confirmed(
         connection,
         exchange,
-        &delay_routing_key(delay),
+        &delayed_task_routing_key(delay, "sleep"),
         body,
         BasicProperties::default().with_delivery_mode(2),
     )
@@ -30,7 +30,7 @@ async fn publish_delayed(connection: &Connection, exchange: &str, body: &[u8], d
 }
 
 #[tokio::test]
-async fn each_delay_reaches_the_work_queue_on_time_and_a_long_one_blocks_no_short_one() {
+async fn each_delay_reaches_its_kinds_queue_on_time_and_a_long_one_blocks_no_short_one() {
     let queue = TestQueue::declare(&amqp_url(), "delays", 5).await;
     let exchange = queue.topology().delay_exchange();
     let began = Instant::now();
@@ -75,7 +75,10 @@ async fn delayed_messages_survive_a_broker_restart() {
         "offload-test-delay-restart-{}",
         uuid::Uuid::new_v4().simple()
     );
-    let topology = BrokerArgs::new(&url, &name).topology();
+    let topology = BrokerArgs::new(&url, &name)
+        .topology()
+        .with_kinds(["sleep"]);
+    let sleep = topology.kind_queue("sleep");
     {
         let connection = Connection::connect(&url, ConnectionProperties::default())
             .await
@@ -108,7 +111,7 @@ async fn delayed_messages_survive_a_broker_restart() {
         let message = eventually(Duration::from_secs(60), "every delayed message", || async {
             channel
                 .basic_get(
-                    name.as_str().into(),
+                    sleep.as_str().into(),
                     lapin::options::BasicGetOptions { no_ack: true },
                 )
                 .await

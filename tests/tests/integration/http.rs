@@ -220,16 +220,23 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "vanished", 5).await;
     let gateway = TestGateway::start(&url, queue.name()).await;
-    // Someone deletes the queue behind the gateway's back (no worker runs to notice).
+    // Someone deletes the queues behind the gateway's back (no worker runs to notice): the
+    // dead-letter queue, which the gateway declares, and the `sleep` kind's queue, which its
+    // workers do.
     let channel = queue.connection().create_channel().await.expect("channel");
-    channel
-        .queue_delete(queue.name().into(), QueueDeleteOptions::default())
-        .await
-        .expect("delete the work queue");
+    for deleted in [
+        queue.topology().dead_letter_queue(),
+        queue.topology().kind_queue("sleep"),
+    ] {
+        channel
+            .queue_delete(deleted.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete a queue");
+    }
 
-    // Until the gateway has declared it again, a publish comes back unrouted: 503, never a
-    // 202 for a task that went nowhere. Then the queue is back, without the kinds' bindings
-    // (no worker runs to bind them again): 422 until a worker, or --declare-only, does.
+    // Until the gateway has declared its queues again, a publish comes back unrouted: 503,
+    // never a 202 for a task that went nowhere. Then they are back, but not the kind's queue
+    // (no worker runs to declare it again): 422 until a worker, or --declare-only, does.
     let response = eventually(
         Duration::from_secs(10),
         "the gateway to declare the queue again",
@@ -255,7 +262,7 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
     assert_eq!(
         queue.ready().await,
         1,
-        "the accepted task is on the new queue"
+        "the accepted task is on the kind's new queue"
     );
     // Health follows once the whole topology (delay levels included) is declared again.
     eventually(Duration::from_secs(30), "health to be ok again", || async {
@@ -268,23 +275,34 @@ async fn a_deleted_queue_is_declared_again_and_never_turns_into_a_202_meanwhile(
 #[tokio::test]
 async fn a_queue_declared_with_other_arguments_stops_startup_with_a_clear_error() {
     let url = amqp_url();
-    // The same name with another delivery limit.
     let queue = TestQueue::declare(&url, "mismatch", 5).await;
-    let mut config = Config::new(&url, queue.name());
-    config.broker.delivery_limit = 9;
+    let one_line = |error: &str, argument: &str| {
+        assert!(error.contains(queue.name()), "{error}");
+        assert!(error.contains(argument), "names the argument: {error}");
+        assert!(error.contains("--queue"), "says what to do: {error}");
+        assert!(!error.contains('\n'), "one line: {error}");
+    };
 
+    // The gateway: the dead-letter queue with another bound.
+    let mut config = Config::new(&url, queue.name());
+    config.broker.dead_max_length = 7;
     let error = match offload_api::Application::build(config).await {
         Ok(_) => panic!("the gateway must not start on a mismatched queue"),
         Err(error) => error.to_string(),
     };
+    one_line(&error, "x-max-length");
 
-    assert!(error.contains(queue.name()), "{error}");
-    assert!(
-        error.contains("x-delivery-limit"),
-        "names the argument: {error}"
+    // A worker: its kind's queue with another delivery limit.
+    let mut config = offload_worker::Config::new(&url, queue.name());
+    config.broker.delivery_limit = 9;
+    let registry = offload_worker::Registry::default().register(
+        offload_worker::handlers::Sleep::new(Duration::from_millis(1), 1),
     );
-    assert!(error.contains("--queue"), "says what to do: {error}");
-    assert!(!error.contains('\n'), "one line: {error}");
+    let error = match offload_worker::run(config, registry, std::future::pending()).await {
+        Ok(()) => panic!("the worker must not start on a mismatched queue"),
+        Err(error) => error.to_string(),
+    };
+    one_line(&error, "x-delivery-limit");
 }
 
 struct Resize;
@@ -324,13 +342,13 @@ async fn a_kind_no_worker_handles_is_refused_at_the_gate_and_accepted_once_one_h
         offload_worker::Registry::default().register(Resize),
     );
     eventually(Duration::from_secs(10), "the worker subscribed", || async {
-        (queue.consumers().await == 1).then_some(())
+        (queue.consumers_of("resize").await == 1).then_some(())
     })
     .await;
     worker.stop().await;
 
     let response = gateway.post_task(&json!({"kind": "resize"})).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    assert_eq!(queue.ready().await, 1);
+    assert_eq!(queue.ready_of("resize").await, 1);
     gateway.stop().await;
 }

@@ -13,6 +13,7 @@ mod dispatch;
 mod durability;
 mod hostile;
 mod http;
+mod kinds;
 mod logging;
 mod metrics;
 mod monitoring;

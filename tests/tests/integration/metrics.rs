@@ -28,6 +28,16 @@ impl Handler for Rejects {
 }
 
 /// Every sample of a scrape, by `name{labels}`.
+/// Asserts that the scrape `samples` has series `name` at `value`.
+#[track_caller]
+fn expect_sample(samples: &HashMap<String, f64>, name: &str, value: f64) {
+    assert_eq!(
+        samples.get(name).copied(),
+        Some(value),
+        "{name} in {samples:?}"
+    );
+}
+
 async fn scrape(base: &str) -> HashMap<String, f64> {
     let response = reqwest::get(format!("{base}/metrics"))
         .await
@@ -99,7 +109,7 @@ async fn worker_metrics_move_with_their_events_and_health_follows_the_subscripti
     }
     gateway.submit(&json!({"kind": "always-fails"})).await;
     gateway.submit(&json!({"kind": "rejects"})).await;
-    // A kind no worker runs cannot pass the gateway: put it on the queue directly.
+    // A kind no worker runs cannot pass the gateway: put it on a kind's queue directly.
     let envelope = offload_common::TaskEnvelope::new(
         offload_common::TaskKind::try_from("nobody-runs-this").expect("a valid kind"),
         json!(null),
@@ -107,62 +117,62 @@ async fn worker_metrics_move_with_their_events_and_health_follows_the_subscripti
     publish_confirmed(
         queue.connection(),
         "",
-        queue.name(),
+        &queue.topology().kind_queue("sleep"),
         &envelope.to_bytes(),
         envelope.properties(),
     )
     .await;
 
-    reads(
-        &base,
-        r#"offload_worker_tasks_succeeded_total{kind="sleep"}"#,
-        3.0,
-    )
-    .await;
-    reads(
-        &base,
-        r#"offload_worker_tasks_dead_total{kind="always-fails",reason="max_attempts"}"#,
-        1.0,
-    )
-    .await;
-    reads(
-        &base,
-        r#"offload_worker_tasks_dead_total{kind="rejects",reason="rejected"}"#,
-        1.0,
-    )
-    .await;
-    reads(
-        &base,
-        r#"offload_worker_tasks_dead_total{kind="other",reason="no_handler"}"#,
-        1.0,
-    )
-    .await;
+    for (name, value) in [
+        (r#"offload_worker_tasks_succeeded_total{kind="sleep"}"#, 3.0),
+        (
+            r#"offload_worker_tasks_dead_total{kind="always-fails",reason="max_attempts"}"#,
+            1.0,
+        ),
+        (
+            r#"offload_worker_tasks_dead_total{kind="rejects",reason="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"offload_worker_tasks_dead_total{kind="other",reason="no_handler"}"#,
+            1.0,
+        ),
+    ] {
+        reads(&base, name, value).await;
+    }
     let samples = scrape(&base).await;
     let sample = |name: &str| samples.get(name).copied();
-    assert_eq!(
-        sample(r#"offload_worker_tasks_started_total{kind="sleep"}"#),
-        Some(3.0)
-    );
-    assert_eq!(
-        sample(r#"offload_worker_tasks_started_total{kind="always-fails"}"#),
-        Some(2.0)
-    );
-    assert_eq!(
-        sample(r#"offload_worker_tasks_retried_total{kind="always-fails"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(r#"offload_worker_task_duration_seconds_count{kind="sleep"}"#),
-        Some(3.0)
-    );
+    for (name, value) in [
+        (r#"offload_worker_tasks_started_total{kind="sleep"}"#, 3.0),
+        (
+            r#"offload_worker_tasks_started_total{kind="always-fails"}"#,
+            2.0,
+        ),
+        (
+            r#"offload_worker_tasks_retried_total{kind="always-fails"}"#,
+            1.0,
+        ),
+        (
+            r#"offload_worker_task_duration_seconds_count{kind="sleep"}"#,
+            3.0,
+        ),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     assert!(
         sample(r#"offload_worker_task_duration_seconds_sum{kind="sleep"}"#)
             .is_some_and(|sum| sum >= 0.3),
         "three tasks of 100 ms: {samples:?}"
     );
-    assert_eq!(sample("offload_worker_tasks_in_hand"), Some(0.0));
-    assert_eq!(sample("offload_worker_redeliveries_total"), Some(0.0));
-    assert_eq!(sample("offload_worker_reconnects_total"), Some(0.0));
+    for (name, value) in [
+        (r#"offload_worker_tasks_in_hand{kind="sleep"}"#, 0.0),
+        (r#"offload_worker_kind_consuming{kind="sleep"}"#, 1.0),
+        (r#"offload_worker_kind_paused{kind="sleep"}"#, 0.0),
+        ("offload_worker_redeliveries_total", 0.0),
+        (r#"offload_worker_reconnects_total{kind="sleep"}"#, 0.0),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     assert!(
         samples
             .keys()
@@ -179,15 +189,23 @@ async fn broker_taken_away_under_a_task(base: &str, gateway: &TestGateway, proxy
     // A task in hand; the broker taken away under it: unhealthy, then back, and the task
     // delivered again.
     gateway.submit_sleep(&".".repeat(30)).await;
-    reads(base, "offload_worker_tasks_in_hand", 1.0).await;
+    reads(base, r#"offload_worker_tasks_in_hand{kind="sleep"}"#, 1.0).await;
     proxy.cut();
     eventually(DEADLINE, "/health to say 503", || async {
         (health(base).await == StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
     proxy.heal();
-    reads(base, "offload_worker_reconnects_total", 1.0).await;
-    assert_eq!(health(base).await, StatusCode::OK);
+    reads(
+        base,
+        r#"offload_worker_reconnects_total{kind="sleep"}"#,
+        1.0,
+    )
+    .await;
+    eventually(DEADLINE, "/health to say 200 again", || async {
+        (health(base).await == StatusCode::OK).then_some(())
+    })
+    .await;
     reads(base, "offload_worker_redeliveries_total", 1.0).await;
     reads(
         base,
@@ -195,7 +213,7 @@ async fn broker_taken_away_under_a_task(base: &str, gateway: &TestGateway, proxy
         4.0,
     )
     .await;
-    reads(base, "offload_worker_tasks_in_hand", 0.0).await;
+    reads(base, r#"offload_worker_tasks_in_hand{kind="sleep"}"#, 0.0).await;
 }
 
 #[tokio::test]
@@ -236,57 +254,60 @@ async fn gateway_metrics_move_with_their_events() {
     assert_eq!(wrong.status(), StatusCode::METHOD_NOT_ALLOWED);
 
     // The counts the broker keeps trail its confirms by a moment.
-    reads(&base, r#"offload_queue_messages{state="ready"}"#, 2.0).await;
-    reads(&base, r#"offload_queue_messages{state="scheduled"}"#, 1.0).await;
+    for (name, value) in [
+        (r#"offload_queue_messages{state="ready",kind="sleep"}"#, 2.0),
+        (r#"offload_queue_messages{state="scheduled"}"#, 1.0),
+    ] {
+        reads(&base, name, value).await;
+    }
     let samples = scrape(&base).await;
     let sample = |name: &str| samples.get(name).copied();
-    assert_eq!(
-        sample(r#"offload_tasks_submitted_total{kind="sleep"}"#),
-        Some(3.0)
-    );
-    assert_eq!(
-        sample(r#"offload_http_requests_total{route="/tasks",method="POST",status="202"}"#),
-        Some(3.0)
-    );
-    assert_eq!(
-        sample(r#"offload_http_requests_total{route="/tasks",method="POST",status="422"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(r#"offload_http_requests_total{route="unmatched",method="GET",status="404"}"#),
-        Some(1.0)
-    );
+    for (name, value) in [
+        (r#"offload_tasks_submitted_total{kind="sleep"}"#, 3.0),
+        (
+            r#"offload_http_requests_total{route="/tasks",method="POST",status="202"}"#,
+            3.0,
+        ),
+        (
+            r#"offload_http_requests_total{route="/tasks",method="POST",status="422"}"#,
+            1.0,
+        ),
+        (
+            r#"offload_http_requests_total{route="unmatched",method="GET",status="404"}"#,
+            1.0,
+        ),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     assert_eq!(
         sample(r#"offload_http_requests_total{route="/tasks",method="DELETE",status="405"}"#),
         Some(1.0),
         "{samples:?}"
     );
-    assert_eq!(
-        sample(r#"offload_refusals_total{code="unknown_kind"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(r#"offload_refusals_total{code="not_found"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(r#"offload_refusals_total{code="method_not_allowed"}"#),
-        Some(1.0)
-    );
+    for (name, value) in [
+        (r#"offload_refusals_total{code="unknown_kind"}"#, 1.0),
+        (r#"offload_refusals_total{code="not_found"}"#, 1.0),
+        (r#"offload_refusals_total{code="method_not_allowed"}"#, 1.0),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     // Three confirms and one return.
-    assert_eq!(sample("offload_publish_confirm_seconds_count"), Some(4.0));
-    assert_eq!(sample("offload_publishes_in_flight"), Some(0.0));
+    for (name, value) in [
+        ("offload_publish_confirm_seconds_count", 4.0),
+        ("offload_publishes_in_flight", 0.0),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     assert!(sample("offload_http_connections").is_some_and(|open| open >= 1.0));
-    assert_eq!(sample(r#"offload_queue_messages{state="dead"}"#), Some(0.0));
-    assert_eq!(sample("offload_queue_consumers"), Some(0.0));
-    assert_eq!(
-        sample(r#"offload_broker_state{state="connected"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(r#"offload_broker_state{state="disconnected"}"#),
-        Some(0.0)
-    );
+    for (name, value) in [
+        (r#"offload_queue_messages{state="dead"}"#, 0.0),
+        (r#"offload_queue_consumers{kind="sleep"}"#, 0.0),
+        (r#"offload_kind_paused{kind="sleep"}"#, 0.0),
+        (r#"offload_broker_state{state="connected"}"#, 1.0),
+        (r#"offload_broker_state{state="disconnected"}"#, 0.0),
+    ] {
+        expect_sample(&samples, name, value);
+    }
     assert!(
         samples
             .keys()

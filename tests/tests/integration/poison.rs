@@ -26,7 +26,11 @@ async fn undecodable_and_unknown_kind_messages_are_dead_lettered_and_the_worker_
     let gateway = TestGateway::start(&url, queue.name()).await;
 
     queue
-        .publish_raw(b"\x00\xffnot an envelope", BasicProperties::default())
+        .publish_raw(
+            "sleep",
+            b"\x00\xffnot an envelope",
+            BasicProperties::default(),
+        )
         .await;
     // The gateway refuses kinds no worker bound; a foreign or older producer may still put
     // one on the queue.
@@ -35,7 +39,7 @@ async fn undecodable_and_unknown_kind_messages_are_dead_lettered_and_the_worker_
         serde_json::Value::Null,
     );
     queue
-        .publish_raw(&unknown.to_bytes(), unknown.properties())
+        .publish_raw("sleep", &unknown.to_bytes(), unknown.properties())
         .await;
     let good = gateway.submit_sleep("after the poison.").await;
 
@@ -274,6 +278,7 @@ async fn the_dead_letter_queue_keeps_at_most_dead_max_length_tasks() {
     for n in 0..FLOOD {
         queue
             .publish_raw(
+                "sleep",
                 format!("not a task {n}").as_bytes(),
                 BasicProperties::default(),
             )

@@ -89,6 +89,7 @@ async fn each_status_is_reached_by_a_real_task_and_a_new_gateway_rebuilds_them()
     let garbage = Uuid::new_v4();
     queue
         .publish_raw(
+            "count",
             b"not an envelope",
             BasicProperties::default().with_message_id(garbage.to_string().into()),
         )
@@ -242,7 +243,9 @@ async fn a_terminal_event_the_broker_refuses_returns_the_task_to_the_queue() {
         offload_common::TaskKind::try_from("sleep").expect("valid kind"),
         json!({"message": "instant"}),
     );
-    queue.publish_raw(&task.to_bytes(), task.properties()).await;
+    queue
+        .publish_raw("sleep", &task.to_bytes(), task.properties())
+        .await;
     eventually(
         DEADLINE,
         "the delivery limit to dead-letter the task",

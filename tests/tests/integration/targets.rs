@@ -434,11 +434,10 @@ async fn calls_are_as_documented_and_every_answer_is_read_as_documented() {
     config.retry_base = Duration::ZERO;
     config.result_max_bytes = 100;
     let _worker = InProcessWorker::start(config, offload_worker::Registry::default());
-    // The worker binds every kind it handles before it subscribes: one consumer means both
-    // `closed` and `echo` route. (Waiting for one kind to route is not enough: the kinds are
-    // bound one after the other.)
+    // The worker declares and binds every kind it handles before it subscribes to any: one
+    // consumer of `echo` means both `closed` and `echo` route.
     offload_tests::eventually(DEADLINE, "the worker to bind its kinds", || async {
-        (queue.consumers().await >= 1).then_some(())
+        (queue.consumers_of("echo").await >= 1).then_some(())
     })
     .await;
 

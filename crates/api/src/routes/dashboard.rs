@@ -119,8 +119,9 @@ struct DashboardState {
     confirms: &'static str,
     /// Tasks published and awaiting the broker's confirm.
     publishes_in_flight: usize,
-    /// Kinds workers have announced.
-    kinds: Vec<String>,
+    /// Each kind whose queue exists: paused or not, its tasks, its workers; `None` when the
+    /// broker cannot be asked.
+    kinds: Option<Vec<super::kinds::KindView>>,
     /// The task counts now; `None` with EVENTS=off or while replaying.
     totals: Option<Totals>,
     /// The last minutes, oldest first.
@@ -149,14 +150,11 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
         .as_ref()
         .filter(|tracker| tracker.is_live())
         .map(Tracker::totals);
-    let (kinds, recent, dead) = match &state.tracker {
-        None => (Vec::new(), Vec::new(), Vec::new()),
-        Some(tracker) => (
-            tracker.kinds(),
-            tracker.recent(RECENT),
-            tracker.recent_dead(RECENT),
-        ),
+    let (recent, dead) = match &state.tracker {
+        None => (Vec::new(), Vec::new()),
+        Some(tracker) => (tracker.recent(RECENT), tracker.recent_dead(RECENT)),
     };
+    let kinds = super::kinds::kinds(&state).await;
     let mut response = axum::Json(DashboardState {
         broker: state.publisher.state().as_str(),
         events: state.events_state(),

@@ -41,7 +41,7 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
 )]
 async fn metrics(State(state): State<AppState>) -> Response {
     // The queues' depth, asked of the broker now; left out when it cannot answer in time.
-    let depth = state.publisher.broker().depth().await;
+    let depth = state.depth().await;
     let now = Snapshot {
         broker: state.publisher.state(),
         in_flight: state.publisher.in_flight(),

@@ -3,6 +3,7 @@
 mod dashboard;
 mod dead;
 mod health;
+mod kinds;
 pub(crate) mod metrics;
 mod tasks;
 
@@ -28,6 +29,7 @@ pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
     let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tasks::router(&state))
         .merge(dead::router(&state))
+        .merge(kinds::router(&state))
         .merge(health::router())
         .routes(routes!(openapi_json));
     if dashboard {
@@ -171,6 +173,7 @@ mod tests {
             ("tasks.rs", include_str!("tasks.rs")),
             ("dead.rs", include_str!("dead.rs")),
             ("health.rs", include_str!("health.rs")),
+            ("kinds.rs", include_str!("kinds.rs")),
             ("metrics.rs", include_str!("metrics.rs")),
             ("dashboard.rs", include_str!("dashboard.rs")),
         ] {
@@ -182,6 +185,6 @@ mod tests {
         let modules = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes"))
             .expect("the routes folder")
             .count();
-        assert_eq!(modules, 6, "a new routes module: add it to the list above");
+        assert_eq!(modules, 7, "a new routes module: add it to the list above");
     }
 }

@@ -44,6 +44,8 @@ impl Tracker {
                     }
                     continue;
                 }
+                // The events stream has no gate.
+                Delivered::Paused(_) => continue,
                 Delivered::Lost(reason) => {
                     tracing::warn!("reading the events stream failed ({reason}); reading on");
                     // Resume after the last event applied, not from the first again.

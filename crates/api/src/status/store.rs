@@ -30,11 +30,33 @@ pub(super) struct View {
     kind_index: HashMap<Arc<str>, u32>,
     /// Kinds workers announced.
     announced: BTreeSet<String>,
+    /// How many of the view's tasks of each kind (by its index) are scheduled and running.
+    by_kind: Vec<KindCounts>,
     /// Events applied since this gateway started, for the dashboard's rates.
     totals: Totals,
     /// The tasks that died last, newest at the back, for the dashboard (which must not scan
     /// the dead-letter queue at every poll).
     recent_dead: VecDeque<Uuid>,
+}
+
+/// How many of the view's tasks of one kind wait in the delay levels and are running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindCounts {
+    /// Waiting for a later attempt, or posted to run later.
+    pub scheduled: u64,
+    /// Started and not ended.
+    pub running: u64,
+}
+
+impl KindCounts {
+    fn add(&mut self, status: Status, by: i64) {
+        let counter = match status {
+            Status::Scheduled => &mut self.scheduled,
+            Status::Running => &mut self.running,
+            _ => return,
+        };
+        *counter = counter.saturating_add_signed(by);
+    }
 }
 
 /// How many dead tasks the view lists without a scan of the dead-letter queue.
@@ -79,6 +101,14 @@ impl View {
         self.kinds.push(Arc::clone(&name));
         self.kind_index.insert(name, index);
         index
+    }
+
+    fn counts(&mut self, kind: u32) -> &mut KindCounts {
+        let index = kind as usize;
+        if self.by_kind.len() <= index {
+            self.by_kind.resize(index + 1, KindCounts::default());
+        }
+        &mut self.by_kind[index]
     }
 
     fn task(&self, id: Uuid) -> Option<TaskView> {
@@ -159,6 +189,17 @@ impl Tracker {
     /// The kinds workers have announced, sorted.
     pub fn kinds(&self) -> Vec<String> {
         self.view().announced.iter().cloned().collect()
+    }
+
+    /// Each kind's tasks the view holds that are scheduled and running, by kind. Tasks the
+    /// view has forgotten (past STATUS_CAPACITY) are not counted.
+    pub fn kind_counts(&self) -> HashMap<String, KindCounts> {
+        let view = self.view();
+        view.kinds
+            .iter()
+            .zip(&view.by_kind)
+            .map(|(kind, counts)| (kind.to_string(), *counts))
+            .collect()
     }
 
     /// The counts since this gateway started.
@@ -286,11 +327,16 @@ impl Tracker {
             view.recent_dead.push_back(id);
         }
         let mut key_to_index = None;
+        let mut moved = None;
         if let Some(task) = view.tasks.get_mut(&id) {
             task.accepted_here |= offset.is_none() && event.event == EventType::Queued;
+            let before = task.status;
             // A failed attempt's event read after the next attempt's start (a retry with no
             // delay can start on another worker first) is history, not the present.
             key_to_index = task.fold(event, offset);
+            if task.status != before {
+                moved = Some((task.kind, before, task.status));
+            }
             if event.is_terminal()
                 && let Some(waiters) = task.extra.as_mut().and_then(|extra| extra.waiters.take())
             {
@@ -300,6 +346,11 @@ impl Tracker {
         if let Some(key) = key_to_index {
             view.idempotency.insert(key.into(), id);
         }
+        if let Some((kind, before, after)) = moved {
+            let counts = view.counts(kind);
+            counts.add(before, -1);
+            counts.add(after, 1);
+        }
     }
 
     fn evict(&self, view: &mut View) {
@@ -307,7 +358,11 @@ impl Tracker {
             let Some(oldest) = view.order.pop_front() else {
                 break;
             };
-            if let Some(extra) = view.tasks.remove(&oldest).and_then(|entry| entry.extra) {
+            let Some(entry) = view.tasks.remove(&oldest) else {
+                continue;
+            };
+            view.counts(entry.kind).add(entry.status, -1);
+            if let Some(extra) = entry.extra {
                 if let Some(key) = extra.idempotency_key {
                     view.idempotency.remove(&key);
                 }

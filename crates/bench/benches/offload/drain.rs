@@ -32,16 +32,24 @@ pub(crate) async fn drain(
             "drain at prefetch {prefetch}, round {round} of {}: {} tasks ...",
             args.rounds, args.tasks
         );
-        broker::fill(url, queue.name(), "sleep", args.tasks).await?;
-        raw.push(broker::drain_ceiling(url, queue.name(), prefetch, args.tasks).await?);
+        broker::fill(url, &queue.kind_queue("sleep"), "sleep", args.tasks).await?;
+        raw.push(
+            broker::drain_ceiling(url, &queue.kind_queue("sleep"), prefetch, args.tasks).await?,
+        );
         if let Some(stream) = &stream {
-            broker::fill(url, queue.name(), "sleep", args.tasks).await?;
+            broker::fill(url, &queue.kind_queue("sleep"), "sleep", args.tasks).await?;
             raw_with_events.push(
-                broker::drain_ceiling_with_events(url, queue.name(), stream, prefetch, args.tasks)
-                    .await?,
+                broker::drain_ceiling_with_events(
+                    url,
+                    &queue.kind_queue("sleep"),
+                    stream,
+                    prefetch,
+                    args.tasks,
+                )
+                .await?,
             );
         }
-        broker::fill(url, queue.name(), "sleep", args.tasks).await?;
+        broker::fill(url, &queue.kind_queue("sleep"), "sleep", args.tasks).await?;
         let (worker, drained) =
             drain_with_worker(url, queue.name(), (prefetch, events), &[], args.tasks).await;
         peak = peak.max(worker.peak_rss().unwrap_or(0));

@@ -27,8 +27,15 @@ pub(crate) async fn throughput(
             "publish ceiling and POST /tasks, {} in flight, round {round} of {} ...",
             args.connections, args.rounds
         );
-        ceilings
-            .push(broker::publish_ceiling(url, queue.name(), args.connections, args.length).await?);
+        ceilings.push(
+            broker::publish_ceiling(
+                url,
+                &queue.kind_queue("sleep"),
+                args.connections,
+                args.length,
+            )
+            .await?,
+        );
         queue.purge().await?;
         let (rate, failed) = http::throughput(tasks_url, None, args.connections, args.length).await;
         sustained.push(rate);

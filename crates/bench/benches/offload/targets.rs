@@ -30,10 +30,12 @@ pub(crate) async fn http_targets(
             "HTTP targets, round {round} of {}: {} tasks ...",
             args.rounds, args.tasks
         );
-        broker::fill(url, queue.name(), "http", args.tasks).await?;
-        raw.push(broker::drain_ceiling(url, queue.name(), PREFETCH, args.tasks).await?);
+        broker::fill(url, &queue.kind_queue("http"), "http", args.tasks).await?;
+        raw.push(
+            broker::drain_ceiling(url, &queue.kind_queue("http"), PREFETCH, args.tasks).await?,
+        );
         alone.push(target.alone(usize::from(PREFETCH), args.length).await);
-        broker::fill(url, queue.name(), "http", args.tasks).await?;
+        broker::fill(url, &queue.kind_queue("http"), "http", args.tasks).await?;
         let (worker, log) = process::start_worker(
             Path::new(WORKER),
             url,
@@ -82,7 +84,7 @@ pub(crate) async fn http_targets(
 
     eprintln!("HTTP targets: {HELD} calls in flight ...");
     target.hold(true);
-    broker::fill(url, queue.name(), "http", u64::from(HELD)).await?;
+    broker::fill(url, &queue.kind_queue("http"), "http", u64::from(HELD)).await?;
     let (worker, log) = process::start_worker(
         Path::new(WORKER),
         url,

@@ -67,7 +67,7 @@ pub(crate) async fn drain_tracing_cost(
             args.rounds, args.tasks
         );
         for (env, rates) in [(&[][..], &mut off), (&exporting[..], &mut on)] {
-            broker::fill(url, queue.name(), "sleep", args.tasks).await?;
+            broker::fill(url, &queue.kind_queue("sleep"), "sleep", args.tasks).await?;
             let (worker, drained) =
                 drain_with_worker(url, queue.name(), (PREFETCH, false), env, args.tasks).await;
             drop(worker);

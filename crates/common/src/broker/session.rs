@@ -236,13 +236,13 @@ impl Broker {
         within(self.shared.timeout, what, request).await
     }
 
-    /// The queues' depth, asked of the broker now; `None` when disconnected or when it does
-    /// not answer in time.
-    pub async fn depth(&self) -> Option<crate::topology::QueueDepth> {
+    /// The queues' depth, `kinds`' queues among them, asked of the broker now; `None` when
+    /// disconnected or when it does not answer in time.
+    pub async fn depth(&self, kinds: &[String]) -> Option<crate::topology::QueueDepth> {
         let link = self.link()?;
         self.within(
             "counting the queues",
-            self.topology().depth(link.connection()),
+            self.topology().depth(link.connection(), kinds),
         )
         .await
         .ok()

@@ -1,26 +1,44 @@
 //! What the topology says to the broker: declare it (idempotently), bind a worker's kinds,
-//! check that it still exists, count what it holds, and delete it.
+//! open and close a kind's gate, move the old layout's bindings off its shared queue, check
+//! that it still exists, count what it holds, and delete it.
 
 use lapin::{
     Channel, Connection, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{
+        ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
     protocol::AMQPSoftError,
     types::FieldTable,
 };
 
 use super::{
-    DELAY_LEVELS, QueueDepth, Topology, TopologyError, delays::level_pattern, error::is_soft,
+    DELAY_LEVELS, KindDepth, QueueDepth, Topology, TopologyError,
+    delays::{kind_pattern, level_pattern},
+    error::is_soft,
 };
 
 impl Topology {
-    /// Declares the exchange and both queues, and binds them. Idempotent: declaring what
-    /// already exists with the same arguments changes nothing. Uses a channel of its own, so a
-    /// refusal from the broker cannot close a channel the caller holds.
+    /// Declares the exchanges, the shared queues and this topology's kinds' queues, and binds
+    /// them; moves the old layout's bindings off its shared queue if there is one.
+    /// Idempotent: declaring what already exists with the same arguments changes nothing.
+    /// Uses channels of its own, so a refusal from the broker cannot close a channel the
+    /// caller holds.
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
-        on_own_channel(connection, async |channel| self.declare_on(channel).await).await
+        on_own_channel(connection, async |channel| {
+            self.declare_shared(channel).await
+        })
+        .await?;
+        self.declare_kinds(connection).await?;
+        // Last: only once the new bindings exist may the old ones go.
+        if self.exists_named(connection, self.legacy_queue()).await? {
+            self.unbind_legacy(connection).await?;
+        }
+        Ok(())
     }
 
-    async fn declare_on(&self, channel: &Channel) -> Result<(), TopologyError> {
+    /// What every process declares, whatever its kinds.
+    async fn declare_shared(&self, channel: &Channel) -> Result<(), TopologyError> {
         let durable = QueueDeclareOptions::durable();
         let dlx = self.dead_letter_exchange();
         let dead = self.dead_letter_queue();
@@ -43,12 +61,9 @@ impl Topology {
             )
             .await
             .map_err(TopologyError::Broker)?;
-        channel
-            .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
-            .await
-            .map_err(|e| TopologyError::from_declare("queue", &self.queue, e))?;
         declare_direct_exchange(channel, &self.kinds_exchange()).await?;
         declare_exchange(channel, &self.later_exchange(), ExchangeKind::Topic).await?;
+        declare_exchange(channel, &self.due_exchange(), ExchangeKind::Topic).await?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
                 .queue_declare(
@@ -59,8 +74,7 @@ impl Topology {
                 .await
                 .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
         }
-        self.declare_delay_levels(channel).await?;
-        self.bind_kinds_on(channel).await
+        self.declare_delay_levels(channel).await
     }
 
     /// Declares the delay levels from the bottom up, so that each level's dead-letter target
@@ -68,47 +82,116 @@ impl Topology {
     async fn declare_delay_levels(&self, channel: &Channel) -> Result<(), TopologyError> {
         let durable = QueueDeclareOptions::durable();
         for level in 0..DELAY_LEVELS {
-            let name = self.delay_level(level);
-            declare_exchange(channel, &name, ExchangeKind::Topic).await?;
+            let exchange = self.delay_level(level);
+            let queue = self.delay_level_queue(level);
+            declare_exchange(channel, &exchange, ExchangeKind::Topic).await?;
             channel
                 .queue_declare(
-                    name.as_str().into(),
+                    queue.as_str().into(),
                     durable,
                     self.delay_queue_arguments(level),
                 )
                 .await
-                .map_err(|e| TopologyError::from_declare("queue", &name, e))?;
-            let bind = |destination: &str, bit: char| {
-                channel.queue_bind(
-                    destination.into(),
-                    name.as_str().into(),
-                    level_pattern(level, bit).as_str().into(),
+                .map_err(|e| TopologyError::from_declare("queue", &queue, e))?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    level_pattern(level, '1').as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
-            };
-            bind(&name, '1').await.map_err(TopologyError::Broker)?;
-            if level == 0 {
-                bind(&self.queue, '0')
-                    .await
-                    .map_err(TopologyError::Broker)?;
+                .await
+                .map_err(TopologyError::Broker)?;
+            let below = if level == 0 {
+                self.due_exchange()
             } else {
-                channel
-                    .exchange_bind(
-                        self.delay_level(level - 1).as_str().into(),
-                        name.as_str().into(),
-                        level_pattern(level, '0').as_str().into(),
-                        lapin::options::ExchangeBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(TopologyError::Broker)?;
-            }
+                self.delay_level(level - 1)
+            };
+            channel
+                .exchange_bind(
+                    below.as_str().into(),
+                    exchange.as_str().into(),
+                    level_pattern(level, '0').as_str().into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(TopologyError::Broker)?;
         }
         Ok(())
     }
 
-    /// Binds the kinds again (idempotent): after the work queue was deleted and declared
+    /// Declares each kind's queue (and, when the queue is new, its gate: a kind is paused
+    /// only by deleting a gate that existed) and binds it.
+    async fn declare_kinds(&self, connection: &Connection) -> Result<(), TopologyError> {
+        for kind in &self.kinds {
+            let queue = self.kind_queue(kind);
+            let new = !self.exists_named(connection, &queue).await?;
+            on_own_channel(connection, async |channel| {
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions::durable(),
+                        self.kind_queue_arguments(),
+                    )
+                    .await
+                    .map_err(|e| TopologyError::from_declare("queue", &queue, e))?;
+                if new {
+                    self.open_gate_on(channel, kind).await?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        self.bind_kinds(connection).await
+    }
+
+    /// Declares `kind`'s gate: the kind runs again.
+    pub async fn open_gate(
+        &self,
+        connection: &Connection,
+        kind: &str,
+    ) -> Result<(), TopologyError> {
+        on_own_channel(connection, async |channel| {
+            self.open_gate_on(channel, kind).await
+        })
+        .await
+    }
+
+    async fn open_gate_on(&self, channel: &Channel, kind: &str) -> Result<(), TopologyError> {
+        let gate = self.gate(kind);
+        channel
+            .queue_declare(
+                gate.as_str().into(),
+                QueueDeclareOptions::durable(),
+                self.gate_arguments(),
+            )
+            .await
+            .map_err(|e| TopologyError::from_declare("queue", &gate, e))?;
+        Ok(())
+    }
+
+    /// Deletes `kind`'s gate: every worker consuming the kind stops, and none starts.
+    pub async fn close_gate(
+        &self,
+        connection: &Connection,
+        kind: &str,
+    ) -> Result<(), TopologyError> {
+        on_own_channel(connection, async |channel| {
+            channel
+                .queue_delete(
+                    self.gate(kind).as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await
+                .map_err(TopologyError::Broker)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Binds the kinds again (idempotent): after a kind's queue was deleted and declared
     /// anew, by this process or another, its bindings are gone.
     pub async fn bind_kinds(&self, connection: &Connection) -> Result<(), TopologyError> {
         if self.kinds.is_empty() {
@@ -120,29 +203,36 @@ impl Topology {
         .await
     }
 
-    /// Two bindings a kind: its name on the kinds exchange, to the work queue (tasks to run
-    /// now), and any delay followed by its name on the later exchange, to the top delay level
-    /// (tasks to run later). Either way a kind nobody bound comes back unrouted.
+    /// Three bindings a kind: its name on the kinds exchange, to its queue (tasks to run
+    /// now); any delay followed by its name on the later exchange, to the top delay level
+    /// (tasks to run later), and on the due exchange, to its queue (tasks whose delay is
+    /// over). A kind nobody bound comes back unrouted from either of the first two.
     async fn bind_kinds_on(&self, channel: &Channel) -> Result<(), TopologyError> {
         let exchange = self.kinds_exchange();
         for kind in &self.kinds {
-            channel
-                .queue_bind(
-                    self.queue.as_str().into(),
-                    exchange.as_str().into(),
-                    kind.as_str().into(),
+            let queue = self.kind_queue(kind);
+            let delayed = kind_pattern(kind);
+            let bind = |exchange: String, routing_key: &str| {
+                channel.queue_bind(
+                    queue.as_str().into(),
+                    exchange.into(),
+                    routing_key.into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
+            };
+            bind(exchange.clone(), kind)
                 .await
                 .map_err(TopologyError::Broker)?;
-            let later = format!("{}.{kind}", vec!["*"; DELAY_LEVELS as usize].join("."));
+            bind(self.due_exchange(), &delayed)
+                .await
+                .map_err(TopologyError::Broker)?;
             channel
                 .exchange_bind(
                     self.delay_exchange().as_str().into(),
                     self.later_exchange().as_str().into(),
-                    later.as_str().into(),
-                    lapin::options::ExchangeBindOptions::default(),
+                    delayed.as_str().into(),
+                    ExchangeBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await
@@ -151,41 +241,84 @@ impl Topology {
         Ok(())
     }
 
-    /// How many messages wait in the queues, and how many consumers the work queue has, as
-    /// the broker counts them now (passive declarations on one channel). Messages delivered
-    /// and not yet acknowledged are in none of these counts.
-    pub async fn depth(&self, connection: &Connection) -> Result<QueueDepth, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let mut depth = QueueDepth::default();
-        let work = channel
-            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
-            .await?;
-        depth.ready = work.message_count();
-        depth.consumers = work.consumer_count();
-        depth.dead = channel
-            .queue_declare(
-                self.dead_letter_queue().as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
-        for level in 0..DELAY_LEVELS {
-            let waiting = channel
-                .queue_declare(
-                    self.delay_level(level).as_str().into(),
-                    passive,
-                    FieldTable::default(),
-                )
-                .await?
-                .message_count();
-            depth.scheduled += u64::from(waiting);
+    /// Takes the old layout's bindings off its shared queue, now that the new ones exist: this
+    /// process's kinds on the kinds exchange, and level 0's two ways out (its old queue, and
+    /// straight to the shared queue). The old level-0 queue then drains into the shared queue
+    /// within its TTL (a second), whose tasks the workers move on. Each on a channel of its
+    /// own, since unbinding from a queue that is gone is refused.
+    async fn unbind_legacy(&self, connection: &Connection) -> Result<(), TopologyError> {
+        let legacy = self.legacy_queue();
+        let level_zero = self.delay_level(0);
+        let mut bindings = vec![
+            (
+                self.legacy_level_zero(),
+                level_zero.clone(),
+                level_pattern(0, '1'),
+            ),
+            (legacy.to_owned(), level_zero, level_pattern(0, '0')),
+        ];
+        bindings.extend(
+            self.kinds
+                .iter()
+                .map(|kind| (legacy.to_owned(), self.kinds_exchange(), kind.clone())),
+        );
+        for (queue, exchange, routing_key) in bindings {
+            let unbound = on_own_channel(connection, async |channel| {
+                channel
+                    .queue_unbind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(TopologyError::Broker)
+            })
+            .await;
+            match unbound {
+                Ok(()) => {}
+                Err(TopologyError::Broker(error)) if is_soft(&error, AMQPSoftError::NOTFOUND) => {}
+                Err(error) => return Err(error),
+            }
         }
-        let _ = channel.close(200, "counted".into()).await;
+        Ok(())
+    }
+
+    /// How many messages wait in the queues, how many consumers the kinds' queues have and
+    /// which of `kinds` are paused, as the broker counts them now (passive declarations). A
+    /// kind whose queue does not exist is left out. Messages delivered and not yet
+    /// acknowledged are in none of these counts.
+    pub async fn depth(
+        &self,
+        connection: &Connection,
+        kinds: &[String],
+    ) -> Result<QueueDepth, lapin::Error> {
+        let mut counter = Counter::new(connection).await?;
+        let mut depth = QueueDepth::default();
+        for kind in kinds {
+            let Some((ready, consumers)) = counter.count(&self.kind_queue(kind)).await? else {
+                continue;
+            };
+            let paused = counter.count(&self.gate(kind)).await?.is_none();
+            depth.ready = depth.ready.saturating_add(ready);
+            depth.consumers = depth.consumers.saturating_add(consumers);
+            depth.kinds.push(KindDepth {
+                kind: kind.clone(),
+                ready,
+                consumers,
+                paused,
+            });
+        }
+        depth.dead = counter
+            .count(&self.dead_letter_queue())
+            .await?
+            .map_or(0, |(ready, _)| ready);
+        for level in 0..DELAY_LEVELS {
+            if let Some((waiting, _)) = counter.count(&self.delay_level_queue(level)).await? {
+                depth.scheduled += u64::from(waiting);
+            }
+        }
+        counter.close().await;
         Ok(depth)
     }
 
@@ -193,74 +326,122 @@ impl Topology {
     /// the broker closes when a queue is missing). An error means the broker could not be asked.
     pub async fn exists(&self, connection: &Connection) -> Result<bool, TopologyError> {
         for queue in self.queues() {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(TopologyError::Broker)?;
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(_) => {
-                    let _ = channel.close(200, "checked".into()).await;
-                }
-                Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => return Ok(false),
-                Err(error) => return Err(TopologyError::Broker(error)),
+            if !self.exists_named(connection, &queue).await? {
+                return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// The queues this topology declares: the work queue, the dead-letter queue and, with
-    /// events on, the events stream.
-    fn queues(&self) -> impl Iterator<Item = String> {
-        [
-            Some(self.queue.clone()),
-            Some(self.dead_letter_queue()),
-            self.events_stream(),
-        ]
-        .into_iter()
-        .flatten()
+    /// Whether queue `name` exists.
+    pub async fn exists_named(
+        &self,
+        connection: &Connection,
+        name: &str,
+    ) -> Result<bool, TopologyError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(TopologyError::Broker)?;
+        match channel
+            .queue_declare(name.into(), passive(), FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => Ok(false),
+            Err(error) => Err(TopologyError::Broker(error)),
+        }
     }
 
-    /// Deletes the queues and exchanges, messages included. For tests and tear-down.
+    /// The queues this topology declares and needs: the kinds' queues, the dead-letter queue
+    /// and, with events on, the events stream. (A kind's gate is not one: a gate that is
+    /// gone is a paused kind.)
+    fn queues(&self) -> impl Iterator<Item = String> {
+        self.kinds.iter().map(|kind| self.kind_queue(kind)).chain(
+            [Some(self.dead_letter_queue()), self.events_stream()]
+                .into_iter()
+                .flatten(),
+        )
+    }
+
+    /// Deletes the queues and exchanges, messages included, and the old layout's shared
+    /// queue and level-0 queue if they exist. For tests and tear-down.
     pub async fn delete(&self, connection: &Connection) -> Result<(), TopologyError> {
         let channel = connection
             .create_channel()
             .await
             .map_err(TopologyError::Broker)?;
-        let levels = (0..DELAY_LEVELS).map(|level| self.delay_level(level));
-        for queue in self.queues().chain(levels.clone()) {
+        let levels = (0..DELAY_LEVELS).map(|level| self.delay_level_queue(level));
+        let gates = self.kinds.iter().map(|kind| self.gate(kind));
+        let legacy = [self.legacy_queue().to_owned(), self.legacy_level_zero()];
+        for queue in self.queues().chain(levels).chain(gates).chain(legacy) {
+            // Deleting a queue that does not exist is not an error.
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .map_err(TopologyError::Broker)?;
         }
-        for exchange in [
+        let exchanges = [
             self.dead_letter_exchange(),
             self.kinds_exchange(),
             self.later_exchange(),
-        ]
-        .into_iter()
-        .chain(levels)
-        {
+            self.due_exchange(),
+        ];
+        let levels = (0..DELAY_LEVELS).map(|level| self.delay_level(level));
+        for exchange in exchanges.into_iter().chain(levels) {
             channel
-                .exchange_delete(
-                    exchange.as_str().into(),
-                    lapin::options::ExchangeDeleteOptions::default(),
-                )
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await
                 .map_err(TopologyError::Broker)?;
         }
         let _ = channel.close(200, "topology deleted".into()).await;
         Ok(())
+    }
+}
+
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Passive declarations on one channel, opening another after each one the broker refused
+/// (which closes the channel).
+struct Counter<'a> {
+    connection: &'a Connection,
+    channel: Channel,
+}
+
+impl<'a> Counter<'a> {
+    async fn new(connection: &'a Connection) -> Result<Self, lapin::Error> {
+        Ok(Self {
+            connection,
+            channel: connection.create_channel().await?,
+        })
+    }
+
+    /// `queue`'s ready messages and consumers; `None` if it does not exist.
+    async fn count(&mut self, queue: &str) -> Result<Option<(u32, u32)>, lapin::Error> {
+        match self
+            .channel
+            .queue_declare(queue.into(), passive(), FieldTable::default())
+            .await
+        {
+            Ok(declared) => Ok(Some((declared.message_count(), declared.consumer_count()))),
+            Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => {
+                self.channel = self.connection.create_channel().await?;
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.channel.close(200, "counted".into()).await;
     }
 }
 

@@ -37,6 +37,12 @@ pub fn delay_in_levels(delay: std::time::Duration) -> std::time::Duration {
     )
 }
 
+/// The topic pattern that picks the delayed tasks of `kind`, whatever their delay: one `*`
+/// per level, then the kind (whose own dots make words of their own, matched literally).
+pub(super) fn kind_pattern(kind: &str) -> String {
+    format!("{}.{kind}", vec!["*"; DELAY_LEVELS as usize].join("."))
+}
+
 /// The topic pattern that picks the messages whose bit for `level` is `bit`.
 pub(super) fn level_pattern(level: u32, bit: char) -> String {
     let mut words: Vec<String> = (level + 1..DELAY_LEVELS).map(|_| "*".to_owned()).collect();
@@ -71,6 +77,15 @@ mod tests {
         let ones = vec!["1"; DELAY_LEVELS as usize].join(".");
         assert_eq!(delay_routing_key(MAX_DELAY), ones);
         assert_eq!(delay_routing_key(Duration::from_secs(u64::MAX)), ones);
+    }
+
+    #[test]
+    fn a_kind_pattern_skips_exactly_the_delay_words() {
+        let key = delayed_task_routing_key(Duration::from_secs(3), "report.daily");
+        let pattern = kind_pattern("report.daily");
+        assert_eq!(key.split('.').count(), pattern.split('.').count());
+        assert!(pattern.ends_with(".*.report.daily"));
+        assert!(!pattern.contains('#'));
     }
 
     #[test]

@@ -4,44 +4,67 @@
 //!   publish, routing key = kind
 //!      │
 //!      ▼
-//!   <QUEUE>.kinds (direct) ──one binding per kind a worker handles──► [QUEUE] ──► workers
-//!
-//!   to run later: <QUEUE>.later (topic), routing key = the delay's bits then the kind,
-//!      one binding per kind a worker handles ──► <QUEUE>.delay.21 (below)
-//!                                       (quorum, x-delivery-limit)      │
-//!                                   rejected, or delivered more than the limit
-//!                                                                       ▼
+//!   <QUEUE>.kinds (direct) ──one binding per kind──► [<QUEUE>.kind.<kind>] ──► that kind's workers
+//!                                                       (quorum, x-delivery-limit; one per kind)
+//!   to run later: <QUEUE>.later (topic), routing key =        │ rejected, or delivered more
+//!     the delay's bits then the kind ──► <QUEUE>.delay.21     ▼ than the limit
 //!                      <QUEUE>.dlx (direct) ──► [<QUEUE>.dead] (quorum, x-max-length, drop-head)
 //!
 //!   lifecycle events ──► [<QUEUE>.events] (stream, x-max-age, x-max-length-bytes)
 //!
-//!   delayed (retries, scheduled tasks), routing key = the delay's bits, most significant first
+//!   delayed (retries, scheduled tasks), routing key = the delay's bits, most significant
+//!   first, then the kind
 //!      │
 //!      ▼
 //!   <QUEUE>.delay.21 (topic) ─bit 21 set─► [<QUEUE>.delay.21] (quorum, TTL 2^21 s) ─expired─┐
 //!      │ bit 21 clear                                                                       │
 //!      ▼                                                                                    │
 //!   <QUEUE>.delay.20 (topic) ◄──────────────────────────────────────────────────────────────┘
-//!      ⋮   (each level the same, down to level 0, TTL 1 s)
-//!   <QUEUE>.delay.0 (topic) ─bit 0 clear─► [QUEUE]   ◄─expired─ [<QUEUE>.delay.0]
+//!      ⋮   (each level the same, down to level 0, TTL 1 s, whose queue is <QUEUE>.delay.0.due)
+//!   <QUEUE>.delay.0 (topic) ─bit 0 clear─► <QUEUE>.due (topic) ◄─expired─ [<QUEUE>.delay.0.due]
+//!                                              │ the kind, after the delay's bits
+//!                                              ▼
+//!                                          [<QUEUE>.kind.<kind>]
+//!
+//!   [<QUEUE>.gate.<kind>] (quorum, always empty): the kind runs while it exists
 //! ```
 //!
-//! A delay of d seconds passes through the levels of d's set bits and no others, so each
-//! level queue holds messages of one TTL only and never blocks a short delay behind a long
-//! one (per-message TTLs expire only at a queue's head). Every hop is at-least-once
-//! dead-lettering between quorum queues, so a broker crash loses no delayed task. This is the
-//! design of NServiceBus's RabbitMQ transport and of kombu's native delayed delivery.
+//! **A queue per kind.** A worker declares and consumes the queues of the kinds it runs and
+//! no others, so a task is only ever delivered to a worker that has its kind; each kind's
+//! queue is its own Raft group, placed by `x-queue-leader-locator=balanced`, so the leaders of
+//! several kinds spread over a cluster's nodes.
 //!
-//! The bindings of `<QUEUE>.kinds` are the registry of kinds: each worker binds the kinds it
-//! handles, the bindings are durable and outlive the workers, and a task of a kind nobody
-//! bound comes back to the gateway as a mandatory return.
+//! **The kinds registry.** A kind's bindings on `<QUEUE>.kinds`, `<QUEUE>.later` and
+//! `<QUEUE>.due` are made by the workers that run it; they are durable and outlive the
+//! workers, and a task of a kind nobody bound comes back to the gateway as a mandatory
+//! return.
+//!
+//! **Pausing a kind** deletes its gate, an empty queue each worker of the kind consumes on
+//! the channel it consumes the kind's queue on: the broker cancels those consumers at once,
+//! and a worker whose gate is gone stops consuming the kind (tasks in hand finish) until the
+//! gate is declared again. A worker subscribing consumes the gate first, so a worker that
+//! starts (or reconnects) while the kind is paused does not consume it either. The gate is
+//! made with the kind's queue, when that queue is new; a kind's queue without its gate is a
+//! paused kind.
+//!
+//! **Delays** pass through the levels of the delay's set bits and no others, so each level
+//! queue holds messages of one TTL only and never blocks a short delay behind a long one
+//! (per-message TTLs expire only at a queue's head). Every hop is at-least-once
+//! dead-lettering between quorum queues, so a broker crash loses no delayed task. This is the
+//! design of NServiceBus's RabbitMQ transport and of kombu's native delayed delivery. The
+//! kind rides at the end of the routing key, so that the last hop, `<QUEUE>.due`, routes the
+//! task back to its kind's queue.
+//!
+//! **The layout before per-kind queues** had one work queue, `<QUEUE>`, for every kind.
+//! Declaring this topology where that queue exists moves the old bindings off it (see
+//! [`declare`]), and workers move what waits in it to the kinds' queues
+//! ([`Topology::legacy_queue`]).
 //!
 //! Every queue argument is written out, never left to the broker's defaults, because the
 //! defaults differ between RabbitMQ 3.10 and 4.x (4.x gives quorum queues a delivery limit of
 //! 20 unless told otherwise). The one exception is the replica count, written only when set
 //! (`REPLICAS`): RabbitMQ compares it on every declare, so a queue made without it would
 //! otherwise refuse every offload that sets it.
-
 //!
 //! [`delays`] is the arithmetic of the delay levels, [`declare`] what is said to the broker
 //! (declare, bind, check, count, delete), [`error`] how a refusal reads.
@@ -60,7 +83,8 @@ pub use error::{TopologyError, is_soft};
 /// Default for `--dead-max-length`: the most tasks `<QUEUE>.dead` keeps.
 pub const DEFAULT_DEAD_MAX_LENGTH: u32 = 100_000;
 
-/// The work queue, its dead-letter path, the kinds exchange and the events stream.
+/// The kinds' queues, their dead-letter path, the exchanges, the delay levels and the events
+/// stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     queue: String,
@@ -82,21 +106,36 @@ pub struct EventsRetention {
 }
 
 /// What [`Topology::depth`] counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct QueueDepth {
-    /// Tasks ready on the work queue.
+    /// Tasks ready on the kinds' queues, all kinds together.
     pub ready: u32,
-    /// Consumers (worker subscriptions) of the work queue.
+    /// Consumers (worker subscriptions) of the kinds' queues, all kinds together.
     pub consumers: u32,
     /// Tasks waiting in the delay levels: retries after a failure, and tasks to run later.
     pub scheduled: u64,
     /// Tasks in `<QUEUE>.dead`.
     pub dead: u32,
+    /// Each kind asked about whose queue exists, in the order asked.
+    pub kinds: Vec<KindDepth>,
+}
+
+/// One kind's queue, as the broker counts it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct KindDepth {
+    /// The kind.
+    pub kind: String,
+    /// Tasks ready on its queue.
+    pub ready: u32,
+    /// Workers consuming its queue.
+    pub consumers: u32,
+    /// Whether it is paused (its gate is gone).
+    pub paused: bool,
 }
 
 impl Topology {
-    /// The topology for work queue `queue`, whose tasks are dead-lettered after being
-    /// delivered `delivery_limit` times more than once.
+    /// The topology named after `queue`, whose tasks are dead-lettered after being delivered
+    /// `delivery_limit` times more than once.
     pub fn new(queue: impl Into<String>, delivery_limit: u32) -> Self {
         Self {
             queue: queue.into(),
@@ -109,8 +148,8 @@ impl Topology {
         }
     }
 
-    /// Binds these kinds to the work queue when declaring: what a worker does for the kinds
-    /// it handles.
+    /// Declares these kinds' queues and binds them when declaring: what a worker does for the
+    /// kinds it runs.
     #[must_use]
     pub fn with_kinds<K: Into<String>>(mut self, kinds: impl IntoIterator<Item = K>) -> Self {
         self.kinds = kinds.into_iter().map(Into::into).collect();
@@ -172,8 +211,9 @@ impl Topology {
         }
     }
 
-    /// Caps the work queue at `max_length` ready tasks (`x-max-length`); past it the broker
-    /// refuses publishes with a nack, which the gateway turns into 503. `None`: no cap.
+    /// Caps each kind's queue at `max_length` ready tasks (`x-max-length`); past it the
+    /// broker refuses that kind's publishes with a nack, which the gateway turns into 503.
+    /// `None`: no cap.
     #[must_use]
     pub fn with_max_length(mut self, max_length: Option<u32>) -> Self {
         self.max_length = max_length;
@@ -191,8 +231,31 @@ impl Topology {
         self
     }
 
-    /// The work queue the gateway publishes to and workers consume from.
+    /// `QUEUE`: the name every queue and exchange of this topology is named after.
     pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The queue of `kind`'s tasks, which only workers that run `kind` consume.
+    pub fn kind_queue(&self, kind: &str) -> String {
+        format!("{}.kind.{kind}", self.queue)
+    }
+
+    /// `kind`'s gate: the kind runs while it exists (see the module's text).
+    pub fn gate(&self, kind: &str) -> String {
+        format!("{}.gate.{kind}", self.queue)
+    }
+
+    /// The last hop of a delay: a topic exchange that routes a task that is due to its
+    /// kind's queue, by the kind after the delay's bits in its routing key.
+    pub fn due_exchange(&self) -> String {
+        format!("{}.due", self.queue)
+    }
+
+    /// The work queue of the layout before per-kind queues, `<QUEUE>` itself, shared by every
+    /// kind. No longer declared: where it still exists, workers move its tasks to their
+    /// kinds' queues.
+    pub fn legacy_queue(&self) -> &str {
         &self.queue
     }
 
@@ -212,9 +275,25 @@ impl Topology {
         self.delay_level(DELAY_LEVELS - 1)
     }
 
-    /// Level `level`'s exchange and queue (they share the name).
+    /// Level `level`'s exchange, and its queue above level 0.
     fn delay_level(&self, level: u32) -> String {
         format!("{}.delay.{level}", self.queue)
+    }
+
+    /// Level `level`'s queue. Level 0's has a name of its own since its dead-letter target
+    /// changed (to [`Topology::due_exchange`]) with the per-kind queues: a queue's arguments
+    /// cannot change, and the old one, `<QUEUE>.delay.0`, drains to the legacy queue.
+    fn delay_level_queue(&self, level: u32) -> String {
+        if level == 0 {
+            format!("{}.delay.0.due", self.queue)
+        } else {
+            self.delay_level(level)
+        }
+    }
+
+    /// The level-0 queue of the layout before per-kind queues.
+    fn legacy_level_zero(&self) -> String {
+        self.delay_level(0)
     }
 
     /// The arguments of delay level `level`, all explicit: a quorum queue whose messages
@@ -228,9 +307,8 @@ impl Topology {
             AMQPValue::LongLongInt((1_i64 << level) * 1000),
         );
         if level == 0 {
-            // The default exchange routes by queue name.
-            args.insert("x-dead-letter-exchange".into(), text(""));
-            args.insert("x-dead-letter-routing-key".into(), text(&self.queue));
+            // The message keeps its routing key, whose last words are its kind.
+            args.insert("x-dead-letter-exchange".into(), text(&self.due_exchange()));
         } else {
             args.insert(
                 "x-dead-letter-exchange".into(),
@@ -243,8 +321,8 @@ impl Topology {
         args
     }
 
-    /// The arguments of the work queue, all explicit.
-    pub fn queue_arguments(&self) -> FieldTable {
+    /// The arguments of a kind's queue, all explicit.
+    pub fn kind_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), text("quorum"));
         args.insert(
@@ -267,6 +345,19 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::from(max_length)),
             );
         }
+        args.insert(LEADER_LOCATOR.into(), text("balanced"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+
+    /// The arguments of a kind's gate: a quorum queue (replicated, so a node's loss does not
+    /// read as a pause) that nothing can be published to.
+    pub fn gate_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        args.insert(LEADER_LOCATOR.into(), text("balanced"));
         self.replicate(&mut args, QUORUM_REPLICAS);
         args
     }
@@ -302,6 +393,9 @@ impl Topology {
     }
 }
 
+/// Where a new quorum queue's leader goes: `balanced` (the node with the fewest leaders,
+/// while there are few queues) is accepted by RabbitMQ 3.10 and later; `min-masters` is not.
+const LEADER_LOCATOR: &str = "x-queue-leader-locator";
 /// The quorum queue argument for how many nodes hold a replica.
 const QUORUM_REPLICAS: &str = "x-quorum-initial-group-size";
 /// The stream argument for how many nodes hold a replica.
@@ -325,7 +419,8 @@ mod tests {
         let set = Topology::new("q", 3).with_replicas(Some(3));
         let quorum = |t: &Topology| {
             vec![
-                t.queue_arguments(),
+                t.kind_queue_arguments(),
+                t.gate_arguments(),
                 t.dead_letter_queue_arguments(),
                 t.delay_queue_arguments(0),
                 t.delay_queue_arguments(DELAY_LEVELS - 1),

@@ -11,7 +11,6 @@ use reqwest::{
     header::{CONTENT_TYPE, HeaderMap},
 };
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
@@ -44,8 +43,9 @@ pub(crate) struct HttpTarget {
     pub(super) shown: String,
     /// Longest one call may take, answer included.
     pub(super) timeout: Duration,
-    /// Bounds calls in flight to this target, whatever PREFETCH allows.
-    pub(super) limit: Option<Semaphore>,
+    /// `concurrency` in TARGETS_FILE: the most tasks of this kind a worker holds at once
+    /// (the prefetch of its kind's subscription), whatever PREFETCH says.
+    pub(super) concurrency: Option<u16>,
     pub(super) headers: HeaderMap,
     pub(super) client: reqwest::Client,
     pub(super) secret: Option<SigningSecret>,
@@ -59,15 +59,6 @@ impl HttpTarget {
     /// POSTs `task` and reads the answer as what happened to it.
     async fn run(&self, task: Task, result_max_bytes: usize) -> Result<Completed, HandlerError> {
         let timeout = self.timeout;
-        let _permit = match &self.limit {
-            Some(limit) => Some(
-                limit
-                    .acquire()
-                    .await
-                    .expect("a target's semaphore is never closed"),
-            ),
-            None => None,
-        };
         let body = serde_json::to_vec(&Call {
             id: task.id,
             kind: &task.kind,
@@ -164,6 +155,10 @@ impl ErasedHandler for HttpTarget {
 
     fn policy(&self) -> Option<RetryPolicy> {
         None
+    }
+
+    fn concurrency(&self) -> Option<u16> {
+        self.concurrency
     }
 }
 

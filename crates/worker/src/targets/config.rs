@@ -14,7 +14,6 @@ use reqwest::{
     header::{HeaderMap, HeaderName, HeaderValue},
 };
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 
 use super::{call::HttpTarget, signing::SigningSecret};
 use crate::Registry;
@@ -110,7 +109,7 @@ pub enum TargetsError {
 struct FileTarget {
     url: String,
     timeout: Option<String>,
-    concurrency: Option<usize>,
+    concurrency: Option<u16>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
 }
@@ -252,11 +251,9 @@ impl HttpTarget {
             .transpose()
             .map_err(|error| fail(format!("timeout: {error} (write e.g. \"30s\")")))?
             .unwrap_or(default_timeout);
-        let limit = match entry.concurrency {
-            Some(0) => return Err(fail("concurrency must be at least 1".into())),
-            Some(n) => Some(Semaphore::new(n)),
-            None => None,
-        };
+        if entry.concurrency == Some(0) {
+            return Err(fail("concurrency must be at least 1".into()));
+        }
         let mut headers = HeaderMap::new();
         for (name, value) in entry.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -275,7 +272,7 @@ impl HttpTarget {
             shown: shown.to_string(),
             url,
             timeout,
-            limit,
+            concurrency: entry.concurrency,
             headers,
             client: client.clone(),
             secret,
