@@ -163,12 +163,27 @@ impl TestQueue {
 
     /// Takes one message off the kinds' queues (acked), if there is one.
     pub async fn take_ready(&self) -> Option<lapin::message::BasicGetMessage> {
+        // One channel for every kind: a poll must not cost a channel per kind.
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("open channel");
+        let mut taken = None;
         for kind in self.topology.kinds() {
-            if let Some(message) = self.get(&self.topology.kind_queue(kind)).await {
-                return Some(message);
+            taken = channel
+                .basic_get(
+                    self.topology.kind_queue(kind).as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            if taken.is_some() {
+                break;
             }
         }
-        None
+        let _ = channel.close(200, "done".into()).await;
+        taken
     }
 
     async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {

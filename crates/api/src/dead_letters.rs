@@ -227,10 +227,16 @@ impl DeadLetters {
         );
         let queue = self.broker.topology().kind_queue(kind.unwrap_or_default());
         let message = Message::to_queue(&queue, &delivery.data, properties).maybe_unbound();
-        Ok(self
+        match self
             .broker
             .publish_confirmed(message, CONFIRM_TIMEOUT)
-            .await?)
+            .await
+        {
+            Ok(()) => Ok(()),
+            // No queue for its kind: no worker runs it (or it is no task at all).
+            Err(BrokerPublishError::Returned(_)) => Err(PublishError::UnknownKind),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Discards the dead tasks that `pick` picks. Returns how many.

@@ -358,7 +358,7 @@ fn unavailable_advice(error: &PublishError) -> &'static str {
         // Answered as `UnknownKind` by the route, which knows the kind; never reaches here.
         PublishError::UnknownKind => "the task was not queued: no worker handles its kind",
         PublishError::Broker(Broker::Returned(_)) => {
-            "the task was not queued: the work queue does not exist right now (it is being declared again). Retry after the Retry-After delay"
+            "the task was not queued: a queue it needs does not exist right now (it is being declared again). Retry after the Retry-After delay"
         }
         // Without a confirm nobody knows whether the broker kept the task; say so, since a
         // retry may then run it twice (delivery is at least once anyway).

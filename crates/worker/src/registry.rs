@@ -311,6 +311,15 @@ impl Registry {
         kinds
     }
 
+    /// Keeps only the handlers of `kinds` (a kind it has not is ignored): one binary, workers
+    /// of different kinds.
+    #[must_use]
+    pub fn only(mut self, kinds: &[&str]) -> Self {
+        self.handlers
+            .retain(|kind, _| kinds.contains(&kind.as_str()));
+        self
+    }
+
     /// How many tasks of `kind` its handler runs at once, if it says.
     pub(crate) fn concurrency(&self, kind: &str) -> Option<u16> {
         self.handlers

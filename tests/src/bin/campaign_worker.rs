@@ -1,7 +1,8 @@
 //! `offload-worker` with three more kinds, for the fault campaign and the poison tests:
 //! `panic`, whose handler panics on every attempt, `crash`, whose handler takes the whole
 //! process down (as an OOM kill or a segfault in native code would), and `flaky`, which fails
-//! its first `payload.fail` attempts. Everything else is the shipped worker.
+//! its first `payload.fail` attempts. Everything else is the shipped worker. `CAMPAIGN_KINDS`
+//! (comma-separated), when set, keeps only those of its kinds: a worker of one kind.
 
 use std::process::ExitCode;
 
@@ -57,9 +58,13 @@ impl Handler for Flaky {
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let registry = handlers::builtin(&config)
+    let all = handlers::builtin(&config)
         .register(Panics)
         .register(Crashes)
         .register(Flaky);
+    let registry = match std::env::var("CAMPAIGN_KINDS") {
+        Ok(kinds) => all.only(&kinds.split(',').map(str::trim).collect::<Vec<_>>()),
+        Err(_) => all,
+    };
     offload_worker::block_on(config, registry)
 }

@@ -23,10 +23,13 @@ pub enum Fault {
     PoisonTask,
     /// The broker's memory alarm raised, then cleared.
     MemoryAlarm,
+    /// Two kinds of worker on one queue, each running one kind, tasks of both; every
+    /// connection aborted with a TCP RST.
+    TwoKinds,
     /// Every task fails a scripted number of times (retried through the delay levels) while
     /// the broker restarts.
     RetriesRestart,
-    /// Cluster: `kill -9` of the node holding the work queue's leader, started again.
+    /// Cluster: `kill -9` of the node holding the `sleep` kind's queue's leader, started again.
     ClusterLeaderKill,
     /// Cluster: a node holding a follower stopped (`rabbitmqctl stop`) and started again.
     ClusterFollowerRestart,
@@ -41,7 +44,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in campaign order.
-    pub const ALL: [Fault; 16] = [
+    pub const ALL: [Fault; 17] = [
         Fault::BrokerKill,
         Fault::BrokerRestart,
         Fault::BrokerPause,
@@ -53,6 +56,7 @@ impl Fault {
         Fault::PoisonTask,
         Fault::MemoryAlarm,
         Fault::RetriesRestart,
+        Fault::TwoKinds,
         Fault::ClusterLeaderKill,
         Fault::ClusterFollowerRestart,
         Fault::ClusterPartition,
@@ -74,6 +78,7 @@ impl Fault {
             Fault::PoisonTask => "poison-task",
             Fault::MemoryAlarm => "memory-alarm",
             Fault::RetriesRestart => "retries-restart",
+            Fault::TwoKinds => "two-kinds",
             Fault::ClusterLeaderKill => "cluster-leader-kill",
             Fault::ClusterFollowerRestart => "cluster-follower-restart",
             Fault::ClusterPartition => "cluster-partition",
@@ -99,6 +104,9 @@ impl Fault {
             Fault::MemoryAlarm => "memory alarm raised for 3 s (`set_vm_memory_high_watermark`)",
             Fault::RetriesRestart => {
                 "every task scripted to fail 0, 1 or 2 times or every time (`MAX_ATTEMPTS` 3, retried after 1-2 s through the delay levels; failing every time: dead), broker `stop_app`, 2 s, `start_app`"
+            }
+            Fault::TwoKinds => {
+                "two kinds of worker on one `QUEUE`, one running only `sleep`, the other only `flaky`, tasks of both alternating; the proxy aborts every connection with a TCP RST (none may end `no_handler`)"
             }
             Fault::ClusterLeaderKill => {
                 "three nodes: the node holding the queue's leader `kill -9`ed, started again 2 s after a new leader is elected"

@@ -42,7 +42,7 @@ impl Rig {
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 self.proxy().heal();
             }
-            Fault::NetworkReset => self.proxy().reset(),
+            Fault::NetworkReset | Fault::TwoKinds => self.proxy().reset(),
             Fault::WorkerKill => {
                 let victim = &mut self.workers[0];
                 eventually(STEP_DEADLINE, "a worker with tasks in hand", || {
@@ -78,7 +78,8 @@ impl Rig {
     }
 
     pub(super) async fn inject_on_cluster(&mut self, fault: Fault) -> Instant {
-        let queue = self.queue.clone();
+        // The load's kind's queue: whose leader the faults are about.
+        let queue = format!("{}.kind.sleep", self.queue);
         // The node the gateway uses, read before anything moves it.
         let gateway_node = match &self.brokers {
             Brokers::Cluster {
@@ -89,7 +90,7 @@ impl Rig {
             Brokers::Single { .. } => None,
         };
         let cluster = self.cluster();
-        let leader = eventually(STEP_DEADLINE, "the work queue's leader", || {
+        let leader = eventually(STEP_DEADLINE, "the kind's queue's leader", || {
             cluster.leader_of(&queue, &[])
         })
         .await;

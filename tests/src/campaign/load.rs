@@ -54,6 +54,8 @@ pub struct LoadShape {
     pub scripted_failures: Option<u32>,
     /// The body of every good task.
     pub task: serde_json::Value,
+    /// With `Some(body)`, every other good task is this one instead (a second kind).
+    pub other_task: Option<serde_json::Value>,
     /// Longest a client waits for one answer before recording it as unknown.
     pub request_timeout: Duration,
 }
@@ -134,7 +136,11 @@ async fn run_client(
             let poison = shape
                 .poison_every
                 .is_some_and(|every| sent_count.is_multiple_of(every));
-            let body = if poison { &poison_body } else { &shape.task };
+            let body = match &shape.other_task {
+                _ if poison => &poison_body,
+                Some(other) if sent_count.is_multiple_of(2) => other,
+                _ => &shape.task,
+            };
             (poison, body.clone())
         };
         let sent = Instant::now();

@@ -63,16 +63,7 @@ use rig::Rig;
 
 /// Runs one scenario and checks it.
 pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
-    let mut shape = shape.clone();
-    let mut worker_env = Vec::new();
-    if fault == Fault::PoisonTask {
-        shape.poison_every = Some(20);
-    }
-    if fault == Fault::RetriesRestart {
-        shape.scripted_failures = Some(DELIVERY_LIMIT + 1);
-        worker_env.push(("RETRY_BASE", "1s".to_owned()));
-        worker_env.push(("RETRY_MAX", "2s".to_owned()));
-    }
+    let (shape, worker_env) = shaped(fault, shape);
     let mut rig = Rig::start(fault, &worker_env).await;
     let load = Load::start(&rig.gateway.url("/tasks"), &shape);
 
@@ -168,6 +159,24 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         drained,
         status_wrong,
     )
+}
+
+/// The load and the workers' settings `fault`'s scenario runs with.
+fn shaped(fault: Fault, shape: &LoadShape) -> (LoadShape, Vec<(&'static str, String)>) {
+    let mut shape = shape.clone();
+    let mut worker_env = Vec::new();
+    if fault == Fault::PoisonTask {
+        shape.poison_every = Some(20);
+    }
+    if fault == Fault::TwoKinds {
+        shape.other_task = Some(serde_json::json!({"kind": "flaky", "payload": {"fail": 0}}));
+    }
+    if fault == Fault::RetriesRestart {
+        shape.scripted_failures = Some(DELIVERY_LIMIT + 1);
+        worker_env.push(("RETRY_BASE", "1s".to_owned()));
+        worker_env.push(("RETRY_MAX", "2s".to_owned()));
+    }
+    (shape, worker_env)
 }
 
 /// The tasks that got a 202 but do not end with the status that says what happened to them

@@ -119,8 +119,15 @@ impl Rig {
             follow_events: false,
         };
         let mut workers = Vec::new();
-        for _ in 0..WORKERS {
-            workers.push(WorkerProcess::start(&worker_url, &queue, &worker_options).await);
+        for n in 0..WORKERS {
+            let mut options = worker_options.clone();
+            if fault == Fault::TwoKinds {
+                // One kind each: a task that reached a worker without its kind would die
+                // `no_handler`, and the checker counts every dead task.
+                let kinds = if n % 2 == 0 { "sleep" } else { "flaky" };
+                options.env.push(("CAMPAIGN_KINDS", kinds.to_owned()));
+            }
+            workers.push(WorkerProcess::start(&worker_url, &queue, &options).await);
         }
         Self {
             brokers,

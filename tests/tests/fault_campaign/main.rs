@@ -77,6 +77,7 @@ async fn main() -> ExitCode {
         poison_every: None,
         scripted_failures: None,
         task: serde_json::json!({"kind": "sleep", "payload": {"message": "..."}}),
+        other_task: None,
         request_timeout: Duration::from_secs(10),
     };
 
