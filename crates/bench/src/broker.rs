@@ -112,16 +112,26 @@ pub async fn publish_ceiling(
     in_flight: usize,
     length: Duration,
 ) -> Result<f64, lapin::Error> {
+    publish_ceiling_over(url, &[queue.to_owned()], in_flight, length).await
+}
+
+/// [`publish_ceiling`], publisher n publishing to `queues[n % queues.len()]`.
+pub async fn publish_ceiling_over(
+    url: &str,
+    queues: &[String],
+    in_flight: usize,
+    length: Duration,
+) -> Result<f64, lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
     let (body, properties) = zero_work_task("sleep");
     let confirmed = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let mut publishers = Vec::new();
-    for _ in 0..in_flight {
+    for n in 0..in_flight {
         let channel = channel.clone();
         let body = body.clone();
         let properties = properties.clone();
-        let queue = queue.to_owned();
+        let queue = queues[n % queues.len()].clone();
         let confirmed = Arc::clone(&confirmed);
         let running = Arc::clone(&running);
         publishers.push(tokio::spawn(async move {

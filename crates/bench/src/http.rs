@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use crate::broker::measure_rate;
 
-/// The task every request submits: zero work.
-fn body() -> &'static [u8] {
-    br#"{"kind":"sleep","payload":{"message":"bench"}}"#
+/// The task a request submits: zero work, of `kind`.
+fn body(kind: &str) -> Vec<u8> {
+    format!(r#"{{"kind":"{kind}","payload":{{"message":"bench"}}}}"#).into_bytes()
 }
 
 /// A client; with `key`, every request carries `Authorization: Bearer <key>`.
@@ -37,11 +37,11 @@ fn client(key: Option<&str>) -> reqwest::Client {
 }
 
 /// Posts one task; its id, or what went wrong (a status code, or the client's error kind).
-async fn post(client: &reqwest::Client, url: &str) -> Result<Uuid, String> {
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<Uuid, String> {
     let response = client
         .post(url)
         .header("content-type", "application/json")
-        .body(body())
+        .body(body)
         .send()
         .await
         .map_err(|e| {
@@ -73,23 +73,39 @@ pub async fn throughput(
     connections: usize,
     length: Duration,
 ) -> (f64, u64) {
+    throughput_of(url, key, connections, length, &["sleep"]).await
+}
+
+/// [`throughput`], each client posting tasks of `kinds` in turn.
+pub async fn throughput_of(
+    url: &str,
+    key: Option<&str>,
+    connections: usize,
+    length: Duration,
+    kinds: &[&str],
+) -> (f64, u64) {
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(kinds.iter().map(|kind| body(kind)).collect());
     let accepted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let mut clients = Vec::new();
-    for _ in 0..connections {
-        let (url, key, accepted, errors, running) = (
+    for n in 0..connections {
+        let (url, key, accepted, errors, running, bodies) = (
             url.to_owned(),
             key.map(str::to_owned),
             Arc::clone(&accepted),
             Arc::clone(&errors),
             Arc::clone(&running),
+            Arc::clone(&bodies),
         );
         clients.push(tokio::spawn(async move {
             // One client each: one connection each, as 64 independent callers would have.
             let client = client(key.as_deref());
+            let mut next = n;
             while running.load(Ordering::Relaxed) {
-                match post(&client, &url).await {
+                next = next.wrapping_add(1);
+                let body = bodies[next % bodies.len()].clone();
+                match post(&client, &url, body).await {
                     Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -137,7 +153,7 @@ pub async fn open_loop(url: &str, rate: f64, length: Duration, connections: usiz
             let mut scheduled = start + offset;
             while scheduled < end {
                 tokio::time::sleep_until(scheduled).await;
-                let outcome = post(&client, &url).await;
+                let outcome = post(&client, &url, body("sleep")).await;
                 let took = scheduled.elapsed();
                 let mut results = results.lock().expect("results lock");
                 match outcome {

@@ -26,6 +26,18 @@ impl Process {
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     }
+
+    /// The CPU time it has used so far, user and system (`/proc/<pid>/stat`, in clock ticks
+    /// of 10 ms: Linux's `USER_HZ` is 100 on every architecture offload builds for).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // After the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields of the line, 12th and 13th here.
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
 }
 
 impl Drop for Process {
@@ -122,7 +134,11 @@ pub fn start_worker(
                     sink.started.lock().expect("log lock").push(start);
                 }
             } else if line.contains("\"consuming\"") {
-                *sink.consuming.lock().expect("log lock") = Some(Instant::now());
+                // The first kind's subscription: a worker of several kinds logs one each.
+                sink.consuming
+                    .lock()
+                    .expect("log lock")
+                    .get_or_insert_with(Instant::now);
             }
         }
     });

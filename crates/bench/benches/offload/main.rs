@@ -17,6 +17,7 @@ use offload_bench::{
 
 mod clients;
 mod drain;
+mod kinds;
 mod latency;
 mod publish;
 mod replay;
@@ -25,6 +26,7 @@ mod traces;
 
 use clients::{memory, slow_clients};
 use drain::drain;
+use kinds::{drain_over_kinds, posts_over_kinds};
 use latency::{end_to_end, latency, scheduled};
 use publish::{events_cost, hardening, metrics_cost, throughput};
 use replay::replay;
@@ -59,7 +61,7 @@ struct Args {
     /// Measure one group only, quick, when working on one part; writes no report: `drain`
     /// (the worker's drains), `publish` (POST /tasks against its ceiling, and what each
     /// feature costs it), `targets` (HTTP-target tasks), `traces` (what exporting spans
-    /// costs).
+    /// costs), `kinds` (four kinds against one).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -75,6 +77,7 @@ enum Group {
     Publish,
     Targets,
     Traces,
+    Kinds,
 }
 
 fn default_report() -> PathBuf {
@@ -109,6 +112,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{}", stats::table(&lines));
         return Ok(());
     }
+    if only == Some(Group::Kinds) {
+        let port = free_port();
+        let gateway =
+            process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
+        let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+        lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
+        lines.extend(drain_over_kinds(&args, &url, &queue).await?);
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
 
     // Drains first: the end-to-end measure runs at a rate one worker can keep up with.
     let mut worker_peak = 0;
@@ -135,6 +149,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
     let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
+    lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
     lines.extend(replay(&args, &url, sustained).await?);
     lines.push(hardening(&args, &url, &queue).await?);
     lines.push(metrics_cost(&args, &url, &queue).await?);
@@ -157,6 +172,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     worker_peak = worker_peak.max(peak);
     lines.extend(scheduled(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await);
     lines.extend(http_targets(&args, &url, &queue).await?);
+    lines.extend(drain_over_kinds(&args, &url, &queue).await?);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
     queue.delete().await;
