@@ -138,6 +138,8 @@ impl KindLoop {
         let mut acks = Acks::default();
         let mut on_channel = TaskTracker::new();
         let mut subscriptions = 0_u64;
+        // A subscription made again after a pause is no reconnection.
+        let mut resuming = false;
         loop {
             // A permit first, then a delivery: never more than the kind's concurrency in hand.
             let permit = tokio::select! {
@@ -164,9 +166,10 @@ impl KindLoop {
                         acks = Acks::default();
                         on_channel = TaskTracker::new();
                         subscriptions += 1;
-                        if subscriptions > 1 {
+                        if subscriptions > 1 && !resuming {
                             self.context.metrics.reconnected(&self.kind);
                         }
+                        resuming = false;
                         self.subscribed();
                     }
                     Delivered::Lost(reason) => {
@@ -182,9 +185,11 @@ impl KindLoop {
                         );
                     }
                     Delivered::Paused(retired) => {
+                        resuming = true;
                         self.context
                             .metrics
                             .kind_state(&self.kind, KindState::Paused);
+                        self.announce();
                         tracing::info!(kind = %self.kind, "the kind is paused: consuming none of its tasks until it is resumed");
                         if let Some(retired) = retired {
                             let in_hand = std::mem::take(&mut on_channel);

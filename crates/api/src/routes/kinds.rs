@@ -242,13 +242,16 @@ async fn existing(state: &AppState, kind: &str) -> Result<String> {
 
 /// Workers consuming `kind`'s queue now (0 if it cannot be asked).
 async fn consumers(state: &AppState, kind: &str) -> u32 {
-    state
-        .publisher
-        .broker()
-        .depth(&[kind.to_owned()])
-        .await
-        .and_then(|depth| depth.kinds.first().map(|kind| kind.consumers))
-        .unwrap_or(0)
+    let broker = state.publisher.broker();
+    let Some(link) = broker.link() else {
+        return 0;
+    };
+    let queue = broker.topology().kind_queue(kind);
+    let counting = broker.topology().count(link.connection(), &queue);
+    match broker.within("counting a kind's workers", counting).await {
+        Ok(Some((_, consumers))) => consumers,
+        _ => 0,
+    }
 }
 
 /// The broker refused or could not be asked: 503, the cause in the gateway's log only.

@@ -322,6 +322,19 @@ impl Topology {
         Ok(depth)
     }
 
+    /// Queue `name`'s ready messages and consumers, as the broker counts them now; `None` if
+    /// it does not exist.
+    pub async fn count(
+        &self,
+        connection: &Connection,
+        name: &str,
+    ) -> Result<Option<(u32, u32)>, lapin::Error> {
+        let mut counter = Counter::new(connection).await?;
+        let counted = counter.count(name).await;
+        counter.close().await;
+        counted
+    }
+
     /// Whether every queue exists (passive declarations, each on a channel of its own, which
     /// the broker closes when a queue is missing). An error means the broker could not be asked.
     pub async fn exists(&self, connection: &Connection) -> Result<bool, TopologyError> {
