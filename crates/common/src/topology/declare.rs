@@ -330,9 +330,9 @@ impl Topology {
         name: &str,
     ) -> Result<Option<(u32, u32)>, lapin::Error> {
         let mut counter = Counter::new(connection).await?;
-        let counted = counter.count(name).await;
+        let answer = counter.count(name).await;
         counter.close().await;
-        counted
+        answer
     }
 
     /// Whether every queue exists (passive declarations, each on a channel of its own, which
