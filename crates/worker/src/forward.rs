@@ -37,18 +37,24 @@ impl Forwarder {
     /// once where there is none.
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let legacy = self.broker.topology().legacy_queue().to_owned();
-        let link = tokio::select! {
-            () = stop.cancelled() => return,
-            link = self.broker.connected() => link,
-        };
         let topology = self.broker.topology().clone();
-        if !matches!(
-            topology.exists_named(link.connection(), &legacy).await,
-            Ok(true)
-        ) {
-            return;
+        // Asked until the broker answers: a connection lost meanwhile is no answer.
+        loop {
+            let link = tokio::select! {
+                () = stop.cancelled() => return,
+                link = self.broker.connected() => link,
+            };
+            match topology.exists_named(link.connection(), &legacy).await {
+                Ok(true) => break,
+                Ok(false) => return,
+                Err(_) => {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
         }
-        drop(link);
         tracing::info!(
             queue = %legacy,
             "the shared work queue of offload's layout before per-kind queues exists: moving its tasks to their kinds' queues"
