@@ -155,18 +155,7 @@ async fn list(State(state): State<AppState>) -> Result<Response> {
     ),
 )]
 async fn pause(State(state): State<AppState>, Path(kind): Path<String>) -> Result<Response> {
-    let kind = existing(&state, &kind).await?;
-    let link = state
-        .publisher
-        .broker()
-        .link()
-        .ok_or_else(|| unavailable(&state)(BrokerPublishError::Disconnected.into()))?;
-    let topology = state.publisher.broker().topology();
-    topology
-        .close_gate(link.connection(), &kind)
-        .await
-        .map_err(|error| topology_failed(&state, error))?;
-    tracing::info!(%kind, "kind paused");
+    let kind = set_gate(&state, &kind, false).await?;
     let deadline = tokio::time::Instant::now() + PAUSE_SETTLES_WITHIN;
     let workers = loop {
         let workers = consumers(&state, &kind).await;
@@ -198,18 +187,7 @@ async fn pause(State(state): State<AppState>, Path(kind): Path<String>) -> Resul
     ),
 )]
 async fn resume(State(state): State<AppState>, Path(kind): Path<String>) -> Result<Response> {
-    let kind = existing(&state, &kind).await?;
-    let link = state
-        .publisher
-        .broker()
-        .link()
-        .ok_or_else(|| unavailable(&state)(BrokerPublishError::Disconnected.into()))?;
-    let topology = state.publisher.broker().topology();
-    topology
-        .open_gate(link.connection(), &kind)
-        .await
-        .map_err(|error| topology_failed(&state, error))?;
-    tracing::info!(%kind, "kind resumed");
+    let kind = set_gate(&state, &kind, true).await?;
     let workers = consumers(&state, &kind).await;
     Ok(axum::Json(KindChange {
         kind,
@@ -217,6 +195,23 @@ async fn resume(State(state): State<AppState>, Path(kind): Path<String>) -> Resu
         workers,
     })
     .into_response())
+}
+
+/// Opens (resumes) or closes (pauses) the gate of `kind`, which must have a queue; the kind.
+async fn set_gate(state: &AppState, kind: &str, open: bool) -> Result<String> {
+    let kind = existing(state, kind).await?;
+    let broker = state.publisher.broker();
+    let link = broker
+        .link()
+        .ok_or_else(|| unavailable(state)(BrokerPublishError::Disconnected.into()))?;
+    let changed = if open {
+        broker.topology().open_gate(link.connection(), &kind).await
+    } else {
+        broker.topology().close_gate(link.connection(), &kind).await
+    };
+    changed.map_err(|error| topology_failed(state, error))?;
+    tracing::info!(%kind, "kind {}", if open { "resumed" } else { "paused" });
+    Ok(kind)
 }
 
 /// `kind`, if it is a kind and its queue exists.

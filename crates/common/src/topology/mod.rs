@@ -67,8 +67,10 @@
 //! otherwise refuse every offload that sets it.
 //!
 //! [`delays`] is the arithmetic of the delay levels, [`declare`] what is said to the broker
-//! (declare, bind, check, count, delete), [`error`] how a refusal reads.
+//! (declare, bind, open and close gates, check, delete), [`count`] what the queues hold,
+//! [`error`] how a refusal reads.
 
+mod count;
 mod declare;
 mod delays;
 mod error;
