@@ -1,7 +1,7 @@
 // Drives Debian's Chromium through offload's dashboard, as tests/tests/integration/dashboard.rs
 // asks: it submits tasks and sees the counts move, sees a failing task become dead, is refused
 // a retry with a read-only key, retries it with an admin key and sees it succeed, discards
-// another, pauses and resumes a kind and charts it alone, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
+// another, pauses and resumes a kind and charts it alone, cancels a waiting task, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
 // screenshots.
 // Every wait is on a condition with a deadline. Exits non-zero with the reason on failure.
 //
@@ -153,11 +153,20 @@ try {
   const waiting = (await api("POST", "/tasks", { kind: "sleep", payload: { message: "while paused" } })).id;
   await until("the waiting task on the kind's queue", async () => (await api("GET", "/kinds")).kinds.some((k) => k.kind === "sleep" && k.ready >= 1));
   if ((await api("GET", `/tasks/${waiting}`)).status !== "queued") fail("a task of a paused kind did not wait");
+  step("cancel a waiting task from the page: it ends cancelled, and is counted");
+  const cancelledBefore = await count(page, "total-cancelled");
+  const unwanted = (await api("POST", "/tasks", { kind: "sleep", payload: { message: "never mind" } })).id;
+  await until("the unwanted task to show queued", async () => (await statusOf(page, unwanted)) === "queued");
+  await page.click(`button[aria-label="Cancel task ${unwanted}"]`);
+  await until("the notice that it is cancelled", async () => /is cancelled/.test(await page.textContent("#notice")));
+  await until("the task to show cancelled", async () => (await statusOf(page, unwanted)) === "cancelled");
+  await until("the cancelled count to grow", async () => (await count(page, "total-cancelled")) >= (cancelledBefore || 0) + 1);
   await page.selectOption("#depth-kind", "sleep");
   await until("the chart to show the kind alone", async () => /Ready \(sleep\)/.test(await page.textContent("#depth-legend")));
   await page.click('button[aria-label="Resume kind sleep"]');
   await until("the notice that it is resumed", async () => /is resumed/.test(await page.textContent("#notice")));
   await until("the waiting task to show succeeded", async () => (await statusOf(page, waiting)) === "succeeded");
+  if ((await api("GET", `/tasks/${unwanted}`)).status !== "cancelled") fail("a cancelled task ran once its kind resumed");
   await page.selectOption("#depth-kind", "");
 
   await accessible(page, "desktop");

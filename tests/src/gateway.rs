@@ -127,8 +127,8 @@ impl TestGateway {
         .await
     }
 
-    /// Waits (with the API's own `?wait=`) until task `id` is `succeeded` or `dead`, and
-    /// returns its status.
+    /// Waits (with the API's own `?wait=`) until task `id` has ended (`succeeded`, `dead`,
+    /// `cancelled`, `expired`), and returns its status.
     pub async fn finished(
         &self,
         id: uuid::Uuid,
@@ -137,10 +137,30 @@ impl TestGateway {
         crate::eventually(deadline, &format!("task {id} to end"), || async {
             let (code, body) = self.task(id, "?wait=5s").await;
             (code == reqwest::StatusCode::OK
-                && matches!(body["status"].as_str(), Some("succeeded" | "dead")))
+                && matches!(
+                    body["status"].as_str(),
+                    Some("succeeded" | "dead" | "cancelled" | "expired")
+                ))
             .then_some(body)
         })
         .await
+    }
+
+    /// `POST <path>` with no body: the status code and the JSON body.
+    pub async fn post(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .send()
+            .await
+            .expect("gateway answers");
+        let status = response.status();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    /// `POST /tasks/{id}/cancel`: the status code and the JSON body.
+    pub async fn cancel(&self, id: uuid::Uuid) -> (reqwest::StatusCode, serde_json::Value) {
+        self.post(&format!("/tasks/{id}/cancel")).await
     }
 
     /// `GET /health`.

@@ -142,20 +142,26 @@ function taskLink(id) {
   return td;
 }
 
+const CANCELLABLE = new Set(["queued", "scheduled", "running"]);
+
 function renderRecent(tasks) {
   const rows = tasks.map((task) => {
     const row = document.createElement("tr");
     row.dataset.id = task.id;
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    if (CANCELLABLE.has(task.status)) actions.append(actionButton("Cancel", task, cancel));
     row.append(
       taskLink(task.id),
       cell(task.kind),
       cell(task.status, `status status-${task.status}`),
       cell(task.attempts),
       cell(formatTime(task.submitted_at)),
+      actions,
     );
     return row;
   });
-  if (rows.length === 0) rows.push(emptyRow(5, "No tasks yet."));
+  if (rows.length === 0) rows.push(emptyRow(6, "No tasks yet."));
   byId("recent").tBodies[0].replaceChildren(...rows);
 }
 
@@ -189,6 +195,22 @@ async function retry(task, button) {
     notify(`Task ${task.id} is queued again.`);
   } catch (error) {
     notify(`Could not retry task ${task.id}: ${error.message}`, true);
+  } finally {
+    busy.delete(task.id);
+    refresh();
+  }
+}
+
+async function cancel(task, button) {
+  busy.add(task.id);
+  button.disabled = true;
+  try {
+    const answer = await call("POST", `/tasks/${task.id}/cancel`);
+    notify(answer.status === "cancelled"
+      ? `Task ${task.id} is cancelled.`
+      : `Task ${task.id} is running; its handler has been told to stop.`);
+  } catch (error) {
+    notify(`Could not cancel task ${task.id}: ${error.message}`, true);
   } finally {
     busy.delete(task.id);
     refresh();
@@ -332,6 +354,8 @@ function render(state) {
   setText("total-succeeded", totals.succeeded);
   setText("total-failed", totals.failed);
   setText("total-dead", totals.dead);
+  setText("total-cancelled", totals.cancelled);
+  setText("total-expired", totals.expired);
   renderKinds(state.kinds);
   const kind = byId("depth-kind").value;
   const series = kind ? [{ key: "ready", label: `Ready (${kind})`, color: DEPTH_SERIES[0].color }] : DEPTH_SERIES;

@@ -134,6 +134,12 @@ impl Access {
 
     /// Lets a request with these headers through for `scope`, or says why not.
     pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<(), ApiError> {
+        self.check_any(headers, &[scope])
+    }
+
+    /// Lets a request through with a key that has any of `scopes` (the first is named when
+    /// it has none), or says why not.
+    pub fn check_any(&self, headers: &HeaderMap, scopes: &[Scope]) -> Result<(), ApiError> {
         let limiter = if self.is_open() {
             self.inner.open_limiter.as_ref()
         } else {
@@ -149,8 +155,10 @@ impl Access {
                 }
             }
             let key = found.ok_or(ApiError::Unauthorized("the API key is not valid"))?;
-            if key.scopes & scope.bit() == 0 {
-                return Err(ApiError::Forbidden(scope));
+            if scopes.iter().all(|scope| key.scopes & scope.bit() == 0) {
+                return Err(ApiError::Forbidden(
+                    scopes.first().copied().unwrap_or(Scope::Admin),
+                ));
             }
             key.limiter.as_ref()
         };
@@ -244,6 +252,18 @@ pub async fn require(
     next: Next,
 ) -> Response {
     match forgery_guard(&request).and_then(|()| access.check(request.headers(), scope)) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Middleware: lets a request through only with a key that has one of the scopes.
+pub async fn require_any(
+    State((access, scopes)): State<(Access, &'static [Scope])>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match forgery_guard(&request).and_then(|()| access.check_any(request.headers(), scopes)) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }

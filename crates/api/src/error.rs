@@ -91,9 +91,31 @@ pub enum ApiError {
         /// The longest one.
         max: String,
     },
+    /// `expires_in` or `expires_at` is malformed, both are given, or the task would expire
+    /// before it could start.
+    #[error("{0}")]
+    InvalidExpiry(&'static str),
     /// No task of that id is known.
     #[error("no task with that id")]
     UnknownTask,
+    /// A cancel for a task that has ended otherwise.
+    #[error("the task has {status} already")]
+    TaskFinished {
+        /// How it ended: `succeeded`, `dead` or `expired`.
+        status: &'static str,
+    },
+    /// The cancel is recorded, but not every worker consuming the kind said it had read it in
+    /// time.
+    #[error("not every worker consuming kind '{kind}' confirmed the cancel in time")]
+    CancelUnconfirmed {
+        /// The task's kind.
+        kind: String,
+        /// Seconds the client should wait before asking again.
+        retry_after: u32,
+    },
+    /// The cancel could not be written on the control stream.
+    #[error("the cancel was not recorded: {0}")]
+    CancelNotRecorded(Broker, u32),
     /// No task of that id is in the dead-letter queue.
     #[error("no dead task with that id")]
     DeadTaskNotFound,
@@ -153,7 +175,7 @@ pub(crate) struct ErrorBody<'a> {
     /// `body_too_large`, `body_timeout`, `invalid_query`, `not_found`, `method_not_allowed`,
     /// `unauthorized`, `forbidden`, `cross_site_request`, `rate_limited`, `unknown_kind`,
     /// `invalid_idempotency_key`, `invalid_wait`, `invalid_schedule`, `delay_too_long`,
-    /// `unknown_task`, `dead_task_not_found`, `tracking_off`, `events_replaying`,
+    /// `invalid_expiry`, `unknown_task`, `task_finished`, `cancel_unconfirmed`, `dead_task_not_found`, `tracking_off`, `events_replaying`,
     /// `broker_unavailable`, `broker_blocked`, `overloaded`, `queue_full`, `queue_missing`,
     /// `confirm_timeout`, `too_many_connections`, `internal_error`.
     #[schema(example = "unknown_kind")]
@@ -181,12 +203,15 @@ impl ApiError {
             | Self::InvalidWait
             | Self::InvalidSchedule
             | Self::DelayTooLong { .. }
+            | Self::InvalidExpiry(_)
             | Self::IdempotencyOff => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Replaying { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TaskFinished { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable { .. } | Self::TooManyConnections { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Replaying { .. }
+            | Self::Unavailable { .. }
+            | Self::TooManyConnections { .. }
+            | Self::CancelUnconfirmed { .. }
+            | Self::CancelNotRecorded(..) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -215,6 +240,10 @@ impl ApiError {
             Self::InvalidSchedule => "invalid_schedule",
             Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
+            Self::InvalidExpiry(_) => "invalid_expiry",
+            Self::TaskFinished { .. } => "task_finished",
+            Self::CancelUnconfirmed { .. } => "cancel_unconfirmed",
+            Self::CancelNotRecorded(..) => "broker_unavailable",
             Self::DeadTaskNotFound => "dead_task_not_found",
             Self::TrackingOff | Self::IdempotencyOff => "tracking_off",
             Self::Replaying { .. } => "events_replaying",
@@ -271,6 +300,14 @@ impl ApiError {
             | Self::InvalidQuery(_) => {
                 format!("{self}; fix the request")
             }
+            Self::InvalidExpiry(_) => format!("{self}; fix the request"),
+            Self::TaskFinished { status } => format!(
+                "the task has {status} already, so there is nothing to cancel; GET /tasks/{{id}} shows how it ended"
+            ),
+            Self::CancelUnconfirmed { kind, .. } => format!(
+                "the cancel is recorded, and every worker honours it once it reads it, but not every worker consuming kind '{kind}' confirmed it in time, so this gateway cannot yet promise the task will not start; repeat the request (it is safe to) after the Retry-After delay to learn the outcome"
+            ),
+            Self::CancelNotRecorded(..) => "the cancel could not be recorded on the broker, so nothing changed; retry after the Retry-After delay".into(),
             Self::DelayTooLong { .. } => {
                 format!("{self}; schedule it nearer, or keep it in your app until nearer the time")
             }
@@ -315,7 +352,9 @@ impl ApiError {
             Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Unavailable { retry_after, .. }
             | Self::TooManyConnections { retry_after }
-            | Self::Replaying { retry_after } => Some(u64::from(*retry_after)),
+            | Self::Replaying { retry_after }
+            | Self::CancelUnconfirmed { retry_after, .. }
+            | Self::CancelNotRecorded(_, retry_after) => Some(u64::from(*retry_after)),
             _ => None,
         }
     }

@@ -32,6 +32,13 @@ pub struct TaskEnvelope {
     /// When the gateway accepted the task.
     #[serde(with = "rfc3339")]
     pub submitted_at: SystemTime,
+    /// A task not started by then never starts: it ends `expired`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub expires_at: Option<SystemTime>,
 }
 
 impl TaskEnvelope {
@@ -43,7 +50,13 @@ impl TaskEnvelope {
             kind,
             payload,
             submitted_at: SystemTime::now(),
+            expires_at: None,
         }
+    }
+
+    /// Whether the task has expired at `now`: it must not start.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|expires_at| now >= expires_at)
     }
 
     /// The message body.
@@ -233,6 +246,32 @@ pub(crate) mod rfc3339 {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         humantime::parse_rfc3339_weak(&text).map_err(D::Error::custom)
+    }
+}
+
+/// `Option<SystemTime>` as an RFC 3339 string, or absent.
+pub(crate) mod optional_rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` hands us `&Option<T>`
+    pub fn serialize<S: Serializer>(
+        time: &Option<SystemTime>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => super::rfc3339::serialize(time, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::rfc3339")] SystemTime);
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(time)| time))
     }
 }
 

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Broker, Message, Sent, envelope::rfc3339};
+use crate::{
+    Broker, Message, Sent,
+    envelope::{optional_rfc3339, rfc3339},
+};
 
 /// The event format version this build writes and reads.
 pub const EVENTS_VERSION: u32 = 1;
@@ -63,9 +66,19 @@ pub enum EventType {
     Retried,
     /// A worker (re)connected and handles `kinds`.
     Worker,
-    /// A gateway's marker, written at its start to learn when it has read the stream up to
-    /// the present.
+    /// A gateway's marker, written to learn when it has read the stream up to the present
+    /// (at its start, and before it answers a cancel).
     Gateway,
+    /// The task will not run (again): it was cancelled (`POST /tasks/{id}/cancel`), while
+    /// waiting or, with `handler_stopped`, while running. Terminal. Without an `id`, every
+    /// waiting task of `kind` submitted at or before `before` (`POST /tasks/cancel?kind=`).
+    Cancelled,
+    /// The task had not started by its `expires_at`, and never will. Terminal.
+    Expired,
+    /// A worker has read cancel `cancel`: how many of its `consumers` of `kind` were
+    /// subscribed when it did, and whether it was `running` the task. A gateway answers a
+    /// cancel once the kind's consumers have all said so.
+    CancelSeen,
 }
 
 /// Why a task is dead.
@@ -161,6 +174,33 @@ pub struct Event {
     /// `gateway`: the marker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub marker: Option<Uuid>,
+    /// `queued`: when the task expires if it has not started.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub expires_at: Option<SystemTime>,
+    /// `cancelled` (a whole kind's): tasks submitted at or before this.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub before: Option<SystemTime>,
+    /// `cancelled` from a worker: whether the handler stopped when told (it returned an
+    /// error), rather than run to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler_stopped: Option<bool>,
+    /// `cancel_seen`, `cancelled`: the cancel's id (its record on the control stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<Uuid>,
+    /// `cancel_seen`: the worker's subscriptions to the kind's queue when it read the cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<u32>,
+    /// `cancel_seen`: whether the worker was running the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
 }
 
 impl Event {
@@ -184,6 +224,12 @@ impl Event {
             reason: None,
             kinds: None,
             marker: None,
+            expires_at: None,
+            before: None,
+            handler_stopped: None,
+            cancel: None,
+            consumers: None,
+            running: None,
         }
     }
 
@@ -198,7 +244,10 @@ impl Event {
 
     /// Whether this event ends the task's life (until a redelivery, at least once).
     pub fn is_terminal(&self) -> bool {
-        matches!(self.event, EventType::Succeeded | EventType::Dead)
+        matches!(
+            self.event,
+            EventType::Succeeded | EventType::Dead | EventType::Cancelled | EventType::Expired
+        )
     }
 }
 
@@ -369,32 +418,6 @@ async fn send(broker: &Broker, stream: &str, body: &[u8]) -> Option<Sent> {
         .with_app_id("offload".into());
     let send = broker.send(Message::to_queue(stream, body, properties));
     tokio::time::timeout(CONFIRM_TIMEOUT, send).await.ok()?.ok()
-}
-
-/// `Option<SystemTime>` as an RFC 3339 string, or absent.
-mod optional_rfc3339 {
-    use std::time::SystemTime;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    #[allow(clippy::ref_option)] // serde's `with` hands us `&Option<T>`
-    pub fn serialize<S: Serializer>(
-        time: &Option<SystemTime>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        match time {
-            Some(time) => super::rfc3339::serialize(time, serializer),
-            None => serializer.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<SystemTime>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrapped(#[serde(with = "super::rfc3339")] SystemTime);
-        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(time)| time))
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! definition of what a task looks like on the wire and of how the queues are declared.
 
 pub mod broker;
+pub mod control;
 pub mod envelope;
 pub mod events;
 pub mod shutdown;

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::{
     Registry, RetryPolicy, TASK_LOG, Task,
+    cancels::{Cancels, Verdict},
     metrics::Metrics,
     registry::{Completed, HandlerFuture},
     settle::{InPlace, Move, Outcome, Taken, settle},
@@ -45,10 +46,12 @@ pub(crate) struct Context {
     /// The session, to publish those copies on.
     pub(crate) broker: Broker,
     pub(crate) metrics: Arc<Metrics>,
+    /// The cancels read, and the tasks in hand they can reach.
+    pub(crate) cancels: Arc<Cancels>,
 }
 
 /// Decodes, runs and settles one delivery. Never panics, whatever the bytes or the handler do.
-pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Context>) {
+pub(crate) async fn process(delivery: &Delivery, mut taken: Taken, context: Arc<Context>) {
     let envelope = match TaskEnvelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
         Err(error) => return undecodable(delivery, taken, &context, &error).await,
@@ -58,7 +61,19 @@ pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Cont
     // lost connections).
     let attempt = first_attempt(&delivery.properties)
         .saturating_add(u32::try_from(previous_deliveries).unwrap_or(u32::MAX));
-    let task = Task::new(envelope, previous_deliveries, attempt);
+    let claim = match context.cancels.claim(&envelope, SystemTime::now()) {
+        Verdict::Run(claim) => claim,
+        Verdict::Cancelled => {
+            return not_started(delivery, taken, &context, &envelope, EventType::Cancelled).await;
+        }
+        Verdict::Expired => {
+            return not_started(delivery, taken, &context, &envelope, EventType::Expired).await;
+        }
+    };
+    let cancellation = claim.token();
+    taken.held.claim = Some(claim);
+    let expires_at = envelope.expires_at;
+    let task = Task::new(envelope, previous_deliveries, attempt, cancellation.clone());
     let span = tracing::info_span!("task", task_id = %task.id, kind = %task.kind);
     offload_common::trace::continue_in_worker(
         &span,
@@ -107,49 +122,138 @@ pub(crate) async fn process(delivery: &Delivery, taken: Taken, context: Arc<Cont
         let began = std::time::Instant::now();
         let ran = run_handler(running, context.deadline).await;
         context.metrics.ran(&kind, began.elapsed());
-        let mut terminal = match ran {
+        let ending = Ending {
+            context: &context,
+            delivery,
+            kind: &kind,
+            attempt,
+            previous_deliveries,
+            policy,
+            expires_at,
+            took: began.elapsed(),
+            event: &event,
+        };
+        let mut terminal = ending.of(ran, cancellation.is_cancelled());
+        terminal.1.at = std::time::SystemTime::now();
+        settle(delivery, taken, &context, terminal.0, terminal.1).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// What an attempt that ran needs to decide what becomes of its task.
+struct Ending<'a, E: Fn(EventType) -> Event> {
+    context: &'a Context,
+    delivery: &'a Delivery,
+    kind: &'a str,
+    attempt: u32,
+    previous_deliveries: u64,
+    policy: RetryPolicy,
+    expires_at: Option<SystemTime>,
+    took: Duration,
+    /// An event about this attempt.
+    event: &'a E,
+}
+
+impl<E: Fn(EventType) -> Event> Ending<'_, E> {
+    /// How the delivery is settled after `ran`, and the event that says so.
+    fn of(&self, ran: Ran, cancelled: bool) -> (Outcome, Event) {
+        let event = self.event;
+        let took = Some(u64::try_from(self.took.as_millis()).unwrap_or(u64::MAX));
+        match ran {
+            // Cancelled while it ran: whatever the handler did, no retry follows.
+            ran if cancelled => {
+                let mut cancelled = event(EventType::Cancelled);
+                cancelled.duration_ms = took;
+                match ran {
+                    Ran::Succeeded(completed) => {
+                        cancelled.handler_stopped = Some(false);
+                        (cancelled.result, cancelled.error) = (completed.result, completed.note);
+                    }
+                    Ran::Failed(error, _) | Ran::Rejected(error) => {
+                        cancelled.handler_stopped = Some(true);
+                        cancelled.error = Some(error);
+                    }
+                }
+                tracing::info!(target: TASK_LOG, stopped = ?cancelled.handler_stopped, "task cancelled while running");
+                (Outcome::Ack, cancelled)
+            }
             Ran::Succeeded(completed) => {
                 let mut succeeded = event(EventType::Succeeded);
-                succeeded.duration_ms =
-                    Some(u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX));
+                succeeded.duration_ms = took;
                 (succeeded.result, succeeded.error) = (completed.result, completed.note);
                 (Outcome::Ack, succeeded)
             }
             // The backstop for tasks that crash their worker: the broker dead-letters a task
             // requeued on its last allowed delivery.
-            Ran::Failed(error, _) if previous_deliveries >= context.delivery_limit => {
+            Ran::Failed(error, _) if self.previous_deliveries >= self.context.delivery_limit => {
                 let mut dead = event(EventType::Dead);
                 dead.reason = Some(DeadReason::DeliveryLimit);
                 dead.error = Some(error);
                 (Outcome::Requeue, dead)
             }
-            Ran::Failed(error, _) if policy.is_last(attempt) => {
+            Ran::Failed(error, _) if self.policy.is_last(self.attempt) => {
                 let mut dead = event(EventType::Dead);
                 dead.reason = Some(DeadReason::MaxAttempts);
                 dead.error = Some(error);
-                (to_dead(&context, &dead, attempt), dead)
+                (to_dead(self.context, &dead, self.attempt), dead)
             }
             Ran::Failed(error, asked) => {
                 let delay = delay_in_levels(
-                    asked.unwrap_or_else(|| policy.delay_after(attempt, fastrand::f64())),
+                    asked.unwrap_or_else(|| self.policy.delay_after(self.attempt, fastrand::f64())),
                 );
+                if let Some(expires_at) = self
+                    .expires_at
+                    .filter(|at| SystemTime::now() + delay >= *at)
+                {
+                    // The next attempt would be due after the task expires: it ends now.
+                    let mut expired = event(EventType::Expired);
+                    expired.expires_at = Some(expires_at);
+                    expired.error = Some(error);
+                    tracing::info!(target: TASK_LOG, "task failed, and expires before its next attempt would be due");
+                    return (Outcome::Ack, expired);
+                }
                 let mut failed = event(EventType::Failed);
                 failed.error = Some(error);
-                let later = retry_later(&context, delivery, (&kind, attempt), delay, &mut failed);
+                let later = retry_later(
+                    self.context,
+                    self.delivery,
+                    (self.kind, self.attempt),
+                    delay,
+                    &mut failed,
+                );
                 (later, failed)
             }
             Ran::Rejected(error) => {
                 let mut dead = event(EventType::Dead);
                 dead.reason = Some(DeadReason::Rejected);
                 dead.error = Some(error);
-                (to_dead(&context, &dead, attempt), dead)
+                (to_dead(self.context, &dead, self.attempt), dead)
             }
-        };
-        terminal.1.at = std::time::SystemTime::now();
-        settle(delivery, taken, &context, terminal.0, terminal.1).await;
+        }
     }
-    .instrument(span)
-    .await;
+}
+
+/// Settles a task that must not start, cancelled or expired, with its event: the delivery is
+/// acked once the event is on the stream, and the task ends there.
+async fn not_started(
+    delivery: &Delivery,
+    taken: Taken,
+    context: &Arc<Context>,
+    envelope: &TaskEnvelope,
+    why: EventType,
+) {
+    let mut event = Event::task(why, envelope.id, envelope.kind.as_str());
+    event.worker = Some(context.worker.to_string());
+    event.expires_at = envelope.expires_at.filter(|_| why == EventType::Expired);
+    tracing::info!(
+        target: TASK_LOG,
+        task_id = %envelope.id,
+        kind = %envelope.kind,
+        "task {}: not starting it",
+        if why == EventType::Expired { "expired" } else { "cancelled" }
+    );
+    settle(delivery, taken, context, Outcome::Ack, event).await;
 }
 
 /// Moves a message that is not a task envelope to the dead-letter queue, with its reason.

@@ -56,6 +56,12 @@ impl ConsumeLoop {
             loops.spawn(kind_loop.run(stop.clone()));
         }
         let forwarder = tokio::spawn(Forwarder::new(self.broker.clone()).run(stop.clone()));
+        let cancels = tokio::spawn(Arc::clone(&self.context.cancels).follow(
+            self.broker.clone(),
+            self.context.events.clone(),
+            Arc::clone(&self.context.worker),
+            stop.clone(),
+        ));
         let ended = tokio::select! {
             () = shutdown => Ok(()),
             ended = &mut *supervisor => ended.map_err(WorkerError::from),
@@ -69,6 +75,7 @@ impl ConsumeLoop {
         };
         stop.cancel();
         let _ = forwarder.await;
+        let _ = cancels.await;
         let mut subscriptions = Vec::new();
         while let Some(joined) = loops.join_next().await {
             if let Ok(subscription) = joined {
@@ -108,6 +115,9 @@ impl ConsumeLoop {
     }
 }
 
+/// How long a kind's loop waits before trying a failed barrier again.
+const BARRIER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One kind's subscription and its bound on tasks in hand.
 struct KindLoop {
     kind: String,
@@ -140,6 +150,8 @@ impl KindLoop {
         let mut subscriptions = 0_u64;
         // A subscription made again after a pause is no reconnection.
         let mut resuming = false;
+        // Counted among the kind's consumers that a cancel must hear from, while subscribed.
+        let mut _subscribed = None;
         loop {
             // A permit first, then a delivery: never more than the kind's concurrency in hand.
             let permit = tokio::select! {
@@ -163,6 +175,11 @@ impl KindLoop {
                 match delivered {
                     Delivered::Message(delivery) => break delivery,
                     Delivered::Subscribed => {
+                        _subscribed = Some(self.context.cancels.subscribed(&self.kind));
+                        // Nothing starts before every cancel written so far is known.
+                        if !self.barrier(&stop).await {
+                            continue;
+                        }
                         acks = Acks::default();
                         on_channel = TaskTracker::new();
                         subscriptions += 1;
@@ -173,6 +190,7 @@ impl KindLoop {
                         self.subscribed();
                     }
                     Delivered::Lost(reason) => {
+                        _subscribed = None;
                         // Tasks already running keep running (and keep their permits); if
                         // their channel is gone their acks fail and the broker redelivers
                         // them: the at-least-once promise.
@@ -185,6 +203,7 @@ impl KindLoop {
                         );
                     }
                     Delivered::Paused(retired) => {
+                        _subscribed = None;
                         resuming = true;
                         self.context
                             .metrics
@@ -209,6 +228,27 @@ impl KindLoop {
             .metrics
             .kind_state(&self.kind, KindState::Connecting);
         subscription
+    }
+
+    /// Reads the control stream up to a marker written now, trying again until it can or
+    /// `stop`; `false` if stopped first.
+    async fn barrier(&self, stop: &CancellationToken) -> bool {
+        loop {
+            let read = tokio::select! {
+                () = stop.cancelled() => return false,
+                read = self.context.cancels.barrier(&self.broker) => read,
+            };
+            match read {
+                Ok(()) => return true,
+                Err(problem) => {
+                    tracing::warn!(kind = %self.kind, "{problem}; not starting tasks until it can");
+                    tokio::select! {
+                        () = stop.cancelled() => return false,
+                        () = tokio::time::sleep(BARRIER_RETRY) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Says so, in the log, the metrics and (with events on) a `worker` event.
@@ -247,6 +287,7 @@ impl KindLoop {
                 _in_hand: self.context.metrics.hold(&self.kind),
                 _tracked: self.tasks.token(),
                 _on_channel: on_channel.token(),
+                claim: None,
             },
         };
         let context = Arc::clone(&self.context);

@@ -28,6 +28,7 @@ use std::process::ExitCode;
 
 mod acks;
 mod attempt;
+mod cancels;
 mod config;
 mod consume;
 mod forward;

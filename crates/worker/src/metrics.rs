@@ -57,6 +57,8 @@ pub(crate) struct Metrics {
     succeeded: Family<KindLabel, Counter>,
     retried: Family<KindLabel, Counter>,
     dead: Family<DeadLabels, Counter>,
+    cancelled: Family<KindLabel, Counter>,
+    expired: Family<KindLabel, Counter>,
     duration: Family<KindLabel, Histogram, fn() -> Histogram>,
     in_hand: Family<KindLabel, Gauge>,
     consuming: Family<KindLabel, Gauge>,
@@ -80,12 +82,16 @@ pub(crate) enum KindState {
 
 impl Metrics {
     /// Metrics for a worker running `kinds`.
+    // One registration after the other, each with its help text: long, and flat.
+    #[allow(clippy::too_many_lines)]
     pub(crate) fn new<'a>(kinds: impl IntoIterator<Item = &'a str>) -> Self {
         let mut registry = Registry::with_prefix("offload_worker");
         let started = Family::<KindLabel, Counter>::default();
         let succeeded = Family::<KindLabel, Counter>::default();
         let retried = Family::<KindLabel, Counter>::default();
         let dead = Family::<DeadLabels, Counter>::default();
+        let cancelled = Family::<KindLabel, Counter>::default();
+        let expired = Family::<KindLabel, Counter>::default();
         let duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_buckets,
         );
@@ -113,6 +119,16 @@ impl Metrics {
             "tasks_dead",
             "Tasks that will not run again, by kind and reason",
             dead.clone(),
+        );
+        registry.register(
+            "tasks_cancelled",
+            "Tasks this worker ended as cancelled (skipped, or stopped while running), by kind",
+            cancelled.clone(),
+        );
+        registry.register(
+            "tasks_expired",
+            "Tasks this worker ended as expired (not started by their expires_at), by kind",
+            expired.clone(),
         );
         registry.register(
             "task_duration_seconds",
@@ -152,6 +168,8 @@ impl Metrics {
             drop(started.get_or_create(&label));
             drop(succeeded.get_or_create(&label));
             drop(retried.get_or_create(&label));
+            drop(cancelled.get_or_create(&label));
+            drop(expired.get_or_create(&label));
             drop(duration.get_or_create(&label));
             drop(in_hand.get_or_create(&label));
             drop(consuming.get_or_create(&label));
@@ -169,6 +187,8 @@ impl Metrics {
             succeeded,
             retried,
             dead,
+            cancelled,
+            expired,
             duration,
             in_hand,
             consuming,
@@ -209,6 +229,14 @@ impl Metrics {
 
     pub(crate) fn retried(&self, kind: &str) {
         self.retried.get_or_create(&self.kind(kind)).inc();
+    }
+
+    pub(crate) fn cancelled(&self, kind: &str) {
+        self.cancelled.get_or_create(&self.kind(kind)).inc();
+    }
+
+    pub(crate) fn expired(&self, kind: &str) {
+        self.expired.get_or_create(&self.kind(kind)).inc();
     }
 
     pub(crate) fn dead(&self, kind: &str, reason: &str) {

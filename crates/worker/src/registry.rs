@@ -10,6 +10,7 @@ use std::{
 };
 
 use offload_common::TaskEnvelope;
+use tokio_util::sync::CancellationToken;
 
 use crate::RetryPolicy;
 use uuid::Uuid;
@@ -39,10 +40,53 @@ pub struct Task<P = serde_json::Value> {
     pub previous_deliveries: u64,
     /// Which attempt this is, 1 for the first: failed attempts and redeliveries both count.
     pub attempt: u32,
+    /// Cancelled when the task is (`POST /tasks/{id}/cancel`) while this attempt runs.
+    cancellation: CancellationToken,
+}
+
+impl<P> Task<P> {
+    /// Resolves once the task is cancelled while it runs (`POST /tasks/{id}/cancel`). A
+    /// handler that can stop early races its work against it and returns an error; whatever
+    /// it returns, a cancelled task is not tried again, and its status is `cancelled`
+    /// (`handler_stopped` says whether it returned an error rather than finish).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use offload_worker::{HandlerError, Task};
+    ///
+    /// async fn export(task: Task) -> Result<(), HandlerError> {
+    ///     for _chunk in 0..100 {
+    ///         tokio::select! {
+    ///             () = task.cancelled() => return Err(HandlerError::permanent("cancelled")),
+    ///             () = tokio::time::sleep(Duration::from_millis(10)) => {} // one chunk's work
+    ///         }
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    pub async fn cancelled(&self) {
+        self.cancellation.cancelled().await;
+    }
+
+    /// Whether the task has been cancelled while it runs: for a handler that checks between
+    /// steps rather than waits.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancellation.is_cancelled()
+    }
+
+    /// The cancellation token itself, to hand to code that takes a `CancellationToken`.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.cancellation.clone()
+    }
 }
 
 impl Task {
-    pub(crate) fn new(envelope: TaskEnvelope, previous_deliveries: u64, attempt: u32) -> Self {
+    pub(crate) fn new(
+        envelope: TaskEnvelope,
+        previous_deliveries: u64,
+        attempt: u32,
+        cancellation: CancellationToken,
+    ) -> Self {
         Self {
             id: envelope.id,
             kind: envelope.kind.into(),
@@ -50,6 +94,7 @@ impl Task {
             submitted_at: envelope.submitted_at,
             previous_deliveries,
             attempt,
+            cancellation,
         }
     }
 
@@ -62,6 +107,7 @@ impl Task {
             submitted_at: self.submitted_at,
             previous_deliveries: self.previous_deliveries,
             attempt: self.attempt,
+            cancellation: self.cancellation,
         })
     }
 }

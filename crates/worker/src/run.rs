@@ -93,6 +93,7 @@ pub async fn run(
         dead_queue: broker.topology().dead_letter_queue().into(),
         broker: broker.clone(),
         metrics,
+        cancels: Arc::default(),
     });
     tracing::info!(
         queue = broker.topology().queue(),

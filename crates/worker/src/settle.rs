@@ -40,6 +40,8 @@ pub(crate) struct Held {
     pub(crate) _tracked: TaskTrackerToken,
     /// A paused subscription's channel stays open until its deliveries are settled.
     pub(crate) _on_channel: TaskTrackerToken,
+    /// The task among those a cancel can reach, once it is decided that it runs.
+    pub(crate) claim: Option<crate::cancels::Claim>,
 }
 
 /// How a delivery is settled.
@@ -83,6 +85,8 @@ fn count(
         (EventType::Succeeded, _) => metrics.succeeded(kind),
         (EventType::Failed, _) => metrics.retried(kind),
         (EventType::Dead, Some(reason)) => metrics.dead(kind, reason.as_str()),
+        (EventType::Cancelled, _) => metrics.cancelled(kind),
+        (EventType::Expired, _) => metrics.expired(kind),
         _ => {}
     }
 }

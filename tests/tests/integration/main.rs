@@ -5,6 +5,7 @@
 mod access;
 mod bad_input;
 mod broker_session;
+mod cancel;
 mod cluster;
 mod dashboard;
 mod dead;

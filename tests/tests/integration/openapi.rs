@@ -30,7 +30,9 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/openapi.json"),
     ("post", "/tasks"),
+    ("post", "/tasks/cancel"),
     ("get", "/tasks/{id}"),
+    ("post", "/tasks/{id}/cancel"),
 ];
 
 async fn document(gateway: &TestGateway) -> Value {

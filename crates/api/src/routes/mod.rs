@@ -1,5 +1,6 @@
 //! HTTP routes. Each module owns its routes; [`router`] merges them.
 
+mod cancel;
 mod dashboard;
 mod dead;
 mod health;
@@ -28,6 +29,7 @@ use crate::{AppState, error::ApiError, openapi::ApiDoc};
 pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
     let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tasks::router(&state))
+        .merge(cancel::router(&state))
         .merge(dead::router(&state))
         .merge(kinds::router(&state))
         .merge(health::router())
@@ -171,6 +173,7 @@ mod tests {
         for (file, source) in [
             ("mod.rs", include_str!("mod.rs")),
             ("tasks.rs", include_str!("tasks.rs")),
+            ("cancel.rs", include_str!("cancel.rs")),
             ("dead.rs", include_str!("dead.rs")),
             ("health.rs", include_str!("health.rs")),
             ("kinds.rs", include_str!("kinds.rs")),
@@ -185,6 +188,6 @@ mod tests {
         let modules = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes"))
             .expect("the routes folder")
             .count();
-        assert_eq!(modules, 7, "a new routes module: add it to the list above");
+        assert_eq!(modules, 8, "a new routes module: add it to the list above");
     }
 }

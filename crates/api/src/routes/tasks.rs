@@ -59,6 +59,8 @@ struct NewTask {
     payload: serde_json::Value,
     delay: Option<String>,
     run_at: Option<String>,
+    expires_in: Option<String>,
+    expires_at: Option<String>,
 }
 
 // The object's fields. Read through [`NewTask`] because serde's derived deserializer would
@@ -67,7 +69,7 @@ struct NewTask {
 #[serde(deny_unknown_fields)]
 #[schema(
     as = NewTask,
-    description = "A task: its kind, and the JSON its handler reads. At most one of `delay` and `run_at`."
+    description = "A task: its kind, and the JSON its handler reads. At most one of `delay` and `run_at`, and at most one of `expires_in` and `expires_at`."
 )]
 struct NewTaskFields {
     /// The kind of task: 1 to 64 characters of `a-z 0-9 _ . -`, handled by some worker.
@@ -85,6 +87,15 @@ struct NewTaskFields {
     #[serde(default)]
     #[schema(format = DateTime)]
     run_at: Option<String>,
+    /// Not started within this long (`10m`), it never starts: it ends `expired`, retries
+    /// included.
+    #[serde(default)]
+    #[schema(example = "10m")]
+    expires_in: Option<String>,
+    /// Not started by this time (RFC 3339), it never starts: it ends `expired`.
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
 }
 
 impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
@@ -96,12 +107,16 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
             payload,
             delay,
             run_at,
+            expires_in,
+            expires_at,
         } = serde_json::from_value(serde_json::Value::Object(object))?;
         Ok(Self {
             kind,
             payload,
             delay,
             run_at,
+            expires_in,
+            expires_at,
         })
     }
 }
@@ -149,6 +164,49 @@ fn schedule(delay: Option<&str>, run_at: Option<&str>) -> Result<Option<Duration
     Ok((!wait.is_zero()).then_some(wait))
 }
 
+/// When a task submitted at `now` expires: `expires_in` after it, or at `expires_at`; never
+/// before it could start (at `run_at`, for a task to run later). `None`: it does not expire.
+fn expiry(
+    expires_in: Option<&str>,
+    expires_at: Option<&str>,
+    now: SystemTime,
+    run_at: Option<SystemTime>,
+) -> Result<Option<SystemTime>> {
+    let at = match (expires_in, expires_at) {
+        (None, None) => return Ok(None),
+        (Some(within), None) => {
+            let within = humantime::parse_duration(within).map_err(|_| {
+                ApiError::InvalidExpiry("expires_in must be a duration such as \"10m\" or \"2h\"")
+            })?;
+            now.checked_add(within)
+                .ok_or(ApiError::InvalidExpiry("expires_in is too long"))?
+        }
+        (None, Some(at)) => humantime::parse_rfc3339_weak(at)
+            .or_else(|_| humantime::parse_rfc3339(at))
+            .map_err(|_| {
+                ApiError::InvalidExpiry(
+                    "expires_at must be an RFC 3339 time such as \"2026-11-30T09:00:00Z\"",
+                )
+            })?,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidExpiry(
+                "give at most one of expires_in and expires_at",
+            ));
+        }
+    };
+    if at <= now {
+        return Err(ApiError::InvalidExpiry(
+            "the task would expire before it is queued: give an expiry in the future",
+        ));
+    }
+    if run_at.is_some_and(|run_at| at <= run_at) {
+        return Err(ApiError::InvalidExpiry(
+            "the task would expire before it is due to run: expire it after its run_at or delay",
+        ));
+    }
+    Ok(Some(at))
+}
+
 /// The `Idempotency-Key` header, if any: 1 to 255 printable ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
     let Some(value) = headers.get("idempotency-key") else {
@@ -183,7 +241,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
         (status = 408, description = "`body_timeout`: the body did not arrive within BODY_TIMEOUT", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: send Content-Type: application/json", body = ErrorBody),
-        (status = 422, description = "`invalid_task`, `unknown_kind` (no worker handles it), `invalid_idempotency_key`, `invalid_schedule`, `delay_too_long`, `tracking_off` (an Idempotency-Key with EVENTS=off)", body = ErrorBody),
+        (status = 422, description = "`invalid_task`, `unknown_kind` (no worker handles it), `invalid_idempotency_key`, `invalid_schedule`, `delay_too_long`, `invalid_expiry`, `tracking_off` (an Idempotency-Key with EVENTS=off)", body = ErrorBody),
         KeyErrors,
         Unavailable,
     ),
@@ -219,8 +277,14 @@ async fn submit(
             }
         },
     };
-    let task = TaskEnvelope::new(new.kind, new.payload);
+    let mut task = TaskEnvelope::new(new.kind, new.payload);
     let run_at = wait.map(|wait| task.submitted_at + wait);
+    task.expires_at = expiry(
+        new.expires_in.as_deref(),
+        new.expires_at.as_deref(),
+        task.submitted_at,
+        run_at,
+    )?;
     let (span, message_headers) = trace_of(&headers, &task);
     state
         .publisher
@@ -248,6 +312,7 @@ async fn submit(
         queued.submitted_at = Some(task.submitted_at);
         queued.idempotency_key = key;
         queued.run_at = run_at;
+        queued.expires_at = task.expires_at;
         // Visible on this gateway at once, before the stream has it.
         tracker.apply(&queued, None);
         events.emit(queued);

@@ -14,6 +14,8 @@ pub(super) struct Entry {
     pub(super) kind: u32,
     pub(super) status: Status,
     pub(super) reason: Option<DeadReason>,
+    /// Cancelled while running: whether the handler stopped.
+    pub(super) handler_stopped: Option<bool>,
     /// This gateway accepted it (after it started, so the stream holds nothing older of it).
     pub(super) accepted_here: bool,
     pub(super) attempts: u32,
@@ -37,7 +39,7 @@ impl Entry {
         // earlier unconfirmed publish late), and a success is not undone by a duplicate's
         // death. Only `retried` brings a dead task back.
         let ended = match self.status {
-            Status::Succeeded => true,
+            Status::Succeeded | Status::Cancelled | Status::Expired => true,
             Status::Dead => event.event != EventType::Succeeded,
             _ => false,
         };
@@ -63,13 +65,21 @@ impl Entry {
                     self.status = Status::Scheduled;
                     self.run_at = millis(run_at);
                 }
+                if let Some(expires_at) = event.expires_at {
+                    self.extra.get_or_insert_with(Box::default).expires_at = millis(expires_at);
+                }
                 if let Some(key) = &event.idempotency_key {
                     self.extra.get_or_insert_with(Box::default).idempotency_key =
                         Some(key.as_str().into());
                     key_to_index = Some(key.clone());
                 }
             }
-            EventType::Started | EventType::Failed | EventType::Succeeded | EventType::Dead
+            EventType::Started
+            | EventType::Failed
+            | EventType::Succeeded
+            | EventType::Dead
+            | EventType::Cancelled
+            | EventType::Expired
                 if stale => {}
             EventType::Started => {
                 self.status = Status::Running;
@@ -98,6 +108,23 @@ impl Entry {
                 self.finished_at = millis(event.at);
                 self.error = error();
             }
+            EventType::Cancelled => {
+                self.status = Status::Cancelled;
+                self.finished_at = millis(event.at);
+                self.handler_stopped = event.handler_stopped;
+                if event.handler_stopped.is_some() {
+                    // Cancelled while running: what the attempt ended with.
+                    self.error = error();
+                    self.result_offset = offset.filter(|_| event.result.is_some()).unwrap_or(-1);
+                }
+            }
+            EventType::Expired => {
+                self.status = Status::Expired;
+                self.finished_at = millis(event.at);
+                if event.error.is_some() {
+                    self.error = error();
+                }
+            }
             // Only a dead task comes back; a `retried` read after its new run began (from
             // another gateway's stream position) changes nothing.
             EventType::Retried if self.status == Status::Dead => {
@@ -108,7 +135,8 @@ impl Entry {
                 self.run_at = 0;
                 self.attempts = 0;
             }
-            EventType::Retried | EventType::Worker | EventType::Gateway => {}
+            EventType::Retried | EventType::Worker | EventType::Gateway | EventType::CancelSeen => {
+            }
         }
         key_to_index
     }
@@ -117,5 +145,7 @@ impl Entry {
 #[derive(Default)]
 pub(super) struct Extra {
     pub(super) idempotency_key: Option<Box<str>>,
+    /// When it expires if not started (milliseconds since the epoch; 0: never).
+    pub(super) expires_at: u64,
     pub(super) waiters: Option<Arc<Notify>>,
 }

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::{
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
-    types::{AMQPValue, FieldTable, LongString},
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use offload_common::{
+    Broker, Delivered, Event, EventSink, EventType,
+    broker::subscribe::{offset_of, stream_offset},
 };
-use offload_common::{Broker, Delivered, Event, EventSink, EventType};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -100,7 +100,11 @@ impl Tracker {
             let delivery = consumer.next().await?.ok()?;
             let result = offload_common::events::decode_batch(&delivery.data)
                 .filter_map(Result::ok)
-                .find(|event| event.id == Some(id) && event.event == EventType::Succeeded)
+                .find(|event| {
+                    event.id == Some(id)
+                        && matches!(event.event, EventType::Succeeded | EventType::Cancelled)
+                        && event.result.is_some()
+                })
                 .and_then(|event| event.result);
             let _ = channel
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -112,30 +116,5 @@ impl Tracker {
             .await
             .ok()
             .flatten()
-    }
-}
-
-/// `x-stream-offset`: from `offset`, or from the first event kept.
-fn stream_offset(offset: Option<i64>) -> FieldTable {
-    let mut args = FieldTable::default();
-    let value = match offset {
-        Some(offset) => AMQPValue::LongLongInt(offset),
-        None => AMQPValue::LongString(LongString::from("first")),
-    };
-    args.insert("x-stream-offset".into(), value);
-    args
-}
-
-/// The stream offset RabbitMQ puts in each delivery's headers.
-fn offset_of(properties: &lapin::BasicProperties) -> Option<i64> {
-    match properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get("x-stream-offset")?
-    {
-        AMQPValue::LongLongInt(offset) => Some(*offset),
-        AMQPValue::LongInt(offset) => Some(i64::from(*offset)),
-        _ => None,
     }
 }

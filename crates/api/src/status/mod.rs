@@ -8,8 +8,10 @@
 
 //!
 //! [`fold`] is how one event changes one task, [`store`] the bounded view and its queries,
-//! [`claims`] the Idempotency-Key claims, [`follow`] the reading of the stream.
+//! [`claims`] the Idempotency-Key claims, [`cancels`] what a cancel waits for, [`follow`] the
+//! reading of the stream.
 
+mod cancels;
 mod claims;
 mod fold;
 mod follow;
@@ -24,6 +26,7 @@ use offload_common::DeadReason;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub use cancels::Confirmed;
 pub use claims::{Claim, ClaimState};
 pub use store::{Totals, Tracker};
 
@@ -42,12 +45,38 @@ pub enum Status {
     Succeeded,
     /// It will not run again; it is in the dead-letter queue.
     Dead,
+    /// Cancelled: it will not run (again). `handler_stopped` says, for a task cancelled while
+    /// running, whether its handler stopped when told.
+    Cancelled,
+    /// It had not started by its `expires_at`, and never will.
+    Expired,
 }
 
 impl Status {
     /// Whether the task's life is over (until a redelivery: delivery is at least once).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Dead)
+        matches!(
+            self,
+            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired
+        )
+    }
+
+    /// Whether it waits to start: queued, or scheduled.
+    pub fn is_waiting(self) -> bool {
+        matches!(self, Self::Queued | Self::Scheduled)
+    }
+
+    /// Its name, as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
     }
 }
 
@@ -71,7 +100,7 @@ pub struct TaskView {
     #[serde(serialize_with = "time")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<SystemTime>,
-    /// When it succeeded or died.
+    /// When it ended: succeeded, died, was cancelled or expired.
     #[serde(serialize_with = "time")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<SystemTime>,
@@ -79,6 +108,14 @@ pub struct TaskView {
     #[serde(serialize_with = "time")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub run_at: Option<SystemTime>,
+    /// When it expires if it has not started, if it was given an expiry.
+    #[serde(serialize_with = "time", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<SystemTime>,
+    /// Cancelled while running: whether the handler stopped when told (returned an error)
+    /// rather than run to its end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handler_stopped: Option<bool>,
     /// The latest error, if any.
     #[schema(value_type = Option<String>)]
     pub error: Option<Arc<str>>,

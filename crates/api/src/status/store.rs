@@ -76,6 +76,10 @@ pub struct Totals {
     pub failed: u64,
     /// Tasks dead-lettered.
     pub dead: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
+    /// Tasks that expired before they started.
+    pub expired: u64,
 }
 
 impl Totals {
@@ -85,6 +89,8 @@ impl Totals {
             EventType::Succeeded => &mut self.succeeded,
             EventType::Failed => &mut self.failed,
             EventType::Dead => &mut self.dead,
+            EventType::Cancelled => &mut self.cancelled,
+            EventType::Expired => &mut self.expired,
             _ => return,
         };
         *counter += 1;
@@ -126,6 +132,11 @@ impl View {
             started_at: time_of(entry.started_at),
             finished_at: time_of(entry.finished_at),
             run_at: time_of(entry.run_at).filter(|_| entry.status == Status::Scheduled),
+            expires_at: entry
+                .extra
+                .as_ref()
+                .and_then(|extra| time_of(extra.expires_at)),
+            handler_stopped: entry.handler_stopped,
             error: entry.error.as_deref().map(Arc::from),
             reason: entry.reason,
             result: None,
@@ -150,6 +161,10 @@ pub(super) struct Inner {
     /// Keys being submitted on this gateway right now, so two requests with one key at once
     /// make one task.
     pub(super) claims: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Cancels this gateway is answering, and what workers have said of them.
+    pub(super) cancels: Mutex<HashMap<Uuid, super::cancels::Heard>>,
+    /// Markers this gateway wrote to learn when it has read up to the present.
+    pub(super) markers: Mutex<HashMap<Uuid, tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Tracker {
@@ -162,6 +177,8 @@ impl Tracker {
                 live: AtomicBool::new(false),
                 marker: Uuid::new_v4(),
                 claims: Mutex::new(HashMap::new()),
+                cancels: Mutex::new(HashMap::new()),
+                markers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -280,7 +297,13 @@ impl Tracker {
         if event.event == EventType::Gateway {
             if event.marker == Some(self.inner.marker) {
                 self.inner.live.store(true, Ordering::Relaxed);
+            } else if let Some(marker) = event.marker {
+                self.marker_read(marker);
             }
+            return;
+        }
+        if event.event == EventType::CancelSeen {
+            self.cancel_seen(event);
             return;
         }
         let mut view = self.view();
@@ -289,6 +312,12 @@ impl Tracker {
             return;
         }
         let Some(id) = event.id else {
+            if event.event == EventType::Cancelled
+                && let (Some(kind), Some(before)) = (&event.kind, event.before)
+            {
+                drop(view);
+                self.cancel_kind(kind, before, event.at);
+            }
             return;
         };
         // Only an undecodable message's `dead` event may lack a kind.
@@ -307,6 +336,7 @@ impl Tracker {
                     started_at: 0,
                     finished_at: 0,
                     run_at: 0,
+                    handler_stopped: None,
                     result_offset: -1,
                     error: None,
                     extra: None,
@@ -351,6 +381,41 @@ impl Tracker {
             counts.add(before, -1);
             counts.add(after, 1);
         }
+    }
+
+    /// Cancels every waiting task of `kind` submitted at or before `before` the view holds,
+    /// as of `at`; how many.
+    pub fn cancel_kind(
+        &self,
+        kind: &str,
+        before: std::time::SystemTime,
+        at: std::time::SystemTime,
+    ) -> u64 {
+        let mut view = self.view();
+        let Some(&index) = view.kind_index.get(kind) else {
+            return 0;
+        };
+        let (before, at) = (super::millis(before), super::millis(at));
+        let mut cancelled = 0;
+        let mut was_scheduled = 0;
+        for entry in view.tasks.values_mut() {
+            if entry.kind != index || !entry.status.is_waiting() || entry.submitted_at > before {
+                continue;
+            }
+            if entry.status == Status::Scheduled {
+                was_scheduled += 1;
+            }
+            entry.status = Status::Cancelled;
+            entry.finished_at = at;
+            if let Some(waiters) = entry.extra.as_mut().and_then(|extra| extra.waiters.take()) {
+                waiters.notify_waiters();
+            }
+            cancelled += 1;
+        }
+        let counts = view.counts(index);
+        counts.scheduled = counts.scheduled.saturating_sub(was_scheduled);
+        view.totals.cancelled += cancelled;
+        cancelled
     }
 
     fn evict(&self, view: &mut View) {

@@ -22,7 +22,7 @@ use lapin::{
     message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     protocol::AMQPSoftError,
-    types::{FieldTable, ShortString},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
 use super::session::{Broker, backoff};
@@ -348,4 +348,30 @@ async fn subscribe(
         consumer,
         gate,
     }))
+}
+
+/// A stream's `basic.consume` arguments: `x-stream-offset` from `offset`, or from the first
+/// message kept.
+pub fn stream_offset(offset: Option<i64>) -> FieldTable {
+    let mut args = FieldTable::default();
+    let value = match offset {
+        Some(offset) => AMQPValue::LongLongInt(offset),
+        None => AMQPValue::LongString(LongString::from("first")),
+    };
+    args.insert("x-stream-offset".into(), value);
+    args
+}
+
+/// The stream offset RabbitMQ puts in each delivery's headers.
+pub fn offset_of(properties: &lapin::BasicProperties) -> Option<i64> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(offset) => Some(*offset),
+        AMQPValue::LongInt(offset) => Some(i64::from(*offset)),
+        _ => None,
+    }
 }

@@ -64,6 +64,11 @@ impl Topology {
         declare_direct_exchange(channel, &self.kinds_exchange()).await?;
         declare_exchange(channel, &self.later_exchange(), ExchangeKind::Topic).await?;
         declare_exchange(channel, &self.due_exchange(), ExchangeKind::Topic).await?;
+        let control = self.control_stream();
+        channel
+            .queue_declare(control.as_str().into(), durable, self.control_arguments())
+            .await
+            .map_err(|e| TopologyError::from_declare("stream", &control, e))?;
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
                 .queue_declare(
@@ -323,9 +328,13 @@ impl Topology {
     /// gone is a paused kind.)
     fn queues(&self) -> impl Iterator<Item = String> {
         self.kinds.iter().map(|kind| self.kind_queue(kind)).chain(
-            [Some(self.dead_letter_queue()), self.events_stream()]
-                .into_iter()
-                .flatten(),
+            [
+                Some(self.dead_letter_queue()),
+                Some(self.control_stream()),
+                self.events_stream(),
+            ]
+            .into_iter()
+            .flatten(),
         )
     }
 

@@ -187,6 +187,11 @@ impl Topology {
         self.events.map(|_| format!("{}.events", self.queue))
     }
 
+    /// The stream of cancels (`crate::control`): declared whether events are on or not.
+    pub fn control_stream(&self) -> String {
+        format!("{}.control", self.queue)
+    }
+
     /// Sets the delivery limit: how many times a task is delivered again after a failed
     /// attempt before it is dead-lettered.
     #[must_use]
@@ -394,6 +399,34 @@ impl Topology {
         args
     }
 }
+
+impl Topology {
+    /// The control stream's arguments: kept [`crate::control::RETENTION`], in small segments
+    /// (retention drops whole segments), and at most [`CONTROL_MAX_BYTES`].
+    fn control_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("stream"));
+        args.insert(
+            "x-max-age".into(),
+            text(&format!("{}s", crate::control::RETENTION.as_secs())),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(CONTROL_MAX_BYTES),
+        );
+        args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(CONTROL_SEGMENT_BYTES),
+        );
+        self.replicate(&mut args, STREAM_REPLICAS);
+        args
+    }
+}
+
+/// The most the control stream keeps: a million cancels and more.
+const CONTROL_MAX_BYTES: i64 = 512 * 1024 * 1024;
+/// The control stream's segment size.
+const CONTROL_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
 
 /// Where a new quorum queue's leader goes: `balanced` (the node with the fewest leaders,
 /// while there are few queues) is accepted by RabbitMQ 3.10 and later; `min-masters` is not.

@@ -59,7 +59,12 @@ impl Handler for Sleep {
         // would cap a worker at about a thousand empty tasks a second.
         if !work.is_zero() {
             tracing::debug!(task_id = %task.id, work = %humantime::format_duration(work), "sleeping");
-            tokio::time::sleep(work).await;
+            tokio::select! {
+                () = tokio::time::sleep(work) => {}
+                () = task.cancelled() => {
+                    return Err(HandlerError::permanent("cancelled: stopped sleeping"));
+                }
+            }
         }
         Ok(())
     }

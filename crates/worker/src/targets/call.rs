@@ -150,7 +150,17 @@ impl HttpTarget {
 
 impl ErasedHandler for HttpTarget {
     fn call(self: Arc<Self>, task: Task, result_max_bytes: usize) -> HandlerFuture {
-        Box::pin(async move { self.run(task, result_max_bytes).await })
+        Box::pin(async move {
+            // A cancel drops the call: reqwest closes its connection, which the target sees
+            // as the client going away (docs/TARGETS.md).
+            let cancellation = task.cancellation_token();
+            tokio::select! {
+                answered = self.run(task, result_max_bytes) => answered,
+                () = cancellation.cancelled() => Err(HandlerError::permanent(format!(
+                    "cancelled: the call to {} was aborted", self.shown
+                ))),
+            }
+        })
     }
 
     fn policy(&self) -> Option<RetryPolicy> {

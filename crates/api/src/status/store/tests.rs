@@ -127,7 +127,8 @@ fn totals_count_a_task_once_recent_tasks_come_newest_first_and_local_ones_are_ma
             started: 1,
             succeeded: 1,
             failed: 0,
-            dead: 0
+            dead: 0,
+            ..Totals::default()
         }
     );
     let recent: Vec<Uuid> = tracker.recent(5).iter().map(|task| task.id).collect();
@@ -195,4 +196,38 @@ async fn a_waiter_wakes_when_the_task_ends() {
         .expect("task")
         .expect("known");
     assert_eq!(task.status, Status::Dead);
+}
+
+#[test]
+fn a_cancel_is_final_and_a_kind_cancel_takes_only_waiting_tasks_submitted_before_it() {
+    let tracker = Tracker::new(100);
+    let submitted = SystemTime::now();
+    let (waiting, running, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    tracker.accepted(waiting, "sleep", submitted, None);
+    tracker.accepted(running, "sleep", submitted, None);
+    tracker.apply(&event(EventType::Started, running), Some(1));
+    tracker.accepted(later, "sleep", submitted + Duration::from_secs(5), None);
+
+    let cancelled = tracker.cancel_kind("sleep", submitted + Duration::from_secs(1), submitted);
+
+    assert_eq!(cancelled, 1);
+    let status = |id| tracker.get(id).map(|task| task.status);
+    assert_eq!(status(waiting), Some(Status::Cancelled));
+    assert_eq!(status(running), Some(Status::Running));
+    assert_eq!(status(later), Some(Status::Queued));
+    // A duplicate's start, or its end, read after the cancel changes nothing.
+    tracker.apply(&event(EventType::Started, waiting), Some(2));
+    tracker.apply(&event(EventType::Succeeded, waiting), Some(3));
+    assert_eq!(status(waiting), Some(Status::Cancelled));
+
+    let mut stopped = event(EventType::Cancelled, running);
+    stopped.handler_stopped = Some(true);
+    tracker.apply(&stopped, Some(4));
+    let task = tracker.get(running).expect("known");
+    assert_eq!(
+        (task.status, task.handler_stopped),
+        (Status::Cancelled, Some(true))
+    );
+    assert!(task.finished_at.is_some());
+    assert_eq!(tracker.kind_counts()["sleep"].running, 0);
 }
