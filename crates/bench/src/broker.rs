@@ -201,6 +201,30 @@ pub async fn fill(url: &str, queue: &str, kind: &str, count: u64) -> Result<(), 
     Ok(())
 }
 
+/// Appends `count` cancels of tasks nobody will ever see to the control stream `stream`, as
+/// gateways write them: what a worker reads at its start and holds in memory.
+pub async fn fill_control(url: &str, stream: &str, count: u64) -> Result<(), lapin::Error> {
+    let (connection, channel) = confirm_channel(url).await?;
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..count {
+        let body = offload_common::control::Record::Cancel {
+            id: uuid::Uuid::new_v4(),
+            task: uuid::Uuid::new_v4(),
+            kind: "sleep".into(),
+            at: std::time::SystemTime::now(),
+        }
+        .to_bytes();
+        pending.push(publish_to(&channel, stream, &body, &properties).await?);
+        if pending.len() >= 256 {
+            pending.next().await.transpose()?;
+        }
+    }
+    while pending.next().await.transpose()?.is_some() {}
+    let _ = connection.close(200, "filled".into()).await;
+    Ok(())
+}
+
 /// Consumes `count` messages from `queue` at `prefetch`, acking each, with no decoding and
 /// no work: the drain ceiling. Acks are sent concurrently, as the worker settles deliveries
 /// from their own tasks, so the ceiling is not held back by waiting on each ack in turn.

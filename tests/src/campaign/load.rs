@@ -23,6 +23,16 @@ pub enum Outcome {
     Unknown,
 }
 
+/// What a cancel of an accepted task got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// 200 `cancelled`: the gateway promised the task never starts.
+    Cancelled,
+    /// Recorded, but with no promise (202 while running, 503 `cancel_unconfirmed`, no
+    /// answer): the task may run or not.
+    Unsure,
+}
+
 /// One request.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -34,6 +44,9 @@ pub struct Record {
     pub poison: bool,
     /// What it got.
     pub outcome: Outcome,
+    /// For a task cancelled right after its 202: what the cancel got (`None`: no cancel, or
+    /// one certainly not recorded, so the task must run).
+    pub cancel: Option<Cancel>,
 }
 
 /// How the load is shaped.
@@ -58,6 +71,9 @@ pub struct LoadShape {
     pub other_task: Option<serde_json::Value>,
     /// Longest a client waits for one answer before recording it as unknown.
     pub request_timeout: Duration,
+    /// With `Some(n)`, every n-th good task is posted to run in 3 s and cancelled as soon as
+    /// it is accepted.
+    pub cancel_every: Option<u32>,
 }
 
 /// Load running in the background until [`Load::stop`].
@@ -143,15 +159,52 @@ async fn run_client(
             };
             (poison, body.clone())
         };
+        let cancelling = !poison
+            && shape.scripted_failures.is_none()
+            && shape
+                .cancel_every
+                .is_some_and(|every| sent_count.is_multiple_of(every));
+        let mut body = body;
+        if cancelling {
+            body["delay"] = "3s".into();
+        }
         let sent = Instant::now();
         let outcome = classify(client.post(&url).json(&body).send().await).await;
+        let took = sent.elapsed();
+        let cancel = match outcome {
+            Outcome::Ok(id) if cancelling => cancel(&client, &url, id).await,
+            _ => None,
+        };
         let record = Record {
             sent,
-            took: sent.elapsed(),
+            took,
             poison,
             outcome,
+            cancel,
         };
         records.lock().expect("records lock").push(record);
+    }
+}
+
+/// Cancels task `id` and says what the answer promised.
+async fn cancel(client: &reqwest::Client, tasks_url: &str, id: Uuid) -> Option<Cancel> {
+    let Ok(response) = client.post(format!("{tasks_url}/{id}/cancel")).send().await else {
+        return Some(Cancel::Unsure);
+    };
+    let status = response.status();
+    let Ok(body) = response.json::<serde_json::Value>().await else {
+        return Some(Cancel::Unsure);
+    };
+    match (status, body["status"].as_str(), body["code"].as_str()) {
+        (StatusCode::OK, Some("cancelled"), _) => Some(Cancel::Cancelled),
+        // Certainly not recorded (the broker or the stream was away, the gateway does not
+        // know the task yet, it had ended): the task runs as any other.
+        (
+            _,
+            _,
+            Some("broker_unavailable" | "events_replaying" | "unknown_task" | "task_finished"),
+        ) => None,
+        _ => Some(Cancel::Unsure),
     }
 }
 

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use fault::Fault;
-pub use load::{Load, LoadShape, Outcome, Record};
+pub use load::{Cancel, Load, LoadShape, Outcome, Record};
 pub use report::{Row, markdown, table};
 
 use crate::{GatewayProcess, eventually};
@@ -92,7 +92,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
 
     let promised: HashSet<Uuid> = records
         .iter()
-        .filter(|r| !r.poison)
+        .filter(|r| !r.poison && r.cancel.is_none())
         .filter_map(|r| match r.outcome {
             Outcome::Ok(id) => Some(id),
             _ => None,
@@ -131,6 +131,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         eprintln!("{line}");
     }
     let completions = rig.completions();
+    let cancels = cancelled_and_started(&records, &rig.starts());
     // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
     // once) more; counted by id, so a duplicate cannot stand in for a missing one.
     // Bounded: reading needs the queue's leader, which a quorum queue killed in its first
@@ -158,7 +159,25 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         fault.measures_recovery().then_some(recovery),
         drained,
         status_wrong,
+        cancels,
     )
+}
+
+/// How many tasks a cancel answered 200 `cancelled`, and how many of those some worker
+/// started all the same (each of which it reports).
+fn cancelled_and_started(records: &[Record], started: &HashSet<Uuid>) -> (usize, usize) {
+    let cancelled: Vec<Uuid> = records
+        .iter()
+        .filter_map(|r| match (&r.outcome, r.cancel) {
+            (Outcome::Ok(id), Some(Cancel::Cancelled)) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let broken: Vec<&Uuid> = cancelled.iter().filter(|id| started.contains(id)).collect();
+    for id in broken.iter().take(5) {
+        eprintln!("task {id}: cancelled (200) and yet started");
+    }
+    (cancelled.len(), broken.len())
 }
 
 /// The load and the workers' settings `fault`'s scenario runs with.
@@ -186,7 +205,13 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> Vec<String> {
     let mut waiting: HashMap<Uuid, &'static str> = records
         .iter()
         .filter_map(|r| match r.outcome {
-            Outcome::Ok(id) => Some((id, if r.poison { "dead" } else { "succeeded" })),
+            Outcome::Ok(id) => match r.cancel {
+                _ if r.poison => Some((id, "dead")),
+                None => Some((id, "succeeded")),
+                Some(Cancel::Cancelled) => Some((id, "cancelled")),
+                // Either end is right.
+                Some(Cancel::Unsure) => None,
+            },
             _ => None,
         })
         .collect();

@@ -42,6 +42,10 @@ pub struct Row {
     /// Tasks with a 202 whose status (GET /tasks/{id}) did not end as what happened to them
     /// (`succeeded`, or `dead` for a poison task). Must be 0.
     pub status_wrong: usize,
+    /// Tasks whose cancel was answered 200 `cancelled`.
+    pub cancelled: usize,
+    /// Of those, how many some worker started all the same. Must be 0.
+    pub cancelled_started: usize,
 }
 
 impl Row {
@@ -57,6 +61,7 @@ impl Row {
         recovery: Option<Duration>,
         drained: bool,
         status_wrong: usize,
+        (cancelled, cancelled_started): (usize, usize),
     ) -> Self {
         let count =
             |wanted: fn(&Outcome) -> bool| records.iter().filter(|r| wanted(&r.outcome)).count();
@@ -81,6 +86,8 @@ impl Row {
             recovery,
             drained,
             status_wrong,
+            cancelled,
+            cancelled_started,
         }
     }
 
@@ -89,6 +96,7 @@ impl Row {
     /// timeout, and, on a cluster, 202s back soon after the queue has a new leader.
     pub fn passed(&self) -> bool {
         self.lost == 0
+            && self.cancelled_started == 0
             && self.drained
             && self.dead_lettered == self.poison
             && self.status_wrong == 0
@@ -100,7 +108,7 @@ impl Row {
     }
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; COLUMNS] = [
     "fault",
     "sent",
     "ok",
@@ -110,13 +118,16 @@ const HEADER: [&str; 13] = [
     "lost",
     "dup",
     "dead-lettered",
+    "cancelled (started)",
     "status wrong",
     "longest wait",
     "recovery",
     "verdict",
 ];
 
-fn cells(row: &Row) -> [String; 13] {
+const COLUMNS: usize = 14;
+
+fn cells(row: &Row) -> [String; COLUMNS] {
     let millis = |d: Duration| format!("{} ms", d.as_millis());
     [
         row.fault.name().to_owned(),
@@ -128,6 +139,7 @@ fn cells(row: &Row) -> [String; 13] {
         row.lost.to_string(),
         row.duplicates.to_string(),
         format!("{} of {}", row.dead_lettered, row.poison),
+        format!("{} ({})", row.cancelled, row.cancelled_started),
         row.status_wrong.to_string(),
         millis(row.longest_wait),
         row.recovery.map_or_else(|| "n/a".to_owned(), millis),
@@ -137,23 +149,23 @@ fn cells(row: &Row) -> [String; 13] {
 
 /// The rows as an aligned plain-text table, for the terminal.
 pub fn table(rows: &[Row]) -> String {
-    let cells: Vec<[String; 13]> = rows.iter().map(cells).collect();
-    crate::table::text(HEADER, &cells, [Align::Right; 13])
+    let cells: Vec<[String; COLUMNS]> = rows.iter().map(cells).collect();
+    crate::table::text(HEADER, &cells, [Align::Right; COLUMNS])
 }
 
 /// The rows as a Markdown table, with a description column.
 pub fn markdown(rows: &[Row]) -> String {
-    let mut header = [""; 14];
-    header[..13].copy_from_slice(&HEADER);
-    header[13] = "what is done";
-    let cells: Vec<[String; 14]> = rows
+    let mut header = [""; COLUMNS + 1];
+    header[..COLUMNS].copy_from_slice(&HEADER);
+    header[COLUMNS] = "what is done";
+    let cells: Vec<[String; COLUMNS + 1]> = rows
         .iter()
         .map(|row| {
-            let mut out: [String; 14] = Default::default();
+            let mut out: [String; COLUMNS + 1] = Default::default();
             for (slot, cell) in out.iter_mut().zip(cells(row)) {
                 *slot = cell;
             }
-            row.fault.description().clone_into(&mut out[13]);
+            row.fault.description().clone_into(&mut out[COLUMNS]);
             out
         })
         .collect();

@@ -198,6 +198,14 @@ impl Rig {
         }
         counts
     }
+    /// Every task any worker process of this scenario logged as started.
+    pub(super) fn starts(&self) -> HashSet<Uuid> {
+        self.workers
+            .iter()
+            .flat_map(crate::WorkerProcess::logged_started)
+            .collect()
+    }
+
     /// Messages in the dead-letter queue, asked over a connection of the campaign's own.
     pub(super) async fn dead_lettered(&self) -> Option<u32> {
         let connection = self.direct_connection().await?;

@@ -79,6 +79,7 @@ async fn main() -> ExitCode {
         task: serde_json::json!({"kind": "sleep", "payload": {"message": "..."}}),
         other_task: None,
         request_timeout: Duration::from_secs(10),
+        cancel_every: Some(10),
     };
 
     let started = std::time::Instant::now();

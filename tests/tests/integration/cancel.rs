@@ -485,3 +485,57 @@ async fn tasks_that_expire_before_they_start_or_before_their_retry_never_start()
     assert_eq!(starts, 1, "{:?}", story(&events, retrying));
     worker.stop().await;
 }
+
+/// A cancel lives in the broker: a task cancelled while queued, and one cancelled while it
+/// waits to run later, stay cancelled through a restart of the broker and of the worker, and
+/// neither starts when the new worker meets it.
+#[tokio::test]
+async fn a_cancel_outlives_a_broker_restart_and_a_worker_restart() {
+    let mut broker = offload_tests::PrivateBroker::start().await;
+    let url = broker.url();
+    let queue = format!("offload-test-cancel-durable-{}", Uuid::new_v4().simple());
+    let events = EventLog::follow(&url, &queue);
+    let gateway = TestGateway::start(&url, &queue).await;
+    gateway.live(DEADLINE).await;
+    let mut worker = WorkerProcess::start(&url, &queue, &WorkerOptions::default()).await;
+    let later = gateway
+        .submit(&json!({"kind": "sleep", "payload": {"message": "."}, "delay": "4s"}))
+        .await;
+    let (code, body) = gateway.cancel(later).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (StatusCode::OK, &json!("cancelled")),
+        "{body}"
+    );
+    worker.kill();
+    let queued = gateway.submit_sleep(".").await;
+    let (code, body) = gateway.cancel(queued).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (StatusCode::OK, &json!("cancelled")),
+        "{body}"
+    );
+
+    broker.stop().await;
+    broker.start_again().await;
+    let worker = WorkerProcess::start(&url, &queue, &WorkerOptions::default()).await;
+
+    let after = gateway
+        .submit_once_accepted(&json!({"kind": "sleep"}), DEADLINE)
+        .await;
+    assert_eq!(
+        gateway.finished(after, DEADLINE).await["status"],
+        "succeeded"
+    );
+    dropped_by_a_worker(&events, queued, EventType::Cancelled).await;
+    dropped_by_a_worker(&events, later, EventType::Cancelled).await;
+    events.sync().await;
+    for id in [later, queued] {
+        assert!(
+            !story(&events, id).contains(&EventType::Started),
+            "{:?}",
+            story(&events, id)
+        );
+    }
+    drop(worker);
+}

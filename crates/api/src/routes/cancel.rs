@@ -270,16 +270,18 @@ async fn confirm(
     let broker = state.publisher.broker();
     // Listening before writing, so no worker's answer is missed.
     let wait = tracker.await_cancel(cancel);
-    broker
-        .publish_control(record)
-        .await
-        .map_err(|error| ApiError::CancelNotRecorded(error, state.retry_after_secs))?;
-    // Counted after the cancel is written: a worker subscribing later reads it before it
-    // starts anything.
     let unconfirmed = || ApiError::CancelUnconfirmed {
         kind: kind.to_owned(),
         retry_after: state.retry_after_secs,
     };
+    match broker.publish_control(record).await {
+        Ok(()) => {}
+        // The record may be on the stream all the same: promise nothing either way.
+        Err(PublishError::Timeout(_) | PublishError::Channel(_)) => return Err(unconfirmed()),
+        Err(error) => return Err(ApiError::CancelNotRecorded(error, state.retry_after_secs)),
+    }
+    // Counted after the cancel is written: a worker subscribing later reads it before it
+    // starts anything.
     let consumers = consumers_of(state, kind)
         .await
         .ok_or_else(unconfirmed)?

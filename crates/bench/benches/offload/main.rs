@@ -15,6 +15,7 @@ use offload_bench::{
     stats::{self, Line},
 };
 
+mod cancels;
 mod clients;
 mod drain;
 mod kinds;
@@ -24,6 +25,7 @@ mod replay;
 mod targets;
 mod traces;
 
+use cancels::cancel_cost;
 use clients::{memory, slow_clients};
 use drain::drain;
 use kinds::{drain_over_kinds, posts_over_kinds};
@@ -61,9 +63,16 @@ struct Args {
     /// Measure one group only, quick, when working on one part; writes no report: `drain`
     /// (the worker's drains), `publish` (POST /tasks against its ceiling, and what each
     /// feature costs it), `targets` (HTTP-target tasks), `traces` (what exporting spans
-    /// costs), `kinds` (four kinds against one).
+    /// costs), `kinds` (four kinds against one), `cancels` (a drain with many cancels kept
+    /// against none; with `--baseline`, this build's drain and POST against another's).
     #[arg(long, value_enum)]
     only: Option<Group>,
+
+    /// Another build to measure this one against, side by side: a target directory holding
+    /// its release build of the benchmark's binaries (`CARGO_TARGET_DIR=/tmp/base cargo build
+    /// --release -p offload-bench --bins` in a checkout of the other commit).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -78,6 +87,7 @@ enum Group {
     Targets,
     Traces,
     Kinds,
+    Cancels,
 }
 
 fn default_report() -> PathBuf {
@@ -108,6 +118,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             lines.push(tracing_cost(&args, &url, &queue).await?);
             lines.push(drain_tracing_cost(&args, &url, &queue).await?);
         }
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
+    if only == Some(Group::Cancels) {
+        lines.extend(cancel_cost(&args, &url, &queue).await?);
         queue.delete().await;
         println!("{}", stats::table(&lines));
         return Ok(());
@@ -173,6 +189,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(scheduled(&args, &url, &queue, &tasks_url, drain_rates[1] / 4.0).await);
     lines.extend(http_targets(&args, &url, &queue).await?);
     lines.extend(drain_over_kinds(&args, &url, &queue).await?);
+    lines.extend(cancel_cost(&args, &url, &queue).await?);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
     queue.delete().await;

@@ -1,0 +1,179 @@
+//! What cancels cost: a worker's drain with a control stream full of cancels against one with
+//! none, and, given another build of offload (`--baseline`: the target directory of a release
+//! build of another commit), this build's drain and POST /tasks against that build's, side by
+//! side in one run, alternating.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use offload_bench::{
+    broker::{self, BenchQueue},
+    free_port, http,
+    process::{self, Process},
+    stats::{self, Line, percent, rate},
+};
+
+use crate::{Args, DRAIN_DEADLINE, GATEWAY, WORKER};
+
+/// Cancels of other tasks on the control stream for the "full" drain: about a day of a busy
+/// deployment's, which every worker reads at its start and holds in memory.
+const CANCELS: u64 = 100_000;
+/// Tasks in hand: the drain of docs/PERFORMANCE.md at prefetch 100.
+const PREFETCH: u16 = 100;
+
+/// One drain's rate and the worker's CPU per task (µs).
+async fn drain_once(
+    binary: &Path,
+    url: &str,
+    queue: &BenchQueue,
+    tasks: u64,
+) -> Result<(f64, f64), lapin::Error> {
+    broker::fill(url, &queue.kind_queue("sleep"), "sleep", tasks).await?;
+    let (worker, log) =
+        process::start_worker(binary, url, queue.name(), (PREFETCH, true), &[], false);
+    let drained = log.drained(tasks, DRAIN_DEADLINE).await;
+    let cpu = worker.cpu_time().unwrap_or_default();
+    drop(worker);
+    queue.purge().await?;
+    let per_second = drained.map_or(0.0, |took| broker::per_second(tasks, took));
+    #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
+    let per_task = cpu.as_secs_f64() * 1e6 / tasks.max(1) as f64;
+    Ok((per_second, per_task))
+}
+
+/// The drains, and with a baseline, POST /tasks of both builds.
+pub(crate) async fn cancel_cost(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+) -> Result<Vec<Line>, lapin::Error> {
+    let full = BenchQueue::declare(url, "cancels").await?;
+    broker::fill_control(url, &full.topology.control_stream(), CANCELS).await?;
+    let baseline_worker = args
+        .baseline
+        .as_ref()
+        .map(|dir| dir.join("release/offload-worker-bench"));
+    let mut runs: [Vec<(f64, f64)>; 3] = Default::default();
+    for round in 1..=args.rounds {
+        eprintln!(
+            "drains with and without {CANCELS} cancels on the control stream, round {round} of {} ...",
+            args.rounds
+        );
+        runs[0].push(drain_once(Path::new(WORKER), url, queue, args.tasks).await?);
+        runs[1].push(drain_once(Path::new(WORKER), url, &full, args.tasks).await?);
+        if let Some(baseline) = &baseline_worker {
+            runs[2].push(drain_once(baseline, url, queue, args.tasks).await?);
+        }
+    }
+    full.delete().await;
+    let median = |runs: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(pick).collect();
+        stats::median(&mut values)
+    };
+    let (empty_cpu, full_cpu) = (median(&runs[0], |r| r.1), median(&runs[1], |r| r.1));
+    let mut lines = vec![
+        Line {
+            measure: format!(
+                "worker CPU per task draining, PREFETCH {PREFETCH}, EVENTS=on, {CANCELS} cancels of other tasks on the control stream against none (median of {}; ratio: none's over theirs)",
+                args.rounds
+            ),
+            offload: format!("{full_cpu:.1} µs"),
+            ceiling: format!("{empty_cpu:.1} µs"),
+            ratio: percent(empty_cpu / full_cpu),
+            target: ">= 95%".into(),
+            met: Some(empty_cpu / full_cpu >= 0.95),
+        },
+        Line {
+            ceiling: rate(median(&runs[0], |r| r.0)),
+            ratio: percent(median(&runs[1], |r| r.0) / median(&runs[0], |r| r.0)),
+            ..Line::info("  the drain rates", rate(median(&runs[1], |r| r.0)))
+        },
+    ];
+    if let Some(baseline) = &args.baseline {
+        let base_cpu = median(&runs[2], |r| r.1);
+        lines.push(Line {
+            measure: format!(
+                "worker CPU per task draining, PREFETCH {PREFETCH}, EVENTS=on, this build against the baseline build (median of {}; ratio: the baseline's over this build's)",
+                args.rounds
+            ),
+            offload: format!("{empty_cpu:.1} µs"),
+            ceiling: format!("{base_cpu:.1} µs"),
+            ratio: percent(base_cpu / empty_cpu),
+            target: String::new(),
+            met: None,
+        });
+        lines.push(Line {
+            ceiling: rate(median(&runs[2], |r| r.0)),
+            ratio: percent(median(&runs[0], |r| r.0) / median(&runs[2], |r| r.0)),
+            ..Line::info("  the drain rates", rate(median(&runs[0], |r| r.0)))
+        });
+        lines.extend(posts_against(args, url, queue, baseline).await?);
+    }
+    Ok(lines)
+}
+
+/// POST /tasks on this build's gateway and on the baseline's, alternating: CPU per 202 and
+/// rates.
+async fn posts_against(
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+    baseline: &Path,
+) -> Result<Vec<Line>, lapin::Error> {
+    let binaries: [PathBuf; 2] = [
+        PathBuf::from(GATEWAY),
+        baseline.join("release/offload-api-bench"),
+    ];
+    let mut gateways: Vec<(Process, String)> = Vec::new();
+    for binary in &binaries {
+        let port = free_port();
+        let gateway = process::start_gateway(binary, url, queue.name(), port, &[]).await;
+        gateways.push((gateway, format!("http://127.0.0.1:{port}/tasks")));
+    }
+    let mut runs: [Vec<(f64, f64)>; 2] = Default::default();
+    for round in 1..=args.rounds {
+        eprintln!(
+            "POST /tasks, this build and the baseline, round {round} of {} ...",
+            args.rounds
+        );
+        for ((gateway, tasks_url), runs) in gateways.iter().zip(&mut runs) {
+            let before = gateway.cpu_time().unwrap_or_default();
+            let began = Instant::now();
+            let (rate, _) =
+                http::throughput_of(tasks_url, None, args.connections, args.length, &["sleep"])
+                    .await;
+            let cpu = gateway
+                .cpu_time()
+                .unwrap_or_default()
+                .saturating_sub(before);
+            let posts = rate * began.elapsed().as_secs_f64();
+            runs.push((rate, cpu.as_secs_f64() * 1e6 / posts.max(1.0)));
+            queue.purge().await?;
+        }
+    }
+    let median = |runs: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(pick).collect();
+        stats::median(&mut values)
+    };
+    let (this_cpu, base_cpu) = (median(&runs[0], |r| r.1), median(&runs[1], |r| r.1));
+    Ok(vec![
+        Line {
+            measure: format!(
+                "gateway CPU per POST /tasks, this build against the baseline build, {} connections (median of {}; ratio: the baseline's over this build's)",
+                args.connections, args.rounds
+            ),
+            offload: format!("{this_cpu:.1} µs"),
+            ceiling: format!("{base_cpu:.1} µs"),
+            ratio: percent(base_cpu / this_cpu),
+            target: String::new(),
+            met: None,
+        },
+        Line {
+            ceiling: rate(median(&runs[1], |r| r.0)),
+            ratio: percent(median(&runs[0], |r| r.0) / median(&runs[1], |r| r.0)),
+            ..Line::info("  the rates", rate(median(&runs[0], |r| r.0)))
+        },
+    ])
+}
