@@ -14,7 +14,7 @@
 //!   running it. The gateway answers once the kind's consumers have all said so.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
@@ -31,6 +31,9 @@ use uuid::Uuid;
 
 /// Deliveries the control stream's reader lets the broker send ahead.
 const FOLLOW_PREFETCH: u16 = 500;
+/// The reader acks (a stream's credit) this many deliveries at once, well within the
+/// prefetch: one frame per record made reading a long stream at start slow.
+const ACK_EVERY: u64 = 200;
 /// Longest a barrier waits for its marker to be read back.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A cancel older than this when read is not answered with `cancel_seen`: whoever made it has
@@ -49,8 +52,9 @@ pub(crate) enum Verdict {
 }
 
 /// The cancels this worker has read, and what a cancel can reach. Shared by every kind's loop.
-#[derive(Default)]
 pub(crate) struct Cancels {
+    /// The kinds this worker runs: cancels of others are not kept.
+    kinds: HashSet<String>,
     state: Mutex<State>,
 }
 
@@ -123,6 +127,14 @@ struct Seen {
 }
 
 impl Cancels {
+    /// What a worker running `kinds` knows of cancels: nothing yet.
+    pub(crate) fn new<'a>(kinds: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            kinds: kinds.into_iter().map(str::to_owned).collect(),
+            state: Mutex::default(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // Every update below is a handful of map operations: a panic in one leaves a state
         // that is still sound to use.
@@ -193,6 +205,9 @@ impl Cancels {
 
     /// Applies one record read at `now`; what to say about it, if anything.
     fn apply(&self, record: Record, now: SystemTime) -> Option<Seen> {
+        if record.kind().is_some_and(|kind| !self.kinds.contains(kind)) {
+            return None;
+        }
         let mut state = self.state();
         let (cancel, task, kind, at) = match record {
             Record::Marker { id } => {
@@ -247,6 +262,7 @@ impl Cancels {
         let mut subscription = broker.subscribe(&stream, FOLLOW_PREFETCH);
         subscription.set_arguments(stream_offset(None));
         let mut next_offset = None;
+        let mut unacked = 0_u64;
         loop {
             let delivery = tokio::select! {
                 () = stop.cancelled() => break,
@@ -257,7 +273,11 @@ impl Cancels {
                         subscription.set_arguments(stream_offset(next_offset));
                         continue;
                     }
-                    Delivered::Subscribed | Delivered::Paused(_) => continue,
+                    Delivered::Subscribed => {
+                        unacked = 0;
+                        continue;
+                    }
+                    Delivered::Paused(_) => continue,
                 },
             };
             match Record::from_bytes(&delivery.data) {
@@ -271,8 +291,13 @@ impl Cancels {
             if let Some(offset) = offset_of(&delivery.properties) {
                 next_offset = Some(offset + 1);
             }
+            unacked += 1;
+            if unacked < ACK_EVERY {
+                continue;
+            }
+            unacked = 0;
             let acked = broker
-                .within("an ack", delivery.ack(BasicAckOptions::default()))
+                .within("an ack", delivery.ack(BasicAckOptions { multiple: true }))
                 .await;
             if let Err(error) = acked {
                 tracing::warn!("reading the control stream failed ({error}); reading on shortly");
@@ -337,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_cancel_read_before_the_start_stops_it_and_one_read_after_reaches_the_handler() {
-        let cancels = Arc::new(Cancels::default());
+        let cancels = Arc::new(Cancels::new(["sleep", "other"]));
         let now = SystemTime::now();
         let waiting = task("sleep");
         cancels.apply(cancel(&waiting, now), now);
@@ -357,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_kind_cancel_takes_what_was_submitted_before_it_and_nothing_after() {
-        let cancels = Arc::new(Cancels::default());
+        let cancels = Arc::new(Cancels::new(["sleep", "other"]));
         let before = task("sleep");
         let now = before.submitted_at + Duration::from_millis(1);
         cancels.apply(
@@ -381,7 +406,7 @@ mod tests {
 
     #[test]
     fn old_cancels_and_cancels_of_kinds_not_consumed_are_not_answered() {
-        let cancels = Arc::new(Cancels::default());
+        let cancels = Arc::new(Cancels::new(["sleep", "other"]));
         let now = SystemTime::now();
         let a = task("sleep");
         assert_eq!(cancels.apply(cancel(&a, now), now), None, "not subscribed");
@@ -393,7 +418,7 @@ mod tests {
 
     #[test]
     fn an_expired_task_does_not_start() {
-        let cancels = Arc::new(Cancels::default());
+        let cancels = Arc::new(Cancels::new(["sleep", "other"]));
         let mut expiring = task("sleep");
         let now = SystemTime::now();
         expiring.expires_at = Some(now);

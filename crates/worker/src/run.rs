@@ -10,6 +10,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     Config, Registry,
     attempt::Context,
+    cancels::Cancels,
     consume::ConsumeLoop,
     metrics::{self, Metrics},
 };
@@ -93,7 +94,7 @@ pub async fn run(
         dead_queue: broker.topology().dead_letter_queue().into(),
         broker: broker.clone(),
         metrics,
-        cancels: Arc::default(),
+        cancels: Arc::new(Cancels::new(kinds.iter().map(|(kind, _)| kind.as_str()))),
     });
     tracing::info!(
         queue = broker.topology().queue(),

@@ -23,24 +23,40 @@ const CANCELS: u64 = 100_000;
 /// Tasks in hand: the drain of docs/PERFORMANCE.md at prefetch 100.
 const PREFETCH: u16 = 100;
 
-/// One drain's rate and the worker's CPU per task (µs).
+/// One drain: its rate, the worker's CPU per task (µs) from its first subscription on, and
+/// the CPU it spent before (ms: its start, reading the control stream); its peak memory goes
+/// to `peak`.
 async fn drain_once(
     binary: &Path,
     url: &str,
     queue: &BenchQueue,
-    tasks: u64,
-) -> Result<(f64, f64), lapin::Error> {
+    (tasks, peak): (u64, &mut u64),
+) -> Result<(f64, f64, f64), lapin::Error> {
     broker::fill(url, &queue.kind_queue("sleep"), "sleep", tasks).await?;
     let (worker, log) =
         process::start_worker(binary, url, queue.name(), (PREFETCH, true), &[], false);
+    let start = Instant::now();
+    let mut at_start = None;
+    while at_start.is_none() && start.elapsed() < DRAIN_DEADLINE {
+        if log.consuming.lock().expect("log lock").is_some() {
+            at_start = worker.cpu_time();
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    let at_start = at_start.unwrap_or_default();
     let drained = log.drained(tasks, DRAIN_DEADLINE).await;
-    let cpu = worker.cpu_time().unwrap_or_default();
+    let cpu = worker
+        .cpu_time()
+        .unwrap_or_default()
+        .saturating_sub(at_start);
+    *peak = (*peak).max(worker.peak_rss().unwrap_or(0));
     drop(worker);
     queue.purge().await?;
     let per_second = drained.map_or(0.0, |took| broker::per_second(tasks, took));
     #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
     let per_task = cpu.as_secs_f64() * 1e6 / tasks.max(1) as f64;
-    Ok((per_second, per_task))
+    Ok((per_second, per_task, at_start.as_secs_f64() * 1e3))
 }
 
 /// The drains, and with a baseline, POST /tasks of both builds.
@@ -55,28 +71,31 @@ pub(crate) async fn cancel_cost(
         .baseline
         .as_ref()
         .map(|dir| dir.join("release/offload-worker-bench"));
-    let mut runs: [Vec<(f64, f64)>; 3] = Default::default();
+    let mut runs: [Vec<(f64, f64, f64)>; 3] = Default::default();
+    let mut peaks = [0_u64; 3];
     for round in 1..=args.rounds {
         eprintln!(
             "drains with and without {CANCELS} cancels on the control stream, round {round} of {} ...",
             args.rounds
         );
-        runs[0].push(drain_once(Path::new(WORKER), url, queue, args.tasks).await?);
-        runs[1].push(drain_once(Path::new(WORKER), url, &full, args.tasks).await?);
+        let [empty, with_cancels, base] = &mut peaks;
+        runs[0].push(drain_once(Path::new(WORKER), url, queue, (args.tasks, empty)).await?);
+        runs[1].push(drain_once(Path::new(WORKER), url, &full, (args.tasks, with_cancels)).await?);
         if let Some(baseline) = &baseline_worker {
-            runs[2].push(drain_once(baseline, url, queue, args.tasks).await?);
+            runs[2].push(drain_once(baseline, url, queue, (args.tasks, base)).await?);
         }
     }
     full.delete().await;
-    let median = |runs: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+    let median = |runs: &[(f64, f64, f64)], pick: fn(&(f64, f64, f64)) -> f64| {
         let mut values: Vec<f64> = runs.iter().map(pick).collect();
         stats::median(&mut values)
     };
     let (empty_cpu, full_cpu) = (median(&runs[0], |r| r.1), median(&runs[1], |r| r.1));
+    let (empty_start, full_start) = (median(&runs[0], |r| r.2), median(&runs[1], |r| r.2));
     let mut lines = vec![
         Line {
             measure: format!(
-                "worker CPU per task draining, PREFETCH {PREFETCH}, EVENTS=on, {CANCELS} cancels of other tasks on the control stream against none (median of {}; ratio: none's over theirs)",
+                "worker CPU per task draining (from its first subscription), PREFETCH {PREFETCH}, EVENTS=on, {CANCELS} cancels of other tasks on the control stream against none (median of {}; ratio: none's over theirs)",
                 args.rounds
             ),
             offload: format!("{full_cpu:.1} µs"),
@@ -89,6 +108,22 @@ pub(crate) async fn cancel_cost(
             ceiling: rate(median(&runs[0], |r| r.0)),
             ratio: percent(median(&runs[1], |r| r.0) / median(&runs[0], |r| r.0)),
             ..Line::info("  the drain rates", rate(median(&runs[1], |r| r.0)))
+        },
+        Line {
+            ceiling: format!("{empty_start:.0} ms"),
+            ..Line::info(
+                format!(
+                    "  the worker's CPU before its first subscription (its start, reading the {CANCELS} cancels)"
+                ),
+                format!("{full_start:.0} ms"),
+            )
+        },
+        Line {
+            ceiling: stats::mib(peaks[0]),
+            ..Line::info(
+                format!("  the worker's peak memory, with {CANCELS} cancels and with none"),
+                stats::mib(peaks[1]),
+            )
         },
     ];
     if let Some(baseline) = &args.baseline {
