@@ -81,6 +81,9 @@ pub struct Load {
     records: Arc<Mutex<Vec<Record>>>,
     running: Arc<AtomicBool>,
     clients: JoinSet<()>,
+    /// The cancels under way, each in a task of its own so that a slow one (a cancel waits
+    /// up to 5 s for the workers) does not hold its client's posts back.
+    cancels: Arc<Mutex<JoinSet<()>>>,
 }
 
 impl Load {
@@ -88,6 +91,7 @@ impl Load {
     pub fn start(tasks_url: &str, shape: &LoadShape) -> Self {
         let records = Arc::new(Mutex::new(Vec::new()));
         let running = Arc::new(AtomicBool::new(true));
+        let cancels = Arc::new(Mutex::new(JoinSet::new()));
         let mut clients = JoinSet::new();
         let clients_f64 = f64::from(u32::try_from(shape.clients).unwrap_or(u32::MAX));
         let period = Duration::from_secs_f64(clients_f64 / f64::from(shape.rate.max(1)));
@@ -104,12 +108,14 @@ impl Load {
                 period,
                 Arc::clone(&records),
                 Arc::clone(&running),
+                Arc::clone(&cancels),
             ));
         }
         Self {
             records,
             running,
             clients,
+            cancels,
         }
     }
 
@@ -122,6 +128,8 @@ impl Load {
     pub async fn stop(mut self) -> Vec<Record> {
         self.running.store(false, Ordering::SeqCst);
         while self.clients.join_next().await.is_some() {}
+        let mut cancels = std::mem::take(&mut *self.cancels.lock().expect("cancels lock"));
+        while cancels.join_next().await.is_some() {}
         self.records()
     }
 }
@@ -133,6 +141,7 @@ async fn run_client(
     period: Duration,
     records: Arc<Mutex<Vec<Record>>>,
     running: Arc<AtomicBool>,
+    cancels: Arc<Mutex<JoinSet<()>>>,
 ) {
     let mut tick = tokio::time::interval(period);
     // A request that took longer than the period is not made up for with a burst.
@@ -171,8 +180,8 @@ async fn run_client(
         let sent = Instant::now();
         let outcome = classify(client.post(&url).json(&body).send().await).await;
         let took = sent.elapsed();
-        let cancel = match outcome {
-            Outcome::Ok(id) if cancelling => cancel(&client, &url, id).await,
+        let cancelled = match outcome {
+            Outcome::Ok(id) if cancelling => Some(id),
             _ => None,
         };
         let record = Record {
@@ -180,9 +189,23 @@ async fn run_client(
             took,
             poison,
             outcome,
-            cancel,
+            // Until the cancel's answer says otherwise: it may or may not hold.
+            cancel: cancelled.map(|_| Cancel::Unsure),
         };
         records.lock().expect("records lock").push(record);
+        if let Some(id) = cancelled {
+            let (client, url, records) = (client.clone(), url.clone(), Arc::clone(&records));
+            cancels.lock().expect("cancels lock").spawn(async move {
+                let answer = cancel(&client, &url, id).await;
+                let mut records = records.lock().expect("records lock");
+                if let Some(record) = records
+                    .iter_mut()
+                    .find(|record| record.outcome == Outcome::Ok(id))
+                {
+                    record.cancel = answer;
+                }
+            });
+        }
     }
 }
 
