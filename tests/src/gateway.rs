@@ -253,6 +253,11 @@ impl GatewayProcess {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The OS process id: `<host>-<pid>` names it in its `scheduler` events.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: the process dies at once, mid-request.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

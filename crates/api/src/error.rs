@@ -113,9 +113,21 @@ pub enum ApiError {
         /// Seconds the client should wait before asking again.
         retry_after: u32,
     },
-    /// The cancel could not be written on the control stream.
-    #[error("the cancel was not recorded: {0}")]
-    CancelNotRecorded(Broker, u32),
+    /// A change (a cancel, a schedule's) could not be written on its stream.
+    #[error("the change was not recorded: {0}")]
+    NotRecorded(Broker, u32),
+    /// A schedule that cannot tick, or is named wrong.
+    #[error("{0}")]
+    InvalidScheduleSpec(crate::schedules::SpecError),
+    /// No schedule of that name.
+    #[error("no schedule named '{0}'")]
+    UnknownSchedule(String),
+    /// The most schedules are kept already.
+    #[error(
+        "there are {} schedules already, the most offload keeps",
+        crate::schedules::store::MAX_SCHEDULES
+    )]
+    TooManySchedules,
     /// No task of that id is in the dead-letter queue.
     #[error("no dead task with that id")]
     DeadTaskNotFound,
@@ -175,7 +187,9 @@ pub(crate) struct ErrorBody<'a> {
     /// `body_too_large`, `body_timeout`, `invalid_query`, `not_found`, `method_not_allowed`,
     /// `unauthorized`, `forbidden`, `cross_site_request`, `rate_limited`, `unknown_kind`,
     /// `invalid_idempotency_key`, `invalid_wait`, `invalid_schedule`, `delay_too_long`,
-    /// `invalid_expiry`, `unknown_task`, `task_finished`, `cancel_unconfirmed`, `dead_task_not_found`, `tracking_off`, `events_replaying`,
+    /// `invalid_expiry`, `unknown_task`, `task_finished`, `cancel_unconfirmed`,
+    /// `invalid_schedule_name`, `invalid_cron`, `invalid_timezone`, `invalid_every`,
+    /// `cron_or_every`, `unknown_schedule`, `too_many_schedules`, `dead_task_not_found`, `tracking_off`, `events_replaying`,
     /// `broker_unavailable`, `broker_blocked`, `overloaded`, `queue_full`, `queue_missing`,
     /// `confirm_timeout`, `too_many_connections`, `internal_error`.
     #[schema(example = "unknown_kind")]
@@ -194,6 +208,7 @@ impl ApiError {
             | Self::UnknownTask
             | Self::DeadTaskNotFound
             | Self::KindNotFound { .. }
+            | Self::UnknownSchedule(_)
             | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -204,6 +219,8 @@ impl ApiError {
             | Self::InvalidSchedule
             | Self::DelayTooLong { .. }
             | Self::InvalidExpiry(_)
+            | Self::InvalidScheduleSpec(_)
+            | Self::TooManySchedules
             | Self::IdempotencyOff => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TaskFinished { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -211,7 +228,7 @@ impl ApiError {
             | Self::Unavailable { .. }
             | Self::TooManyConnections { .. }
             | Self::CancelUnconfirmed { .. }
-            | Self::CancelNotRecorded(..) => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::NotRecorded(..) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -243,7 +260,20 @@ impl ApiError {
             Self::InvalidExpiry(_) => "invalid_expiry",
             Self::TaskFinished { .. } => "task_finished",
             Self::CancelUnconfirmed { .. } => "cancel_unconfirmed",
-            Self::CancelNotRecorded(..) => "broker_unavailable",
+            Self::NotRecorded(..) => "broker_unavailable",
+            Self::InvalidScheduleSpec(error) => {
+                use crate::schedules::SpecError;
+                match error {
+                    SpecError::Name => "invalid_schedule_name",
+                    SpecError::Cron(_) => "invalid_cron",
+                    SpecError::Timezone => "invalid_timezone",
+                    SpecError::Every => "invalid_every",
+                    SpecError::When => "cron_or_every",
+                    SpecError::Expiry => "invalid_expiry",
+                }
+            }
+            Self::UnknownSchedule(_) => "unknown_schedule",
+            Self::TooManySchedules => "too_many_schedules",
             Self::DeadTaskNotFound => "dead_task_not_found",
             Self::TrackingOff | Self::IdempotencyOff => "tracking_off",
             Self::Replaying { .. } => "events_replaying",
@@ -307,7 +337,10 @@ impl ApiError {
             Self::CancelUnconfirmed { kind, .. } => format!(
                 "the cancel is recorded, and every worker honours it once it reads it, but not every worker consuming kind '{kind}' confirmed it in time, so this gateway cannot yet promise the task will not start; repeat the request (it is safe to) after the Retry-After delay to learn the outcome"
             ),
-            Self::CancelNotRecorded(..) => "the cancel could not be recorded on the broker, so nothing changed; retry after the Retry-After delay".into(),
+            Self::NotRecorded(..) => "the change could not be recorded on the broker, so nothing changed; retry after the Retry-After delay".into(),
+            Self::InvalidScheduleSpec(_) => format!("{self}; fix the schedule"),
+            Self::UnknownSchedule(_) => format!("{self}; GET /schedules lists them"),
+            Self::TooManySchedules => format!("{self}; delete some first"),
             Self::DelayTooLong { .. } => {
                 format!("{self}; schedule it nearer, or keep it in your app until nearer the time")
             }
@@ -354,7 +387,7 @@ impl ApiError {
             | Self::TooManyConnections { retry_after }
             | Self::Replaying { retry_after }
             | Self::CancelUnconfirmed { retry_after, .. }
-            | Self::CancelNotRecorded(_, retry_after) => Some(u64::from(*retry_after)),
+            | Self::NotRecorded(_, retry_after) => Some(u64::from(*retry_after)),
             _ => None,
         }
     }

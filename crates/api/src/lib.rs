@@ -11,6 +11,7 @@ mod metrics_registry;
 mod openapi;
 mod publisher;
 mod routes;
+pub mod schedules;
 mod scope;
 mod server;
 mod status;
@@ -49,6 +50,8 @@ pub struct AppState {
     metrics: Arc<metrics_registry::Metrics>,
     /// The dashboard's charts; `None` with DASHBOARD=off.
     history: Option<history::History>,
+    /// The schedules; `None` with EVENTS=off.
+    schedules: Option<schedules::Schedules>,
 }
 
 impl AppState {
@@ -130,7 +133,7 @@ impl Application {
         let shutdown = CancellationToken::new();
         let (broker, supervisor) = Broker::start(
             &config.broker,
-            config.broker.topology(),
+            topology(&config),
             "offload-api",
             shutdown.clone(),
         )
@@ -230,8 +233,30 @@ fn assemble(
         config.max_in_flight,
         Arc::clone(&metrics),
     );
+    let publisher = Arc::new(publisher);
+    let schedules = match (&tracker, &events) {
+        (Some(tracker), Some(events)) => {
+            let schedules = schedules::Schedules::default();
+            tokio::spawn(
+                schedules
+                    .clone()
+                    .follow(publisher.broker().clone(), shutdown.clone()),
+            );
+            let leader = schedules::Scheduler {
+                broker: publisher.broker().clone(),
+                schedules: schedules.clone(),
+                tracker: tracker.clone(),
+                publisher: Arc::clone(&publisher),
+                events: events.clone(),
+                name: gateway_name().into(),
+            };
+            tokio::spawn(leader.run(shutdown.clone()));
+            Some(schedules)
+        }
+        _ => None,
+    };
     let state = AppState {
-        publisher: Arc::new(publisher),
+        publisher,
         tracker,
         events,
         max_wait: config.max_wait,
@@ -241,6 +266,7 @@ fn assemble(
         body_timeout: config.body_timeout,
         metrics: Arc::clone(&metrics),
         history,
+        schedules,
     };
     if let Some(history) = &state.history {
         tokio::spawn(history.clone().sample(state.clone(), shutdown.clone()));
@@ -265,8 +291,22 @@ fn assemble(
 /// `broker_unavailable`. Call it within a tokio runtime.
 pub fn router(config: &Config) -> Result<axum::Router, StartError> {
     let access = access(config)?;
-    let broker = Broker::detached(config.broker.topology());
+    let broker = Broker::detached(topology(config));
     Ok(assemble(config, access, broker, &CancellationToken::new()).0)
+}
+
+/// The gateway's topology: with events on, the schedules' stream and election queue too.
+fn topology(config: &Config) -> offload_common::Topology {
+    let topology = config.broker.topology();
+    let schedules = topology.events_stream().is_some();
+    topology.with_schedules(schedules)
+}
+
+/// `<host>-<pid>`: this gateway, in its `scheduler` events.
+fn gateway_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "gateway".to_owned(), |name| name.trim().to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// The API keys, their scopes and rate limit, as the settings say.

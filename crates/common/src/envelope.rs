@@ -233,16 +233,18 @@ pub fn copy_properties(
         .with_delivery_mode(2)
 }
 
-/// RFC 3339 timestamps with millisecond precision, in UTC.
-pub(crate) mod rfc3339 {
+/// RFC 3339 timestamps with millisecond precision, in UTC, for serde's `with`.
+pub mod rfc3339 {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
+    /// Writes `time` as RFC 3339 with milliseconds.
     pub fn serialize<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&humantime::format_rfc3339_millis(*time))
     }
 
+    /// Reads an RFC 3339 time.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         humantime::parse_rfc3339_weak(&text).map_err(D::Error::custom)

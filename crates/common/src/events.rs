@@ -75,6 +75,9 @@ pub enum EventType {
     Cancelled,
     /// The task had not started by its `expires_at`, and never will. Terminal.
     Expired,
+    /// The gateway that fires the schedules is alive (every 500 ms while it leads), as
+    /// `worker` (its `<host>-<pid>`).
+    Scheduler,
     /// A worker has read cancel `cancel`: how many of its `consumers` of `kind` were
     /// subscribed when it did, and whether it was `running` the task. A gateway answers a
     /// cancel once the kind's consumers have all said so.
@@ -201,6 +204,16 @@ pub struct Event {
     /// `cancel_seen`: whether the worker was running the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<bool>,
+    /// `queued` by a schedule: its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// `queued` by a schedule: the tick that made it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_rfc3339"
+    )]
+    pub tick: Option<SystemTime>,
 }
 
 impl Event {
@@ -230,6 +243,8 @@ impl Event {
             cancel: None,
             consumers: None,
             running: None,
+            schedule: None,
+            tick: None,
         }
     }
 

@@ -23,6 +23,7 @@ mod poison;
 mod redelivery;
 mod resilience;
 mod retries;
+mod schedules;
 mod shutdown;
 mod status;
 mod targets;

@@ -208,8 +208,7 @@ async fn cancel_kind(
         known: state.kinds(),
     };
     let kind = TaskKind::try_from(query.kind.as_str()).map_err(|_| unknown())?;
-    let not_asked =
-        || ApiError::CancelNotRecorded(PublishError::Disconnected, state.retry_after_secs);
+    let not_asked = || ApiError::NotRecorded(PublishError::Disconnected, state.retry_after_secs);
     if consumers_of(&state, kind.as_str())
         .await
         .ok_or_else(not_asked)?
@@ -278,7 +277,7 @@ async fn confirm(
         Ok(()) => {}
         // The record may be on the stream all the same: promise nothing either way.
         Err(PublishError::Timeout(_) | PublishError::Channel(_)) => return Err(unconfirmed()),
-        Err(error) => return Err(ApiError::CancelNotRecorded(error, state.retry_after_secs)),
+        Err(error) => return Err(ApiError::NotRecorded(error, state.retry_after_secs)),
     }
     // Counted after the cancel is written: a worker subscribing later reads it before it
     // starts anything.

@@ -6,6 +6,7 @@ mod dead;
 mod health;
 mod kinds;
 pub(crate) mod metrics;
+mod schedules;
 mod tasks;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub fn router(state: AppState, metrics: bool, dashboard: bool) -> Router {
         .merge(cancel::router(&state))
         .merge(dead::router(&state))
         .merge(kinds::router(&state))
+        .merge(schedules::router(&state))
         .merge(health::router())
         .routes(routes!(openapi_json));
     if dashboard {
@@ -177,6 +179,7 @@ mod tests {
             ("dead.rs", include_str!("dead.rs")),
             ("health.rs", include_str!("health.rs")),
             ("kinds.rs", include_str!("kinds.rs")),
+            ("schedules.rs", include_str!("schedules.rs")),
             ("metrics.rs", include_str!("metrics.rs")),
             ("dashboard.rs", include_str!("dashboard.rs")),
         ] {
@@ -188,6 +191,6 @@ mod tests {
         let modules = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes"))
             .expect("the routes folder")
             .count();
-        assert_eq!(modules, 8, "a new routes module: add it to the list above");
+        assert_eq!(modules, 9, "a new routes module: add it to the list above");
     }
 }

@@ -55,25 +55,7 @@ impl Entry {
         }
         let error = || event.error.as_deref().map(Box::from);
         match event.event {
-            EventType::Queued => {
-                if let Some(submitted_at) = event.submitted_at {
-                    self.submitted_at = millis(submitted_at);
-                }
-                if let Some(run_at) = event.run_at
-                    && self.status == Status::Queued
-                {
-                    self.status = Status::Scheduled;
-                    self.run_at = millis(run_at);
-                }
-                if let Some(expires_at) = event.expires_at {
-                    self.extra.get_or_insert_with(Box::default).expires_at = millis(expires_at);
-                }
-                if let Some(key) = &event.idempotency_key {
-                    self.extra.get_or_insert_with(Box::default).idempotency_key =
-                        Some(key.as_str().into());
-                    key_to_index = Some(key.clone());
-                }
-            }
+            EventType::Queued => key_to_index = self.queued(event),
             EventType::Started
             | EventType::Failed
             | EventType::Succeeded
@@ -135,10 +117,38 @@ impl Entry {
                 self.run_at = 0;
                 self.attempts = 0;
             }
-            EventType::Retried | EventType::Worker | EventType::Gateway | EventType::CancelSeen => {
-            }
+            EventType::Retried
+            | EventType::Worker
+            | EventType::Gateway
+            | EventType::Scheduler
+            | EventType::CancelSeen => {}
         }
         key_to_index
+    }
+
+    /// Folds a `queued` event; the Idempotency-Key to index, if it brings one.
+    fn queued(&mut self, event: &Event) -> Option<String> {
+        if let Some(submitted_at) = event.submitted_at {
+            self.submitted_at = millis(submitted_at);
+        }
+        if let Some(run_at) = event.run_at
+            && self.status == Status::Queued
+        {
+            self.status = Status::Scheduled;
+            self.run_at = millis(run_at);
+        }
+        if let Some(expires_at) = event.expires_at {
+            self.extra.get_or_insert_with(Box::default).expires_at = millis(expires_at);
+        }
+        if let (Some(schedule), Some(tick)) = (&event.schedule, event.tick) {
+            self.extra.get_or_insert_with(Box::default).schedule =
+                Some((schedule.as_str().into(), millis(tick)));
+        }
+        if let Some(key) = &event.idempotency_key {
+            self.extra.get_or_insert_with(Box::default).idempotency_key = Some(key.as_str().into());
+            return Some(key.clone());
+        }
+        None
     }
 }
 
@@ -147,5 +157,7 @@ pub(super) struct Extra {
     pub(super) idempotency_key: Option<Box<str>>,
     /// When it expires if not started (milliseconds since the epoch; 0: never).
     pub(super) expires_at: u64,
+    /// The schedule and the tick (milliseconds since the epoch) that made it.
+    pub(super) schedule: Option<(Box<str>, u64)>,
     pub(super) waiters: Option<Arc<Notify>>,
 }

@@ -116,6 +116,14 @@ pub struct TaskView {
     /// rather than run to its end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handler_stopped: Option<bool>,
+    /// The schedule whose tick made it, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub schedule: Option<Arc<str>>,
+    /// That tick: when the schedule was due.
+    #[serde(serialize_with = "time", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub tick: Option<SystemTime>,
     /// The latest error, if any.
     #[schema(value_type = Option<String>)]
     pub error: Option<Arc<str>>,

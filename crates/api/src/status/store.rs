@@ -37,6 +37,10 @@ pub(super) struct View {
     /// The tasks that died last, newest at the back, for the dashboard (which must not scan
     /// the dead-letter queue at every poll).
     recent_dead: VecDeque<Uuid>,
+    /// Each schedule's latest tick and the tasks its last ticks made, newest at the back.
+    schedules: HashMap<Box<str>, (u64, VecDeque<Uuid>)>,
+    /// When the gateway firing the schedules was last heard of (ms since the epoch).
+    scheduler_seen: u64,
 }
 
 /// How many of the view's tasks of one kind wait in the delay levels and are running.
@@ -61,6 +65,10 @@ impl KindCounts {
 
 /// How many dead tasks the view lists without a scan of the dead-letter queue.
 const RECENT_DEAD: usize = 50;
+/// How many of each schedule's latest tasks the view keeps.
+const RECENT_TICKS: usize = 10;
+/// The most schedules the view keeps a history of (names come from events).
+const SCHEDULES_KEPT: usize = 10_000;
 
 /// How many tasks were first seen, and how many events of each kind were applied, since the
 /// gateway started (its replay included). Only differences between two readings mean much.
@@ -109,6 +117,21 @@ impl View {
         index
     }
 
+    /// Schedule `name`'s tick at `tick` made task `id`.
+    fn ticked(&mut self, name: &str, tick: std::time::SystemTime, id: Uuid) {
+        if !self.schedules.contains_key(name) && self.schedules.len() >= SCHEDULES_KEPT {
+            return;
+        }
+        let (latest, recent) = self.schedules.entry(name.into()).or_default();
+        *latest = (*latest).max(super::millis(tick));
+        if !recent.contains(&id) {
+            if recent.len() == RECENT_TICKS {
+                recent.pop_front();
+            }
+            recent.push_back(id);
+        }
+    }
+
     fn counts(&mut self, kind: u32) -> &mut KindCounts {
         let index = kind as usize;
         if self.by_kind.len() <= index {
@@ -137,6 +160,16 @@ impl View {
                 .as_ref()
                 .and_then(|extra| time_of(extra.expires_at)),
             handler_stopped: entry.handler_stopped,
+            schedule: entry
+                .extra
+                .as_ref()
+                .and_then(|extra| extra.schedule.as_ref())
+                .map(|(name, _)| Arc::from(&**name)),
+            tick: entry
+                .extra
+                .as_ref()
+                .and_then(|extra| extra.schedule.as_ref())
+                .and_then(|(_, tick)| time_of(*tick)),
             error: entry.error.as_deref().map(Arc::from),
             reason: entry.reason,
             result: None,
@@ -311,6 +344,15 @@ impl Tracker {
             view.announced.extend(event.kinds.iter().flatten().cloned());
             return;
         }
+        if event.event == EventType::Scheduler {
+            view.scheduler_seen = view.scheduler_seen.max(super::millis(event.at));
+            return;
+        }
+        if let (EventType::Queued, Some(id), Some(schedule), Some(tick)) =
+            (event.event, event.id, &event.schedule, event.tick)
+        {
+            view.ticked(schedule, tick, id);
+        }
         let Some(id) = event.id else {
             if event.event == EventType::Cancelled
                 && let (Some(kind), Some(before)) = (&event.kind, event.before)
@@ -381,6 +423,34 @@ impl Tracker {
             counts.add(before, -1);
             counts.add(after, 1);
         }
+    }
+
+    /// The latest tick of schedule `name` that made a task, as far as the view knows.
+    pub fn last_tick(&self, name: &str) -> Option<std::time::SystemTime> {
+        self.view()
+            .schedules
+            .get(name)
+            .and_then(|(tick, _)| time_of(*tick))
+    }
+
+    /// The tasks the latest ticks of schedule `name` made, newest first.
+    pub fn schedule_tasks(&self, name: &str) -> Vec<TaskView> {
+        let view = self.view();
+        view.schedules
+            .get(name)
+            .map(|(_, recent)| {
+                recent
+                    .iter()
+                    .rev()
+                    .filter_map(|id| view.task(*id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// When the gateway firing the schedules was last heard of.
+    pub fn scheduler_seen(&self) -> Option<std::time::SystemTime> {
+        time_of(self.view().scheduler_seen)
     }
 
     /// Cancels every waiting task of `kind` submitted at or before `before` the view holds,

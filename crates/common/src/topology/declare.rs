@@ -69,6 +69,18 @@ impl Topology {
             .queue_declare(control.as_str().into(), durable, self.control_arguments())
             .await
             .map_err(|e| TopologyError::from_declare("stream", &control, e))?;
+        if self.schedules {
+            let stream = self.schedules_stream();
+            channel
+                .queue_declare(stream.as_str().into(), durable, self.schedules_arguments())
+                .await
+                .map_err(|e| TopologyError::from_declare("stream", &stream, e))?;
+            let queue = self.scheduler_queue();
+            channel
+                .queue_declare(queue.as_str().into(), durable, self.scheduler_arguments())
+                .await
+                .map_err(|e| TopologyError::from_declare("queue", &queue, e))?;
+        }
         if let (Some(stream), Some(retention)) = (self.events_stream(), self.events) {
             channel
                 .queue_declare(
@@ -332,6 +344,8 @@ impl Topology {
                 Some(self.dead_letter_queue()),
                 Some(self.control_stream()),
                 self.events_stream(),
+                self.schedules.then(|| self.schedules_stream()),
+                self.schedules.then(|| self.scheduler_queue()),
             ]
             .into_iter()
             .flatten(),
@@ -347,7 +361,12 @@ impl Topology {
             .map_err(TopologyError::Broker)?;
         let levels = (0..DELAY_LEVELS).map(|level| self.delay_level_queue(level));
         let gates = self.kinds.iter().map(|kind| self.gate(kind));
-        let legacy = [self.legacy_queue().to_owned(), self.legacy_level_zero()];
+        let legacy = [
+            self.legacy_queue().to_owned(),
+            self.legacy_level_zero(),
+            self.schedules_stream(),
+            self.scheduler_queue(),
+        ];
         for queue in self.queues().chain(levels).chain(gates).chain(legacy) {
             // Deleting a queue that does not exist is not an error.
             channel

@@ -96,6 +96,7 @@ pub struct Topology {
     kinds: Vec<String>,
     events: Option<EventsRetention>,
     replicas: Option<u32>,
+    schedules: bool,
 }
 
 /// How long and how much of the events stream RabbitMQ keeps.
@@ -147,6 +148,7 @@ impl Topology {
             kinds: Vec::new(),
             events: None,
             replicas: None,
+            schedules: false,
         }
     }
 
@@ -185,6 +187,23 @@ impl Topology {
     /// The stream of lifecycle events, if events are on.
     pub fn events_stream(&self) -> Option<String> {
         self.events.map(|_| format!("{}.events", self.queue))
+    }
+
+    /// The stream of schedules (the gateway's `schedules`), with schedules on.
+    pub fn schedules_stream(&self) -> String {
+        format!("{}.schedules", self.queue)
+    }
+
+    /// The queue whose single active consumer fires the schedules, with schedules on.
+    pub fn scheduler_queue(&self) -> String {
+        format!("{}.scheduler", self.queue)
+    }
+
+    /// Declares the schedules' stream and election queue too: what a gateway does.
+    #[must_use]
+    pub fn with_schedules(mut self, schedules: bool) -> Self {
+        self.schedules = schedules;
+        self
     }
 
     /// The stream of cancels (`crate::control`): declared whether events are on or not.
@@ -422,6 +441,39 @@ impl Topology {
         args
     }
 }
+
+impl Topology {
+    /// The schedules stream's arguments: no age limit (a schedule lives until deleted), at most
+    /// [`SCHEDULES_MAX_BYTES`] of changes.
+    fn schedules_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("stream"));
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(SCHEDULES_MAX_BYTES),
+        );
+        args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(CONTROL_SEGMENT_BYTES),
+        );
+        self.replicate(&mut args, STREAM_REPLICAS);
+        args
+    }
+
+    /// The election queue's arguments: one active consumer, one message (the token) at most.
+    fn scheduler_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        self.replicate(&mut args, QUORUM_REPLICAS);
+        args
+    }
+}
+
+/// The most changes the schedules stream keeps.
+const SCHEDULES_MAX_BYTES: i64 = 64 * 1024 * 1024;
 
 /// The most the control stream keeps: a million cancels and more.
 const CONTROL_MAX_BYTES: i64 = 512 * 1024 * 1024;

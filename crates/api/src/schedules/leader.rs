@@ -1,0 +1,352 @@
+//! Which gateway fires the schedules, and the firing.
+//!
+//! Every gateway consumes `<QUEUE>.scheduler`, a quorum queue with a single active consumer
+//! (`x-single-active-consumer`) that holds one message, the token (`x-max-length` 1,
+//! `reject-publish`: a second token is refused, so every gateway may offer one when it
+//! subscribes). Only the active consumer is sent the token, and it holds it unacknowledged
+//! while it leads; when its channel or connection goes (it stops, dies, or is cut off), the
+//! broker gives the token to the next consumer, which leads from then on. One leader at a time
+//! is the broker's promise; the leader fires each tick, and every tick's task has an id made of
+//! the schedule and the tick ([`super::spec::tick_id`]).
+//!
+//! A new leader starts where the last one stopped, from the events stream: the latest tick
+//! each schedule made a task for, and when a leader was last heard of (it writes a `scheduler`
+//! event every [`HEARTBEAT`]). A tick due while a leader was alive, up to [`GRACE`] after it
+//! was last heard of, fires now, late (the leader died at that moment, or was cut off);
+//! earlier ones follow the schedule's `missed` policy: `skip`, or `once` for the latest.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use lapin::{BasicProperties, types::FieldTable};
+use offload_common::{Broker, Delivered, Event, EventSink, EventType, Message, TaskEnvelope};
+use tokio_util::sync::CancellationToken;
+
+use super::store::{Schedules, Stored};
+use crate::{publisher::Publisher, status::Tracker};
+
+/// How often the leader says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// How long after a leader was last heard of a tick still counts as due while one ran.
+pub const GRACE: Duration = Duration::from_secs(1);
+/// How far back a new leader looks for the latest tick missed while none ran (`once`).
+const LOOK_BACK: Duration = Duration::from_secs(8 * 24 * 3600);
+/// Longest wait for the broker to confirm the token.
+const TOKEN_CONFIRM: Duration = Duration::from_secs(5);
+
+/// What the leader needs.
+#[derive(Clone)]
+pub struct Scheduler {
+    pub(crate) broker: Broker,
+    pub(crate) schedules: Schedules,
+    pub(crate) tracker: Tracker,
+    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) events: EventSink,
+    /// `<host>-<pid>` of this gateway, in its `scheduler` events.
+    pub(crate) name: Arc<str>,
+}
+
+impl Scheduler {
+    /// Takes part in the election until `shutdown`, firing the schedules while it leads; on
+    /// shutdown its subscription is closed, which hands the token to the next gateway.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.topology().scheduler_queue();
+        let mut subscription = self.broker.subscribe(&queue, 1);
+        loop {
+            let delivered = tokio::select! {
+                () = shutdown.cancelled() => break,
+                delivered = subscription.next() => delivered,
+            };
+            match delivered {
+                Delivered::Subscribed => self.offer_token(&queue).await,
+                Delivered::Message(token) => {
+                    tracing::info!("this gateway fires the schedules");
+                    let ended = tokio::select! {
+                        () = shutdown.cancelled() => None,
+                        () = self.lead() => None,
+                        delivered = subscription.next() => Some(delivered),
+                    };
+                    // Never acked: the token goes back to the queue with the channel.
+                    drop(token);
+                    match ended {
+                        None => break,
+                        Some(Delivered::Lost(reason)) => {
+                            tracing::warn!("no longer firing the schedules: {reason}");
+                        }
+                        Some(_) => tracing::warn!("no longer firing the schedules"),
+                    }
+                }
+                Delivered::Lost(reason) => {
+                    tracing::debug!("the scheduler election was lost ({reason}); joining again");
+                }
+                Delivered::Paused(_) => {}
+            }
+        }
+        subscription.close("gateway stopping").await;
+    }
+
+    /// Puts a token in the queue, unless there is one (the broker refuses a second).
+    async fn offer_token(&self, queue: &str) {
+        let properties = BasicProperties::default().with_delivery_mode(2);
+        let offered = self
+            .broker
+            .publish_confirmed(
+                Message::to_queue(queue, b"token", properties),
+                TOKEN_CONFIRM,
+            )
+            .await;
+        if let Err(error) = offered {
+            // A nack: the queue holds its token already.
+            tracing::debug!("no token offered to the scheduler election: {error}");
+        }
+    }
+
+    /// Fires the schedules, forever (until dropped: leadership ends).
+    async fn lead(&self) {
+        while !(self.tracker.is_live() && self.schedules.is_live()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut plan = Plan::default();
+        let now = SystemTime::now();
+        let seen = self.tracker.scheduler_seen();
+        for stored in self.schedules.all() {
+            let last = self.tracker.last_tick(&stored.schedule.name);
+            for tick in catch_up(&stored, last, seen, now) {
+                self.fire(&stored, tick);
+            }
+            plan.last.insert(stored.schedule.name.clone(), now);
+        }
+        plan.replan(&self.schedules, now);
+        let mut version = self.schedules.version();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            if self.schedules.version() != version {
+                version = self.schedules.version();
+                plan.replan(&self.schedules, SystemTime::now());
+            }
+            let due = plan.next_due();
+            let wait = due.map_or(Duration::from_secs(3600), |due| {
+                due.duration_since(SystemTime::now()).unwrap_or_default()
+            });
+            tokio::select! {
+                _ = heartbeat.tick() => self.alive(),
+                () = self.schedules.changed() => {}
+                () = tokio::time::sleep(wait) => {
+                    for (name, tick) in plan.take_due(SystemTime::now()) {
+                        if let Some(stored) = self.schedules.get(&name).filter(|s| !s.paused) {
+                            self.fire(&stored, tick);
+                            plan.after(&stored, tick);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A `scheduler` event: the leader is alive.
+    fn alive(&self) {
+        let mut event = Event::new(EventType::Scheduler);
+        event.worker = Some(self.name.to_string());
+        self.events.emit(event);
+    }
+
+    /// Makes tick `tick`'s task, in the background: published as `POST /tasks` publishes,
+    /// then its `queued` event (confirmed: a later leader reads the tick from it).
+    fn fire(&self, stored: &Stored, tick: SystemTime) {
+        let schedule = stored.schedule.clone();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut task =
+                TaskEnvelope::new(schedule.task.kind.clone(), schedule.task.payload.clone());
+            task.id = schedule.task_id(tick);
+            task.expires_at = schedule
+                .task
+                .expires_in
+                .as_deref()
+                .and_then(|within| humantime::parse_duration(within).ok())
+                .map(|within| task.submitted_at + within);
+            if let Err(error) = this
+                .publisher
+                .publish(&task, None, FieldTable::default())
+                .await
+            {
+                tracing::warn!(schedule = %schedule.name, tick = %humantime::format_rfc3339_millis(tick), "a tick made no task: {error}");
+                return;
+            }
+            let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
+            queued.submitted_at = Some(task.submitted_at);
+            queued.expires_at = task.expires_at;
+            queued.schedule = Some(schedule.name.clone());
+            queued.tick = Some(tick);
+            this.tracker.apply(&queued, None);
+            if !this.events.emit_confirmed(queued).await {
+                tracing::warn!(schedule = %schedule.name, "a tick's `queued` event was not confirmed");
+            }
+        });
+    }
+}
+
+/// The ticks a new leader fires for `stored` at `now`, given the latest tick it made a task
+/// for (`last`) and when a leader was last heard of (`seen`).
+fn catch_up(
+    stored: &Stored,
+    last: Option<SystemTime>,
+    seen: Option<SystemTime>,
+    now: SystemTime,
+) -> Vec<SystemTime> {
+    if stored.paused {
+        return Vec::new();
+    }
+    let from = last.map_or(stored.since, |last| last.max(stored.since));
+    let mut fire = Vec::new();
+    // Due while a leader was alive: each fires, late.
+    let alive_until = seen.map(|seen| (seen + GRACE).min(now));
+    let mut outage_from = from;
+    if let (Some(seen), Some(alive_until)) = (seen, alive_until) {
+        let start = from.max(seen.checked_sub(GRACE * 4).unwrap_or(seen));
+        let mut tick = stored.ticks.next_after(start);
+        while let Some(at) = tick.filter(|at| *at <= alive_until) {
+            if at > from {
+                fire.push(at);
+            }
+            tick = stored.ticks.next_after(at);
+        }
+        outage_from = from.max(alive_until);
+    }
+    // Due while none ran: the policy.
+    if stored.schedule.missed == super::spec::Missed::Once {
+        let start = outage_from.max(now.checked_sub(LOOK_BACK).unwrap_or(outage_from));
+        if let Some(latest) = stored.ticks.latest_between(start, now) {
+            fire.push(latest);
+        }
+    }
+    fire
+}
+
+/// The next tick of every schedule, in order.
+#[derive(Default)]
+struct Plan {
+    due: BTreeSet<(SystemTime, String)>,
+    /// Each schedule's latest tick fired (or the time leadership began).
+    last: HashMap<String, SystemTime>,
+}
+
+impl Plan {
+    /// Plans every schedule's next tick after what it fired last, or after `now` for one
+    /// new to this leader.
+    fn replan(&mut self, schedules: &Schedules, now: SystemTime) {
+        self.due.clear();
+        let all = schedules.all();
+        self.last
+            .retain(|name, _| all.iter().any(|stored| stored.schedule.name == *name));
+        for stored in all.iter().filter(|stored| !stored.paused) {
+            let from = *self
+                .last
+                .entry(stored.schedule.name.clone())
+                .or_insert(now.max(stored.since));
+            if let Some(next) = stored.ticks.next_after(from) {
+                self.due.insert((next, stored.schedule.name.clone()));
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<SystemTime> {
+        self.due.first().map(|(at, _)| *at)
+    }
+
+    /// The ticks due at `now`, taken out of the plan.
+    fn take_due(&mut self, now: SystemTime) -> Vec<(String, SystemTime)> {
+        let mut taken = Vec::new();
+        while let Some((at, _)) = self.due.first() {
+            if *at > now {
+                break;
+            }
+            let Some((at, name)) = self.due.pop_first() else {
+                break;
+            };
+            taken.push((name, at));
+        }
+        taken
+    }
+
+    /// Plans `stored`'s tick after `fired`: after now if it fell behind (never a burst).
+    fn after(&mut self, stored: &Stored, fired: SystemTime) {
+        self.last.insert(stored.schedule.name.clone(), fired);
+        let from = fired.max(SystemTime::now() - GRACE);
+        if let Some(next) = stored.ticks.next_after(from) {
+            self.due.insert((next, stored.schedule.name.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedules::spec::{Missed, Schedule, Template};
+
+    fn every_second(missed: Missed, since: SystemTime) -> Stored {
+        let schedule = Schedule {
+            name: "s".into(),
+            task: Template {
+                kind: offload_common::TaskKind::try_from("sleep").expect("a kind"),
+                payload: serde_json::Value::Null,
+                expires_in: None,
+            },
+            cron: None,
+            timezone: None,
+            every: Some("1s".into()),
+            missed,
+        };
+        Stored {
+            ticks: schedule.ticks().expect("valid"),
+            schedule,
+            paused: false,
+            since,
+        }
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    #[test]
+    fn a_tick_due_while_a_leader_was_alive_fires_late_and_nothing_earlier_twice() {
+        let stored = every_second(Missed::Skip, at(0));
+        // The last leader fired tick 10, was heard of at 10.4, died; a new one at 11.2.
+        let ticks = catch_up(
+            &stored,
+            Some(at(10)),
+            Some(at(10) + Duration::from_millis(400)),
+            at(11) + Duration::from_millis(200),
+        );
+        assert_eq!(ticks, [at(11)]);
+    }
+
+    #[test]
+    fn ticks_missed_while_no_gateway_ran_follow_the_policy_never_a_burst() {
+        // The last leader fired tick 10 and was heard of at 10.4; nobody ran until 16.5.
+        let (last, seen, now) = (
+            Some(at(10)),
+            Some(at(10) + Duration::from_millis(400)),
+            at(16) + Duration::from_millis(500),
+        );
+        let skipped = catch_up(&every_second(Missed::Skip, at(0)), last, seen, now);
+        assert_eq!(
+            skipped,
+            [at(11)],
+            "only the tick within GRACE of the last heartbeat"
+        );
+        let once = catch_up(&every_second(Missed::Once, at(0)), last, seen, now);
+        assert_eq!(once, [at(11), at(16)], "and the latest missed one, once");
+    }
+
+    #[test]
+    fn a_schedule_never_fired_starts_from_when_it_was_put() {
+        let stored = every_second(Missed::Once, at(5));
+        assert!(catch_up(&stored, None, None, at(5) + Duration::from_millis(500)).is_empty());
+        assert_eq!(catch_up(&stored, None, None, at(8)), [at(8)]);
+    }
+}
