@@ -249,6 +249,7 @@ fn assemble(
                 publisher: Arc::clone(&publisher),
                 events: events.clone(),
                 name: gateway_name().into(),
+                metrics: Arc::clone(&metrics),
             };
             tokio::spawn(leader.run(shutdown.clone()));
             Some(schedules)

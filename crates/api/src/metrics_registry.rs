@@ -32,6 +32,12 @@ struct KindLabel {
     kind: String,
 }
 
+/// A schedule's name: operator-made, at most `schedules::store::MAX_SCHEDULES` of them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabel {
+    schedule: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
@@ -91,9 +97,14 @@ pub(crate) struct Metrics {
     consumers: Family<KindLabel, Gauge>,
     paused: Family<KindLabel, Gauge>,
     not_confirming: Gauge,
+    ticks_fired: Family<ScheduleLabel, Counter>,
+    ticks_missed: Family<ScheduleLabel, Counter>,
+    tick_late: Histogram,
 }
 
 impl Metrics {
+    // One registration after the other, each with its help text: long, and flat.
+    #[allow(clippy::too_many_lines)]
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("offload");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -111,6 +122,27 @@ impl Metrics {
         let consumers = Family::<KindLabel, Gauge>::default();
         let paused = Family::<KindLabel, Gauge>::default();
         let not_confirming = Gauge::default();
+        let ticks_fired = Family::<ScheduleLabel, Counter>::default();
+        let ticks_missed = Family::<ScheduleLabel, Counter>::default();
+        // Seconds, from a millisecond to a minute.
+        let tick_late = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+        ]);
+        registry.register(
+            "schedule_ticks_fired",
+            "Ticks that made a task, by schedule (counted by the gateway that fired them)",
+            ticks_fired.clone(),
+        );
+        registry.register(
+            "schedule_ticks_missed",
+            "Ticks that made no task, by schedule: skipped by its missed policy after no gateway ran, or whose task the broker did not take",
+            ticks_missed.clone(),
+        );
+        registry.register(
+            "schedule_tick_late_seconds",
+            "How long after its time each tick's task was published",
+            tick_late.clone(),
+        );
         registry.register(
             "confirms_timing_out",
             "1 while the broker has stopped confirming publishes (several in a row went unanswered within CONFIRM_TIMEOUT) although connected",
@@ -179,7 +211,29 @@ impl Metrics {
             consumers,
             paused,
             not_confirming,
+            ticks_fired,
+            ticks_missed,
+            tick_late,
         }
+    }
+
+    /// A tick of `schedule` made its task, `late` after its time.
+    pub(crate) fn tick_fired(&self, schedule: &str, late: Duration) {
+        self.ticks_fired
+            .get_or_create(&ScheduleLabel {
+                schedule: schedule.to_owned(),
+            })
+            .inc();
+        self.tick_late.observe(late.as_secs_f64());
+    }
+
+    /// `count` ticks of `schedule` made no task.
+    pub(crate) fn ticks_missed(&self, schedule: &str, count: u64) {
+        self.ticks_missed
+            .get_or_create(&ScheduleLabel {
+                schedule: schedule.to_owned(),
+            })
+            .inc_by(count);
     }
 
     /// The open-connections gauge, for the server loop to move.

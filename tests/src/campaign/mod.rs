@@ -115,8 +115,9 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     .await
     .is_ok();
 
-    let disagreeing = statuses_disagreeing(&rig.gateway.url(""), &records).await;
-    let status_wrong = disagreeing.len();
+    let (disagreeing, not_on_stream) = statuses_checked(&rig, &records).await;
+    let events_lost = not_on_stream.len();
+    let status_wrong = disagreeing.len() - events_lost;
     if !drained || status_wrong > 0 {
         let done = rig.completions();
         let lost: Vec<Uuid> = promised
@@ -127,9 +128,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         rig.diagnose(&lost).await;
     }
     // Last, so that a log cut to its end still shows them.
-    for line in disagreeing.iter().take(5) {
-        eprintln!("{line}");
-    }
+    report_disagreeing(&disagreeing, &not_on_stream);
     let completions = rig.completions();
     let cancels = cancelled_and_started(&records, &rig.starts());
     // Each poison task that got a 202 must be in the dead-letter queue, once or (at least
@@ -160,7 +159,64 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         drained,
         status_wrong,
         cancels,
+        events_lost,
     )
+}
+
+/// The tasks whose status never ended as what happened to them, and which of those have no
+/// end on the stream at all. A status that never ended may be the gateway's fault, or the
+/// broker's: an attempt's end confirmed to the worker (it acks its task only then) and
+/// missing from the stream; reading the stream afresh tells which.
+async fn statuses_checked(rig: &Rig, records: &[Record]) -> (Vec<(Uuid, String)>, HashSet<Uuid>) {
+    let disagreeing = statuses_disagreeing(&rig.gateway.url(""), records).await;
+    let not_on_stream = if disagreeing.is_empty() {
+        HashSet::new()
+    } else {
+        attempts_missing_from_stream(&rig.worker_url, &rig.queue, &disagreeing).await
+    };
+    (disagreeing, not_on_stream)
+}
+
+/// Prints the first few disagreeing tasks, last, so that a log cut to its end still shows them.
+fn report_disagreeing(disagreeing: &[(Uuid, String)], not_on_stream: &HashSet<Uuid>) {
+    for (id, line) in disagreeing.iter().take(5) {
+        let why = if not_on_stream.contains(id) {
+            " (its end is not on the stream)"
+        } else {
+            ""
+        };
+        eprintln!("{line}{why}");
+    }
+}
+
+/// Which of the `disagreeing` tasks have no end (`succeeded`, `dead`) on the events stream,
+/// read from its first event by a reader of the campaign's own.
+async fn attempts_missing_from_stream(
+    urls: &str,
+    queue: &str,
+    disagreeing: &[(Uuid, String)],
+) -> HashSet<Uuid> {
+    let log = crate::EventLog::follow(urls, queue);
+    let read = tokio::time::timeout(STEP_DEADLINE, log.sync()).await;
+    if read.is_err() {
+        return HashSet::new();
+    }
+    let attempted: HashSet<Uuid> = log
+        .events()
+        .iter()
+        .filter(|event| {
+            matches!(
+                event.event,
+                offload_common::EventType::Succeeded | offload_common::EventType::Dead
+            )
+        })
+        .filter_map(|event| event.id)
+        .collect();
+    disagreeing
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !attempted.contains(id))
+        .collect()
 }
 
 /// How many tasks a cancel answered 200 `cancelled`, and how many of those some worker
@@ -201,7 +257,7 @@ fn shaped(fault: Fault, shape: &LoadShape) -> (LoadShape, Vec<(&'static str, Str
 /// The tasks that got a 202 but do not end with the status that says what happened to them
 /// (`succeeded`, `dead` for poison tasks) on the gateway's GET /tasks/{id}, after giving the
 /// view time to catch up: a line for each, with the last answer.
-async fn statuses_disagreeing(base: &str, records: &[Record]) -> Vec<String> {
+async fn statuses_disagreeing(base: &str, records: &[Record]) -> Vec<(Uuid, String)> {
     let mut waiting: HashMap<Uuid, &'static str> = records
         .iter()
         .filter_map(|r| match r.outcome {
@@ -247,10 +303,11 @@ async fn statuses_disagreeing(base: &str, records: &[Record]) -> Vec<String> {
         .iter()
         .map(|(id, expected)| {
             let seen = last_seen.get(id).map(ToString::to_string);
-            format!(
+            let line = format!(
                 "task {id}: status never became {expected}; last answer: {}",
                 seen.as_deref().unwrap_or("none")
-            )
+            );
+            (*id, line)
         })
         .collect()
 }

@@ -46,6 +46,9 @@ pub struct Row {
     pub cancelled: usize,
     /// Of those, how many some worker started all the same. Must be 0.
     pub cancelled_started: usize,
+    /// Tasks whose status never ended because the events of their attempts, confirmed by the
+    /// broker to the worker, are not on the stream: lost by the broker, not by offload.
+    pub events_lost: usize,
 }
 
 impl Row {
@@ -62,6 +65,7 @@ impl Row {
         drained: bool,
         status_wrong: usize,
         (cancelled, cancelled_started): (usize, usize),
+        events_lost: usize,
     ) -> Self {
         let count =
             |wanted: fn(&Outcome) -> bool| records.iter().filter(|r| wanted(&r.outcome)).count();
@@ -88,6 +92,7 @@ impl Row {
             status_wrong,
             cancelled,
             cancelled_started,
+            events_lost,
         }
     }
 
@@ -120,12 +125,13 @@ const HEADER: [&str; COLUMNS] = [
     "dead-lettered",
     "cancelled (started)",
     "status wrong",
+    "events lost (broker)",
     "longest wait",
     "recovery",
     "verdict",
 ];
 
-const COLUMNS: usize = 14;
+const COLUMNS: usize = 15;
 
 fn cells(row: &Row) -> [String; COLUMNS] {
     let millis = |d: Duration| format!("{} ms", d.as_millis());
@@ -141,6 +147,7 @@ fn cells(row: &Row) -> [String; COLUMNS] {
         format!("{} of {}", row.dead_lettered, row.poison),
         format!("{} ({})", row.cancelled, row.cancelled_started),
         row.status_wrong.to_string(),
+        row.events_lost.to_string(),
         millis(row.longest_wait),
         row.recovery.map_or_else(|| "n/a".to_owned(), millis),
         if row.passed() { "ok" } else { "FAILED" }.to_owned(),

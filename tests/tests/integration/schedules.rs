@@ -182,6 +182,21 @@ async fn ticks_missed_while_every_gateway_was_down_follow_the_missed_policy() {
     };
     assert_eq!(gap("skips"), 0, "skip fires nothing missed");
     assert_eq!(gap("once"), 1, "once fires the latest missed tick, once");
+    let metrics = reqwest::get(gateway.url("/metrics"))
+        .await
+        .expect("answer")
+        .text()
+        .await
+        .expect("text");
+    let missed = metrics
+        .lines()
+        .find(|line| line.starts_with("offload_schedule_ticks_missed_total{schedule=\"skips\"}"))
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        missed >= 3.0,
+        "the skipped ticks are counted: {missed}\n{metrics}"
+    );
     drop((gateway, worker));
 }
 

@@ -26,7 +26,7 @@ use offload_common::{Broker, Delivered, Event, EventSink, EventType, Message, Ta
 use tokio_util::sync::CancellationToken;
 
 use super::store::{Schedules, Stored};
-use crate::{publisher::Publisher, status::Tracker};
+use crate::{metrics_registry::Metrics, publisher::Publisher, status::Tracker};
 
 /// How often the leader says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -47,6 +47,7 @@ pub struct Scheduler {
     pub(crate) events: EventSink,
     /// `<host>-<pid>` of this gateway, in its `scheduler` events.
     pub(crate) name: Arc<str>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
@@ -114,8 +115,13 @@ impl Scheduler {
         let seen = self.tracker.scheduler_seen();
         for stored in self.schedules.all() {
             let last = self.tracker.last_tick(&stored.schedule.name);
-            for tick in catch_up(&stored, last, seen, now) {
+            let (fire, missed) = catch_up(&stored, last, seen, now);
+            for tick in fire {
                 self.fire(&stored, tick);
+            }
+            if missed > 0 {
+                tracing::info!(schedule = %stored.schedule.name, missed, "ticks missed while no gateway ran");
+                self.metrics.ticks_missed(&stored.schedule.name, missed);
             }
             plan.last.insert(stored.schedule.name.clone(), now);
         }
@@ -174,8 +180,11 @@ impl Scheduler {
                 .await
             {
                 tracing::warn!(schedule = %schedule.name, tick = %humantime::format_rfc3339_millis(tick), "a tick made no task: {error}");
+                this.metrics.ticks_missed(&schedule.name, 1);
                 return;
             }
+            let late = SystemTime::now().duration_since(tick).unwrap_or_default();
+            this.metrics.tick_fired(&schedule.name, late);
             let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
             queued.submitted_at = Some(task.submitted_at);
             queued.expires_at = task.expires_at;
@@ -190,15 +199,16 @@ impl Scheduler {
 }
 
 /// The ticks a new leader fires for `stored` at `now`, given the latest tick it made a task
-/// for (`last`) and when a leader was last heard of (`seen`).
+/// for (`last`) and when a leader was last heard of (`seen`); and how many it does not (due
+/// while no gateway ran, counted up to [`COUNTED`]).
 fn catch_up(
     stored: &Stored,
     last: Option<SystemTime>,
     seen: Option<SystemTime>,
     now: SystemTime,
-) -> Vec<SystemTime> {
+) -> (Vec<SystemTime>, u64) {
     if stored.paused {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     let from = last.map_or(stored.since, |last| last.max(stored.since));
     let mut fire = Vec::new();
@@ -217,14 +227,20 @@ fn catch_up(
         outage_from = from.max(alive_until);
     }
     // Due while none ran: the policy.
-    if stored.schedule.missed == super::spec::Missed::Once {
-        let start = outage_from.max(now.checked_sub(LOOK_BACK).unwrap_or(outage_from));
-        if let Some(latest) = stored.ticks.latest_between(start, now) {
-            fire.push(latest);
-        }
+    let start = outage_from.max(now.checked_sub(LOOK_BACK).unwrap_or(outage_from));
+    let missed = stored.ticks.count_between(start, now, COUNTED);
+    if missed > 0
+        && stored.schedule.missed == super::spec::Missed::Once
+        && let Some(latest) = stored.ticks.latest_between(start, now)
+    {
+        fire.push(latest);
+        return (fire, missed - 1);
     }
-    fire
+    (fire, missed)
 }
+
+/// The most missed ticks a takeover counts (for the metric) of one schedule.
+const COUNTED: u64 = 100_000;
 
 /// The next tick of every schedule, in order.
 #[derive(Default)]
@@ -316,7 +332,7 @@ mod tests {
     fn a_tick_due_while_a_leader_was_alive_fires_late_and_nothing_earlier_twice() {
         let stored = every_second(Missed::Skip, at(0));
         // The last leader fired tick 10, was heard of at 10.4, died; a new one at 11.2.
-        let ticks = catch_up(
+        let (ticks, _) = catch_up(
             &stored,
             Some(at(10)),
             Some(at(10) + Duration::from_millis(400)),
@@ -333,20 +349,26 @@ mod tests {
             Some(at(10) + Duration::from_millis(400)),
             at(16) + Duration::from_millis(500),
         );
-        let skipped = catch_up(&every_second(Missed::Skip, at(0)), last, seen, now);
+        let (skipped, missed) = catch_up(&every_second(Missed::Skip, at(0)), last, seen, now);
         assert_eq!(
             skipped,
             [at(11)],
             "only the tick within GRACE of the last heartbeat"
         );
-        let once = catch_up(&every_second(Missed::Once, at(0)), last, seen, now);
+        assert_eq!(missed, 5, "ticks 12 to 16");
+        let (once, missed) = catch_up(&every_second(Missed::Once, at(0)), last, seen, now);
         assert_eq!(once, [at(11), at(16)], "and the latest missed one, once");
+        assert_eq!(missed, 4);
     }
 
     #[test]
     fn a_schedule_never_fired_starts_from_when_it_was_put() {
         let stored = every_second(Missed::Once, at(5));
-        assert!(catch_up(&stored, None, None, at(5) + Duration::from_millis(500)).is_empty());
-        assert_eq!(catch_up(&stored, None, None, at(8)), [at(8)]);
+        assert!(
+            catch_up(&stored, None, None, at(5) + Duration::from_millis(500))
+                .0
+                .is_empty()
+        );
+        assert_eq!(catch_up(&stored, None, None, at(8)), (vec![at(8)], 2));
     }
 }

@@ -198,6 +198,23 @@ impl Ticks {
         latest
     }
 
+    /// How many ticks fall after `since` and at or before `at`, counted up to `most`.
+    pub fn count_between(&self, since: SystemTime, at: SystemTime, most: u64) -> u64 {
+        if let Self::Every(period) = self {
+            let period = period.as_millis().max(1);
+            let (since, at) = (u128::from(millis(since)), u128::from(millis(at)));
+            let count = (at / period).saturating_sub(since / period);
+            return u64::try_from(count).unwrap_or(u64::MAX).min(most);
+        }
+        let mut count = 0;
+        let mut tick = self.next_after(since);
+        while let Some(next) = tick.filter(|next| *next <= at && count < most) {
+            count += 1;
+            tick = self.next_after(next);
+        }
+        count
+    }
+
     /// The next `count` ticks after `after`.
     pub fn upcoming(&self, after: SystemTime, count: usize) -> Vec<SystemTime> {
         let mut ticks = Vec::with_capacity(count);
