@@ -366,6 +366,7 @@ async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Resu
         &state,
         Change::Resume {
             name: stored.schedule.name.clone(),
+            at: SystemTime::now(),
         },
     )
     .await?;

@@ -252,17 +252,18 @@ struct Plan {
 
 impl Plan {
     /// Plans every schedule's next tick after what it fired last, or after `now` for one
-    /// new to this leader.
+    /// new to this leader; never before it was last put (a replaced schedule ticks anew), nor
+    /// more than [`GRACE`] ago (a resumed schedule skips the ticks of its pause).
     fn replan(&mut self, schedules: &Schedules, now: SystemTime) {
         self.due.clear();
         let all = schedules.all();
         self.last
             .retain(|name, _| all.iter().any(|stored| stored.schedule.name == *name));
         for stored in all.iter().filter(|stored| !stored.paused) {
-            let from = *self
-                .last
-                .entry(stored.schedule.name.clone())
-                .or_insert(now.max(stored.since));
+            let last = *self.last.entry(stored.schedule.name.clone()).or_insert(now);
+            let from = last
+                .max(stored.since)
+                .max(now.checked_sub(GRACE).unwrap_or(now));
             if let Some(next) = stored.ticks.next_after(from) {
                 self.due.insert((next, stored.schedule.name.clone()));
             }
@@ -359,6 +360,29 @@ mod tests {
         let (once, missed) = catch_up(&every_second(Missed::Once, at(0)), last, seen, now);
         assert_eq!(once, [at(11), at(16)], "and the latest missed one, once");
         assert_eq!(missed, 4);
+    }
+
+    #[test]
+    fn a_resumed_schedule_skips_the_ticks_of_its_pause() {
+        let schedules = Schedules::default();
+        let stored = every_second(Missed::Skip, at(0));
+        schedules.apply(super::super::store::Change::Put {
+            schedule: stored.schedule.clone(),
+            at: at(0),
+        });
+        schedules.apply(super::super::store::Change::Pause { name: "s".into() });
+        schedules.apply(super::super::store::Change::Resume {
+            name: "s".into(),
+            at: at(30) + Duration::from_millis(300),
+        });
+        let mut plan = Plan::default();
+        plan.last.insert("s".into(), at(10));
+        plan.replan(&schedules, at(30) + Duration::from_millis(300));
+        assert_eq!(
+            plan.next_due(),
+            Some(at(31)),
+            "not tick 11, due during the pause"
+        );
     }
 
     #[test]

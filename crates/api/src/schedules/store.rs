@@ -55,10 +55,13 @@ pub(crate) enum Change {
         /// Its name.
         name: String,
     },
-    /// A paused schedule resumed.
+    /// A paused schedule resumed: no tick before `at` counts.
     Resume {
         /// Its name.
         name: String,
+        /// When.
+        #[serde(with = "envelope::rfc3339")]
+        at: SystemTime,
     },
     /// A gateway's marker, to learn when it has read the stream up to the present.
     Marker {
@@ -187,15 +190,16 @@ impl Schedules {
             Change::Delete { name } => {
                 all.remove(&name);
             }
-            Change::Pause { name } | Change::Resume { name } if !all.contains_key(&name) => {}
+            Change::Pause { name } | Change::Resume { name, .. } if !all.contains_key(&name) => {}
             Change::Pause { name } => {
                 if let Some(stored) = all.get_mut(&name) {
                     stored.paused = true;
                 }
             }
-            Change::Resume { name } => {
+            Change::Resume { name, at } => {
                 if let Some(stored) = all.get_mut(&name) {
                     stored.paused = false;
+                    stored.since = stored.since.max(at);
                 }
             }
             Change::Marker { id } => {
@@ -359,7 +363,10 @@ mod tests {
         let a = schedules.get("a").expect("kept");
         assert!(a.paused);
         assert_eq!(a.schedule.every.as_deref(), Some("2s"));
-        schedules.apply(Change::Resume { name: "a".into() });
+        schedules.apply(Change::Resume {
+            name: "a".into(),
+            at: SystemTime::now(),
+        });
         assert!(!schedules.get("a").expect("kept").paused);
         schedules.apply(Change::Delete { name: "a".into() });
         assert!(schedules.get("a").is_none());
