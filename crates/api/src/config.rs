@@ -57,6 +57,11 @@ pub struct Config {
     #[arg(long, env = "API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
+    /// Schedules kept in a TOML file, put at start wherever the stored ones differ
+    /// (docs/SCHEDULES.md); a file that does not read stops the gateway.
+    #[arg(long, env = "SCHEDULES_FILE")]
+    pub schedules_file: Option<PathBuf>,
+
     /// Requests per second each API key may make (all clients together when no keys are
     /// set); past it 429 with Retry-After. Unset: no limit. /health is never limited.
     #[arg(long, env = "RATE_LIMIT")]
@@ -143,6 +148,7 @@ impl Config {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             api_keys: None,
             api_keys_file: None,
+            schedules_file: None,
             rate_limit: None,
             rate_limit_burst: None,
             status_capacity: DEFAULT_STATUS_CAPACITY,

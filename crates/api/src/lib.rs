@@ -102,6 +102,9 @@ pub enum StartError {
     /// The broker settings are unusable, or the queues exist with other settings.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// SCHEDULES_FILE is unusable.
+    #[error(transparent)]
+    Schedules(#[from] schedules::file::FileError),
 }
 
 /// A gateway that is bound and connected (or trying to connect), ready to serve.
@@ -124,6 +127,7 @@ impl Application {
         } else {
             tracing::info!(keys = access.key_count(), "API keys required");
         }
+        let from_file = schedules_from_file(&config)?;
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -138,7 +142,7 @@ impl Application {
             shutdown.clone(),
         )
         .await?;
-        let (router, limits) = assemble(&config, access, broker, &shutdown);
+        let (router, limits) = assemble(&config, (access, from_file), broker, &shutdown);
         Ok(Self {
             listener,
             router,
@@ -208,7 +212,7 @@ impl Application {
 /// followers (the events stream, the dashboard's sampling), which stop with `shutdown`.
 fn assemble(
     config: &Config,
-    access: Access,
+    (access, from_file): (Access, Vec<schedules::Schedule>),
     broker: Broker,
     shutdown: &CancellationToken,
 ) -> (axum::Router, server::Limits) {
@@ -252,6 +256,13 @@ fn assemble(
                 metrics: Arc::clone(&metrics),
             };
             tokio::spawn(leader.run(shutdown.clone()));
+            if !from_file.is_empty() {
+                tokio::spawn(
+                    schedules
+                        .clone()
+                        .put_from_file(publisher.broker().clone(), from_file),
+                );
+            }
             Some(schedules)
         }
         _ => None,
@@ -293,7 +304,14 @@ fn assemble(
 pub fn router(config: &Config) -> Result<axum::Router, StartError> {
     let access = access(config)?;
     let broker = Broker::detached(topology(config));
-    Ok(assemble(config, access, broker, &CancellationToken::new()).0)
+    let from_file = schedules_from_file(config)?;
+    Ok(assemble(
+        config,
+        (access, from_file),
+        broker,
+        &CancellationToken::new(),
+    )
+    .0)
 }
 
 /// The gateway's topology: with events on, the schedules' stream and election queue too.
@@ -301,6 +319,14 @@ fn topology(config: &Config) -> offload_common::Topology {
     let topology = config.broker.topology();
     let schedules = topology.events_stream().is_some();
     topology.with_schedules(schedules)
+}
+
+/// The schedules of SCHEDULES_FILE, if set.
+fn schedules_from_file(config: &Config) -> Result<Vec<schedules::Schedule>, StartError> {
+    match &config.schedules_file {
+        Some(path) => Ok(schedules::file::read(path)?),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `<host>-<pid>`: this gateway, in its `scheduler` events.

@@ -282,3 +282,55 @@ async fn bad_schedules_are_refused_with_what_to_fix() {
         .expect("answer");
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
+
+/// `SCHEDULES_FILE`: its schedules are put when a gateway starts, and fire; a file that does
+/// not read stops the gateway with a message naming the entry.
+#[tokio::test]
+async fn a_schedules_file_is_put_at_start_and_a_bad_one_stops_the_gateway() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "schedules-file", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let events = EventLog::follow(&url, queue.name());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let good = dir.path().join("schedules.toml");
+    std::fs::write(
+        &good,
+        "[[schedule]]\nname = \"from-file\"\nevery = \"1s\"\ntask = { kind = \"sleep\" }\n",
+    )
+    .expect("write the file");
+    let mut env = gateway_env(&url, queue.name());
+    env.push(("SCHEDULES_FILE", good.display().to_string()));
+    let gateway = GatewayProcess::start(free_port(), &env).await;
+    let started = SystemTime::now();
+    eventually(DEADLINE, "the file's schedule firing", || async {
+        events.sync().await;
+        ticks(&events, "from-file")
+            .keys()
+            .any(|tick| *tick > started)
+            .then_some(())
+    })
+    .await;
+    drop(gateway);
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[schedule]]\nname = \"broken\"\ncron = \"61 * * * *\"\ntask = { kind = \"sleep\" }\n",
+    )
+    .expect("write the file");
+    let output = std::process::Command::new(offload_tests::binary("offload-api-under-test"))
+        .env("AMQP_URL", &url)
+        .env("QUEUE", queue.name())
+        .env("BIND", format!("127.0.0.1:{}", free_port()))
+        .env("SCHEDULES_FILE", &bad)
+        .output()
+        .expect("run the gateway");
+    assert!(
+        !output.status.success(),
+        "a bad SCHEDULES_FILE must stop the gateway"
+    );
+    let said = String::from_utf8_lossy(&output.stderr).to_string()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("schedule 1 ('broken')"), "{said}");
+    drop(worker);
+}

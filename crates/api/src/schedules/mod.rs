@@ -4,6 +4,7 @@
 //! gateway holds them (folded from the `<QUEUE>.schedules` stream), [`leader`] the election
 //! (a single-active-consumer queue holding a token) and the firing.
 
+pub mod file;
 pub mod leader;
 pub mod spec;
 pub mod store;

@@ -282,6 +282,32 @@ impl Schedules {
         });
     }
 
+    /// Once the view is live, puts each of `from_file` whose stored definition differs (a
+    /// pause stays), trying again while the broker does not take it.
+    pub async fn put_from_file(self, broker: Broker, from_file: Vec<Schedule>) {
+        while !self.is_live() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for schedule in from_file {
+            if self
+                .get(&schedule.name)
+                .is_some_and(|stored| stored.schedule == schedule)
+            {
+                continue;
+            }
+            let name = schedule.name.clone();
+            let change = Change::Put {
+                schedule,
+                at: SystemTime::now(),
+            };
+            while let Err(error) = self.write(&broker, change.clone()).await {
+                tracing::warn!(schedule = %name, "could not put the file's schedule ({error}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::info!(schedule = %name, "put the schedule of SCHEDULES_FILE");
+        }
+    }
+
     /// Writes a marker and waits until the follower has read it, at most `timeout`.
     pub async fn sync(&self, broker: &Broker, timeout: Duration) -> bool {
         let id = Uuid::new_v4();
