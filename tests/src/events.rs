@@ -56,18 +56,26 @@ impl EventLog {
         let marker = Uuid::new_v4();
         let mut event = Event::new(EventType::Gateway);
         event.marker = Some(marker);
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+        let body = offload_common::events::encode_batch([&event]);
+        // Bounded: a broker that accepts connections and never answers their handshake (seen
+        // on this machine) must fail the test, not hold CI until its own limit.
+        let write = async {
+            let connection = Connection::connect(&self.url, ConnectionProperties::default())
+                .await
+                .expect("connect to write a marker");
+            crate::publish_confirmed(
+                &connection,
+                "",
+                &self.stream,
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await;
+            let _ = connection.close(200, "marker written".into()).await;
+        };
+        tokio::time::timeout(Duration::from_secs(30), write)
             .await
-            .expect("connect to write a marker");
-        crate::publish_confirmed(
-            &connection,
-            "",
-            &self.stream,
-            &offload_common::events::encode_batch([&event]),
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await;
-        let _ = connection.close(200, "marker written".into()).await;
+            .expect("the broker takes a marker within 30 s");
         crate::eventually(Duration::from_secs(30), "the marker read back", || async {
             self.events()
                 .iter()
