@@ -25,6 +25,12 @@ pub fn median(samples: &mut [f64]) -> f64 {
     samples.get(samples.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The median of one figure of each run.
+pub fn median_by<T>(runs: &[T], pick: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(pick).collect();
+    median(&mut values)
+}
+
 /// One line of the report.
 #[derive(Debug, Clone)]
 pub struct Line {

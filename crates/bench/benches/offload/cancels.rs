@@ -86,12 +86,14 @@ pub(crate) async fn cancel_cost(
         }
     }
     full.delete().await;
-    let median = |runs: &[(f64, f64, f64)], pick: fn(&(f64, f64, f64)) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(pick).collect();
-        stats::median(&mut values)
-    };
-    let (empty_cpu, full_cpu) = (median(&runs[0], |r| r.1), median(&runs[1], |r| r.1));
-    let (empty_start, full_start) = (median(&runs[0], |r| r.2), median(&runs[1], |r| r.2));
+    let (empty_cpu, full_cpu) = (
+        stats::median_by(&runs[0], |r| r.1),
+        stats::median_by(&runs[1], |r| r.1),
+    );
+    let (empty_start, full_start) = (
+        stats::median_by(&runs[0], |r| r.2),
+        stats::median_by(&runs[1], |r| r.2),
+    );
     let mut lines = vec![
         Line {
             measure: format!(
@@ -105,9 +107,14 @@ pub(crate) async fn cancel_cost(
             met: Some(empty_cpu / full_cpu >= 0.95),
         },
         Line {
-            ceiling: rate(median(&runs[0], |r| r.0)),
-            ratio: percent(median(&runs[1], |r| r.0) / median(&runs[0], |r| r.0)),
-            ..Line::info("  the drain rates", rate(median(&runs[1], |r| r.0)))
+            ceiling: rate(stats::median_by(&runs[0], |r| r.0)),
+            ratio: percent(
+                stats::median_by(&runs[1], |r| r.0) / stats::median_by(&runs[0], |r| r.0),
+            ),
+            ..Line::info(
+                "  the drain rates",
+                rate(stats::median_by(&runs[1], |r| r.0)),
+            )
         },
         Line {
             ceiling: format!("{empty_start:.0} ms"),
@@ -127,7 +134,7 @@ pub(crate) async fn cancel_cost(
         },
     ];
     if let Some(baseline) = &args.baseline {
-        let base_cpu = median(&runs[2], |r| r.1);
+        let base_cpu = stats::median_by(&runs[2], |r| r.1);
         lines.push(Line {
             measure: format!(
                 "worker CPU per task draining, PREFETCH {PREFETCH}, EVENTS=on, this build against the baseline build (median of {}; ratio: the baseline's over this build's)",
@@ -140,9 +147,14 @@ pub(crate) async fn cancel_cost(
             met: None,
         });
         lines.push(Line {
-            ceiling: rate(median(&runs[2], |r| r.0)),
-            ratio: percent(median(&runs[0], |r| r.0) / median(&runs[2], |r| r.0)),
-            ..Line::info("  the drain rates", rate(median(&runs[0], |r| r.0)))
+            ceiling: rate(stats::median_by(&runs[2], |r| r.0)),
+            ratio: percent(
+                stats::median_by(&runs[0], |r| r.0) / stats::median_by(&runs[2], |r| r.0),
+            ),
+            ..Line::info(
+                "  the drain rates",
+                rate(stats::median_by(&runs[0], |r| r.0)),
+            )
         });
         lines.extend(posts_against(args, url, queue, baseline).await?);
     }
@@ -188,11 +200,10 @@ async fn posts_against(
             queue.purge().await?;
         }
     }
-    let median = |runs: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(pick).collect();
-        stats::median(&mut values)
-    };
-    let (this_cpu, base_cpu) = (median(&runs[0], |r| r.1), median(&runs[1], |r| r.1));
+    let (this_cpu, base_cpu) = (
+        stats::median_by(&runs[0], |r| r.1),
+        stats::median_by(&runs[1], |r| r.1),
+    );
     Ok(vec![
         Line {
             measure: format!(
@@ -206,9 +217,11 @@ async fn posts_against(
             met: None,
         },
         Line {
-            ceiling: rate(median(&runs[1], |r| r.0)),
-            ratio: percent(median(&runs[0], |r| r.0) / median(&runs[1], |r| r.0)),
-            ..Line::info("  the rates", rate(median(&runs[0], |r| r.0)))
+            ceiling: rate(stats::median_by(&runs[1], |r| r.0)),
+            ratio: percent(
+                stats::median_by(&runs[0], |r| r.0) / stats::median_by(&runs[1], |r| r.0),
+            ),
+            ..Line::info("  the rates", rate(stats::median_by(&runs[0], |r| r.0)))
         },
     ])
 }

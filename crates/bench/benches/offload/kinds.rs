@@ -59,12 +59,14 @@ pub(crate) async fn posts_over_kinds(
             queue.purge().await?;
         }
     }
-    let median = |runs: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(pick).collect();
-        stats::median(&mut values)
-    };
-    let (four_cpu, one_cpu) = (median(&four, |run| run.1), median(&one, |run| run.1));
-    let (four_rate, one_rate) = (median(&four, |run| run.0), median(&one, |run| run.0));
+    let (four_cpu, one_cpu) = (
+        stats::median_by(&four, |run| run.1),
+        stats::median_by(&one, |run| run.1),
+    );
+    let (four_rate, one_rate) = (
+        stats::median_by(&four, |run| run.0),
+        stats::median_by(&one, |run| run.0),
+    );
     Ok(vec![
         Line {
             measure: format!(
