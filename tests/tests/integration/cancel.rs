@@ -326,6 +326,58 @@ async fn cancelling_a_task_running_on_an_http_target_closes_the_call() {
     drop(worker);
 }
 
+/// The Python example target: a task it works on for a minute is cancelled; the worker drops
+/// the call at once, and the task ends `cancelled`, stopped, long before the target would have
+/// answered.
+#[tokio::test]
+async fn cancelling_a_task_on_the_python_target_aborts_the_call() {
+    const SECRET: &str = "whsec_cancel";
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "cancel-python", 5).await;
+    let target =
+        offload_tests::ExampleTarget::start(offload_tests::Example::Python, SECRET, 1.0).await;
+    let worker = WorkerProcess::start(
+        &url,
+        queue.name(),
+        &WorkerOptions {
+            env: vec![
+                ("TARGETS", format!("py-work={}", target.url())),
+                ("TARGET_SIGNING_SECRET", SECRET.into()),
+            ],
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    let gateway = TestGateway::start(&url, queue.name()).await;
+    gateway.live(DEADLINE).await;
+    let id = gateway
+        .submit(&json!({"kind": "py-work", "payload": {"message": ".".repeat(60)}}))
+        .await;
+    eventually(DEADLINE, "the call under way", || async {
+        (gateway.task(id, "").await.1["status"] == "running").then_some(())
+    })
+    .await;
+
+    let asked = std::time::Instant::now();
+    let (code, body) = gateway.cancel(id).await;
+
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert_eq!(body["handler_stopped"], true, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("aborted")),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(worker);
+}
+
 /// A task that ended cannot be cancelled (409 `task_finished`); unknown ids are 404; bad
 /// expiries are refused with `invalid_expiry`.
 #[tokio::test]
