@@ -1,7 +1,8 @@
 // Drives Debian's Chromium through offload's dashboard, as tests/tests/integration/dashboard.rs
 // asks: it submits tasks and sees the counts move, sees a failing task become dead, is refused
 // a retry with a read-only key, retries it with an admin key and sees it succeed, discards
-// another, pauses and resumes a kind and charts it alone, cancels a waiting task, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
+// another, pauses and resumes a kind and charts it alone, cancels a waiting task, pauses and resumes a
+// schedule, checks the page with axe-core on a desktop and a phone-sized viewport, and writes
 // screenshots.
 // Every wait is on a condition with a deadline. Exits non-zero with the reason on failure.
 //
@@ -29,7 +30,7 @@ async function api(method, path, body) {
     headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  const json = await response.json();
+  const json = response.status === 204 ? null : await response.json();
   if (!response.ok) fail(`${method} ${path}: ${response.status} ${JSON.stringify(json)}`);
   return json;
 }
@@ -169,6 +170,40 @@ try {
   if ((await api("GET", `/tasks/${unwanted}`)).status !== "cancelled") fail("a cancelled task ran once its kind resumed");
   await page.selectOption("#depth-kind", "");
 
+  step("a schedule shows its next tick and its last task; pause and resume it from the page");
+  const scheduleRow = (name) =>
+    page.evaluate((name) => {
+      const row = document.querySelector(`#schedules tr[data-schedule="${name}"]`);
+      if (!row) return null;
+      const link = row.querySelector("td.id a");
+      return {
+        text: row.textContent,
+        next: row.querySelector("td.next")?.textContent,
+        task: link ? link.title : null,
+        status: row.querySelector(".status")?.textContent ?? null,
+      };
+    }, name);
+  await api("PUT", "/schedules/dashboard-tick", { task: { kind: "sleep", payload: { message: "tick" } }, every: "1s" });
+  const ticking = await until("the schedule's last task to show succeeded", async () => {
+    const row = await scheduleRow("dashboard-tick");
+    return row && row.status === "succeeded" && /every 1s/.test(row.text) && /running/.test(row.text) && row.next !== "–" ? row : null;
+  });
+  const made = (await api("GET", "/schedules/dashboard-tick")).recent.map((task) => task.id);
+  if (!made.includes(ticking.task)) fail(`the page's last task ${ticking.task} is not one the schedule made: ${made}`);
+  await page.click('button[aria-label="Pause schedule dashboard-tick"]');
+  await until("the notice that the schedule is paused", async () => /Schedule dashboard-tick is paused/.test(await page.textContent("#notice")));
+  const paused = await until("the schedule shown paused, with no next tick", async () => {
+    const row = await scheduleRow("dashboard-tick");
+    return row && /paused/.test(row.text) && row.next === "–" ? row : null;
+  });
+  if (!(await api("GET", "/schedules/dashboard-tick")).paused) fail("the page's Pause did not pause the schedule");
+  await page.click('button[aria-label="Resume schedule dashboard-tick"]');
+  await until("the notice that the schedule is resumed", async () => /Schedule dashboard-tick is resumed/.test(await page.textContent("#notice")));
+  await until("a new tick's task after the resume, succeeded", async () => {
+    const row = await scheduleRow("dashboard-tick");
+    return row && /running/.test(row.text) && row.task !== paused.task && row.status === "succeeded";
+  });
+
   await accessible(page, "desktop");
   await page.screenshot({ path: `${shots}/dashboard-desktop.png`, fullPage: true });
 
@@ -178,6 +213,10 @@ try {
   if (overflow > 0) fail(`the page is ${overflow}px wider than a 390px screen`);
   await accessible(page, "phone");
   await page.screenshot({ path: `${shots}/dashboard-phone.png`, fullPage: true });
+
+  step("a deleted schedule leaves the page");
+  await api("DELETE", "/schedules/dashboard-tick");
+  await until("the schedule gone from the page", async () => (await scheduleRow("dashboard-tick")) === null);
 
   if (foreign.length > 0) fail(`the page asked other hosts: ${foreign.join(", ")}`);
   if (errors.length > 0) fail(`the page logged errors: ${errors.join("; ")}`);

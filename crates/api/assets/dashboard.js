@@ -322,6 +322,61 @@ async function toggleKind(kind, action, button) {
   }
 }
 
+// One row per schedule: when it ticks, its next tick, its latest task, and a Pause or Resume
+// button (scope `admin`).
+function renderSchedules(schedules, total) {
+  const rows = (schedules || []).map((schedule) => {
+    const row = document.createElement("tr");
+    row.dataset.schedule = schedule.name;
+    const when = schedule.every
+      ? `every ${schedule.every}`
+      : `${schedule.cron}${schedule.timezone ? ` (${schedule.timezone})` : ""}`;
+    const last = schedule.last_task;
+    const state = schedule.paused ? "paused" : "running";
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    const action = schedule.paused ? "Resume" : "Pause";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = action;
+    button.setAttribute("aria-label", `${action} schedule ${schedule.name}`);
+    button.disabled = busy.has(`schedule:${schedule.name}`);
+    button.addEventListener("click", () => toggleSchedule(schedule, action, button));
+    actions.append(button);
+    row.append(
+      cell(schedule.name),
+      cell(when),
+      cell(schedule.task.kind),
+      cell(state, `kind-${state}`),
+      cell(schedule.next.length ? formatTime(schedule.next[0]) : "–", "next"),
+      last ? taskLink(last.id) : cell("–"),
+      last ? cell(last.status, `status status-${last.status}`) : cell("–"),
+      actions,
+    );
+    return row;
+  });
+  if (rows.length === 0) rows.push(emptyRow(8, schedules ? "No schedules." : "This gateway keeps no schedules (EVENTS=off), or is still reading them."));
+  byId("schedules").tBodies[0].replaceChildren(...rows);
+  if (schedules && total > schedules.length) {
+    setText("schedules-note", `The first ${schedules.length} of ${total} schedules by name; GET /schedules lists them all.`);
+  }
+}
+
+async function toggleSchedule(schedule, action, button) {
+  const key = `schedule:${schedule.name}`;
+  busy.add(key);
+  button.disabled = true;
+  try {
+    await call("POST", `/schedules/${encodeURIComponent(schedule.name)}/${action.toLowerCase()}`);
+    notify(`Schedule ${schedule.name} is ${action === "Pause" ? "paused" : "resumed"}.`);
+  } catch (error) {
+    notify(`Could not ${action.toLowerCase()} schedule ${schedule.name}: ${error.message}`, true);
+  } finally {
+    busy.delete(key);
+    refresh();
+  }
+}
+
 // The depth chart's points: every queue, or one kind's ready tasks.
 function depthPoints(samples, kind) {
   const withDepth = samples.filter((sample) => sample.depth);
@@ -357,6 +412,7 @@ function render(state) {
   setText("total-cancelled", totals.cancelled);
   setText("total-expired", totals.expired);
   renderKinds(state.kinds);
+  renderSchedules(state.schedules, state.schedules_total);
   const kind = byId("depth-kind").value;
   const series = kind ? [{ key: "ready", label: `Ready (${kind})`, color: DEPTH_SERIES[0].color }] : DEPTH_SERIES;
   drawChart("depth-chart", "depth-legend", depthPoints(samples, kind), series, " tasks");

@@ -24,6 +24,9 @@ use crate::{
 /// Tasks listed under "Recent tasks".
 const RECENT: usize = 20;
 
+/// Schedules listed (the first by name; `GET /schedules` has them all).
+const SCHEDULES: usize = 50;
+
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../../assets/dashboard.js");
 const STYLE: &str = include_str!("../../assets/dashboard.css");
@@ -130,6 +133,11 @@ struct DashboardState {
     recent: Vec<TaskView>,
     /// The tasks that died last and are still dead, newest first.
     dead: Vec<TaskView>,
+    /// The first schedules by name, with their next tick and last task; `None` with
+    /// EVENTS=off or while the schedules are read.
+    schedules: Option<Vec<super::schedules::ScheduleView>>,
+    /// How many schedules there are.
+    schedules_total: usize,
 }
 
 /// What the dashboard shows, as JSON: broker and events state, ten minutes of samples,
@@ -155,6 +163,10 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
         Some(tracker) => (tracker.recent(RECENT), tracker.recent_dead(RECENT)),
     };
     let kinds = super::kinds::kinds(&state).await;
+    let (schedules, schedules_total) = match super::schedules::first(&state, SCHEDULES) {
+        Some((views, total)) => (Some(views), total),
+        None => (None, 0),
+    };
     let mut response = axum::Json(DashboardState {
         broker: state.publisher.state().as_str(),
         events: state.events_state(),
@@ -165,6 +177,8 @@ async fn dashboard_state(State(state): State<AppState>) -> Response {
         history: state.history.as_ref().map(History::all).unwrap_or_default(),
         recent,
         dead,
+        schedules,
+        schedules_total,
     })
     .into_response();
     response

@@ -23,7 +23,7 @@ use crate::{
     error::{ApiError, ErrorBody, Result},
     openapi::KeyErrors,
     schedules::{Missed, Schedule, Schedules, Stored, Template, store::Change},
-    status::Status,
+    status::{Status, TaskView},
 };
 
 /// How many next ticks an answer lists.
@@ -73,7 +73,7 @@ struct ScheduleBody {
 
 /// A schedule and where it stands.
 #[derive(Serialize, ToSchema)]
-struct ScheduleView {
+pub(crate) struct ScheduleView {
     #[serde(flatten)]
     schedule: Schedule,
     /// Whether it is paused (it makes no tasks).
@@ -85,6 +85,9 @@ struct ScheduleView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     last_tick: Option<String>,
+    /// The task of its latest tick, as this gateway knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_task: Option<TickTask>,
     /// The tasks its latest ticks made, newest first (`GET /schedules/{name}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     recent: Option<Vec<TickTask>>,
@@ -92,7 +95,7 @@ struct ScheduleView {
 
 /// One tick's task.
 #[derive(Serialize, ToSchema)]
-struct TickTask {
+pub(crate) struct TickTask {
     /// The task id (made of the schedule and the tick).
     id: Uuid,
     /// The tick.
@@ -125,24 +128,33 @@ fn view(state: &AppState, stored: Stored, with_recent: bool) -> ScheduleView {
             .map(rfc3339)
             .collect()
     };
+    let tasks = tracker.map(|t| t.schedule_tasks(&name)).unwrap_or_default();
+    let tick_task = |task: &TaskView| TickTask {
+        id: task.id,
+        tick: task.tick.map(rfc3339),
+        status: task.status,
+    };
     ScheduleView {
         paused: stored.paused,
         next,
         last_tick: tracker.and_then(|t| t.last_tick(&name)).map(rfc3339),
-        recent: with_recent.then(|| {
-            tracker
-                .map(|t| t.schedule_tasks(&name))
-                .unwrap_or_default()
-                .into_iter()
-                .map(|task| TickTask {
-                    id: task.id,
-                    tick: task.tick.map(rfc3339),
-                    status: task.status,
-                })
-                .collect()
-        }),
+        last_task: tasks.first().map(tick_task),
+        recent: with_recent.then(|| tasks.iter().map(tick_task).collect()),
         schedule: stored.schedule,
     }
+}
+
+/// The first `limit` schedules by name and how many there are, for the dashboard; `None` when
+/// this gateway keeps no schedules or has not read them yet.
+pub(crate) fn first(state: &AppState, limit: usize) -> Option<(Vec<ScheduleView>, usize)> {
+    let all = schedules(state).ok()?.all();
+    let total = all.len();
+    let views = all
+        .into_iter()
+        .take(limit)
+        .map(|stored| view(state, stored, false))
+        .collect();
+    Some((views, total))
 }
 
 /// The schedules, once read to the end of their stream; schedules need EVENTS=on.
