@@ -124,7 +124,8 @@ impl Subscription {
     }
 
     /// The next delivery, or news of the subscription. Cancel-safe, but for a subscription
-    /// being made or paused when the future is dropped: it is made again on the next call.
+    /// being made or paused when the future is dropped: it is made again on the next call
+    /// (a half-made one's channel is closed).
     pub async fn next(&mut self) -> Delivered {
         loop {
             if let Some(current) = &mut self.current {
@@ -309,6 +310,11 @@ async fn subscribe(
     gate: Option<&ShortString>,
 ) -> Result<Attempt, lapin::Error> {
     let channel = connection.create_channel().await?;
+    // Until the attempt succeeds: an attempt that fails, or that is dropped (its deadline
+    // passed while the broker was slow to answer), must not leave a consumer on an open
+    // channel that nobody reads, holding up to `prefetch` deliveries for as long as the
+    // connection lives.
+    let abandoned = CloseUnlessKept(Some(channel.clone()));
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
@@ -343,11 +349,40 @@ async fn subscribe(
             arguments.clone(),
         )
         .await?;
+    abandoned.keep();
     Ok(Attempt::Consuming(Current {
         channel,
         consumer,
         gate,
     }))
+}
+
+/// How long closing an abandoned attempt's channel may take.
+const ABANDONED_CLOSE: Duration = Duration::from_secs(30);
+
+/// A channel closed when this is dropped, unless [`CloseUnlessKept::keep`] was called.
+struct CloseUnlessKept(Option<Channel>);
+
+impl CloseUnlessKept {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseUnlessKept {
+    fn drop(&mut self) {
+        let (Some(channel), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if !channel.status().connected() {
+            return;
+        }
+        runtime.spawn(async move {
+            let closing = channel.close(200, "the subscription was not made".into());
+            let _ = tokio::time::timeout(ABANDONED_CLOSE, closing).await;
+        });
+    }
 }
 
 /// A stream's `basic.consume` arguments: `x-stream-offset` from `offset`, or from the first
