@@ -254,6 +254,7 @@ fn assemble(
                 events: events.clone(),
                 name: gateway_name().into(),
                 metrics: Arc::clone(&metrics),
+                started: std::time::SystemTime::now(),
             };
             tokio::spawn(leader.run(shutdown.clone()));
             if !from_file.is_empty() {

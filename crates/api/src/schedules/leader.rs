@@ -11,18 +11,26 @@
 //!
 //! A new leader starts where the last one stopped, from the events stream: the latest tick
 //! each schedule made a task for, and when a leader was last heard of (it writes a `scheduler`
-//! event every [`HEARTBEAT`]). A tick due while a leader was alive, up to [`GRACE`] after it
-//! was last heard of, fires now, late (the leader died at that moment, or was cut off);
-//! earlier ones follow the schedule's `missed` policy: `skip`, or `once` for the latest.
+//! event every [`HEARTBEAT`]). A tick due while some gateway ran fires now, late: up to
+//! [`GRACE`] after the last leader was last heard of (it died at that moment, or was cut off),
+//! and, when this gateway itself already ran then, every tick since (the broker was out of
+//! reach: a blip of the broker loses no tick). Ticks due while no gateway ran follow the
+//! schedule's `missed` policy: `skip`, or `once` for the latest.
+//!
+//! A tick's task is published again and again while this gateway leads, for up to
+//! [`LATE_LIMIT`] after the tick; its `queued` event, which tells a later leader the tick has
+//! fired, likewise. A new term waits for the publishes of the last one to end before it looks
+//! at what has fired, so one gateway never fires a tick twice.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use lapin::{BasicProperties, types::FieldTable};
 use offload_common::{Broker, Delivered, Event, EventSink, EventType, Message, TaskEnvelope};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{Schedules, Stored};
@@ -36,6 +44,14 @@ pub const GRACE: Duration = Duration::from_secs(1);
 const LOOK_BACK: Duration = Duration::from_secs(8 * 24 * 3600);
 /// Longest wait for the broker to confirm the token.
 const TOKEN_CONFIRM: Duration = Duration::from_secs(5);
+/// How long after its tick a task is still published, while the broker refuses it: beyond, the
+/// tick counts as missed.
+pub const LATE_LIMIT: Duration = Duration::from_secs(60);
+/// The most late ticks of one schedule a takeover fires (the latest; older ones are missed).
+pub const LATE_MAX: usize = 60;
+/// The first wait before publishing again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What the leader needs.
 #[derive(Clone)]
@@ -48,6 +64,8 @@ pub struct Scheduler {
     /// `<host>-<pid>` of this gateway, in its `scheduler` events.
     pub(crate) name: Arc<str>,
     pub(crate) metrics: Arc<Metrics>,
+    /// When this gateway started: a tick due since then was due while a gateway ran.
+    pub(crate) started: SystemTime,
 }
 
 impl Scheduler {
@@ -56,6 +74,8 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.broker.topology().scheduler_queue();
         let mut subscription = self.broker.subscribe(&queue, 1);
+        // The publishes of this gateway's ticks, across its terms as leader.
+        let mut fires = JoinSet::new();
         loop {
             let delivered = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -65,11 +85,16 @@ impl Scheduler {
                 Delivered::Subscribed => self.offer_token(&queue).await,
                 Delivered::Message(token) => {
                     tracing::info!("this gateway fires the schedules");
+                    let term = shutdown.child_token();
                     let ended = tokio::select! {
                         () = shutdown.cancelled() => None,
-                        () = self.lead() => None,
+                        () = self.lead(&term, &mut fires) => None,
                         delivered = subscription.next() => Some(delivered),
                     };
+                    // The last term's publishes end (they stop retrying) before anything
+                    // looks at what has fired: the next term, or the next leader.
+                    term.cancel();
+                    while fires.join_next().await.is_some() {}
                     // Never acked: the token goes back to the queue with the channel.
                     drop(token);
                     match ended {
@@ -105,8 +130,9 @@ impl Scheduler {
         }
     }
 
-    /// Fires the schedules, forever (until dropped: leadership ends).
-    async fn lead(&self) {
+    /// Fires the schedules, forever (until dropped: leadership ends), each tick's publish a
+    /// task of `fires` that ends with `term`.
+    async fn lead(&self, term: &CancellationToken, fires: &mut JoinSet<()>) {
         while !(self.tracker.is_live() && self.schedules.is_live()) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -115,9 +141,9 @@ impl Scheduler {
         let seen = self.tracker.scheduler_seen();
         for stored in self.schedules.all() {
             let last = self.tracker.last_tick(&stored.schedule.name);
-            let (fire, missed) = catch_up(&stored, last, seen, now);
+            let (fire, missed) = catch_up(&stored, last, seen, self.started, now);
             for tick in fire {
-                self.fire(&stored, tick);
+                self.fire(&stored, tick, term, fires);
             }
             if missed > 0 {
                 tracing::info!(schedule = %stored.schedule.name, missed, "ticks missed while no gateway ran");
@@ -140,10 +166,11 @@ impl Scheduler {
             tokio::select! {
                 _ = heartbeat.tick() => self.alive(),
                 () = self.schedules.changed() => {}
+                Some(_) = fires.join_next(), if !fires.is_empty() => {}
                 () = tokio::time::sleep(wait) => {
                     for (name, tick) in plan.take_due(SystemTime::now()) {
                         if let Some(stored) = self.schedules.get(&name).filter(|s| !s.paused) {
-                            self.fire(&stored, tick);
+                            self.fire(&stored, tick, term, fires);
                             plan.after(&stored, tick);
                         }
                     }
@@ -161,10 +188,17 @@ impl Scheduler {
 
     /// Makes tick `tick`'s task, in the background: published as `POST /tasks` publishes,
     /// then its `queued` event (confirmed: a later leader reads the tick from it).
-    fn fire(&self, stored: &Stored, tick: SystemTime) {
+    fn fire(
+        &self,
+        stored: &Stored,
+        tick: SystemTime,
+        term: &CancellationToken,
+        fires: &mut JoinSet<()>,
+    ) {
         let schedule = stored.schedule.clone();
         let this = self.clone();
-        tokio::spawn(async move {
+        let term = term.clone();
+        fires.spawn(async move {
             let mut task =
                 TaskEnvelope::new(schedule.task.kind.clone(), schedule.task.payload.clone());
             task.id = schedule.task_id(tick);
@@ -174,13 +208,7 @@ impl Scheduler {
                 .as_deref()
                 .and_then(|within| humantime::parse_duration(within).ok())
                 .map(|within| task.submitted_at + within);
-            if let Err(error) = this
-                .publisher
-                .publish(&task, None, FieldTable::default())
-                .await
-            {
-                tracing::warn!(schedule = %schedule.name, tick = %humantime::format_rfc3339_millis(tick), "a tick made no task: {error}");
-                this.metrics.ticks_missed(&schedule.name, 1);
+            if !this.publish_tick(&schedule.name, tick, &task, &term).await {
                 return;
             }
             let late = SystemTime::now().duration_since(tick).unwrap_or_default();
@@ -190,53 +218,121 @@ impl Scheduler {
             queued.expires_at = task.expires_at;
             queued.schedule = Some(schedule.name.clone());
             queued.tick = Some(tick);
+            // This gateway's next term reads the tick from its own view; others from the
+            // stream, once the event is there.
             this.tracker.apply(&queued, None);
-            if !this.events.emit_confirmed(queued).await {
-                tracing::warn!(schedule = %schedule.name, "a tick's `queued` event was not confirmed");
-            }
+            tokio::spawn(async move { this.record_tick(queued, tick).await });
         });
+    }
+
+    /// Publishes a tick's task until the broker confirms it, while this gateway leads and up
+    /// to [`LATE_LIMIT`] after the tick; whether it did. A term that ends leaves the tick to the
+    /// next one (this gateway's or another's), which fires it late.
+    async fn publish_tick(
+        &self,
+        schedule: &str,
+        tick: SystemTime,
+        task: &TaskEnvelope,
+        term: &CancellationToken,
+    ) -> bool {
+        let mut wait = RETRY_FIRST;
+        loop {
+            let Err(error) = self
+                .publisher
+                .publish(task, None, FieldTable::default())
+                .await
+            else {
+                return true;
+            };
+            let at = humantime::format_rfc3339_millis(tick);
+            if term.is_cancelled() {
+                tracing::debug!(schedule, tick = %at, "no longer leading; the next leader fires the tick: {error}");
+                return false;
+            }
+            if SystemTime::now() + wait > tick + LATE_LIMIT {
+                tracing::warn!(schedule, tick = %at, "a tick made no task within {LATE_LIMIT:?}: {error}");
+                self.metrics.ticks_missed(schedule, 1);
+                return false;
+            }
+            tracing::debug!(schedule, tick = %at, "a tick's task is not published yet: {error}");
+            tokio::select! {
+                () = term.cancelled() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Writes a fired tick's `queued` event until the broker confirms it, for up to
+    /// [`LATE_LIMIT`] after the tick: without it, a later leader would fire the tick again
+    /// (with the same task id). Writing it twice is harmless: the same task, queued once.
+    async fn record_tick(&self, queued: Event, tick: SystemTime) {
+        let mut wait = RETRY_FIRST;
+        while !self.events.emit_confirmed(queued.clone()).await {
+            if SystemTime::now() + wait > tick + LATE_LIMIT {
+                tracing::warn!(schedule = ?queued.schedule, "a tick's `queued` event was not confirmed: another leader may fire the tick again");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
     }
 }
 
-/// The ticks a new leader fires for `stored` at `now`, given the latest tick it made a task
-/// for (`last`) and when a leader was last heard of (`seen`); and how many it does not (due
-/// while no gateway ran, counted up to [`COUNTED`]).
+/// The ticks a new leader that started at `started` fires for `stored` at `now`, given the
+/// latest tick it made a task for (`last`) and when a leader was last heard of (`seen`); and
+/// how many it does not (due while no gateway ran, or beyond [`LATE_MAX`]; counted up to
+/// [`COUNTED`]).
 fn catch_up(
     stored: &Stored,
     last: Option<SystemTime>,
     seen: Option<SystemTime>,
+    started: SystemTime,
     now: SystemTime,
 ) -> (Vec<SystemTime>, u64) {
     if stored.paused {
         return (Vec::new(), 0);
     }
     let from = last.map_or(stored.since, |last| last.max(stored.since));
-    let mut fire = Vec::new();
-    // Due while a leader was alive: each fires, late.
-    let alive_until = seen.map(|seen| (seen + GRACE).min(now));
+    let mut fire = VecDeque::new();
+    let mut missed = 0;
     let mut outage_from = from;
-    if let (Some(seen), Some(alive_until)) = (seen, alive_until) {
+    if let Some(seen) = seen {
+        // Due while a gateway ran: until shortly after the last leader was last heard of, or
+        // until now if this gateway already ran then. Each fires, late: the latest LATE_MAX.
+        let alive_until = if started <= seen + GRACE {
+            now
+        } else {
+            (seen + GRACE).min(now)
+        };
         let start = from.max(seen.checked_sub(GRACE * 4).unwrap_or(seen));
         let mut tick = stored.ticks.next_after(start);
-        while let Some(at) = tick.filter(|at| *at <= alive_until) {
+        let mut looked = 0;
+        while let Some(at) = tick.filter(|at| *at <= alive_until && looked < COUNTED) {
+            looked += 1;
             if at > from {
-                fire.push(at);
+                fire.push_back(at);
+                if fire.len() > LATE_MAX {
+                    fire.pop_front();
+                    missed += 1;
+                }
             }
             tick = stored.ticks.next_after(at);
         }
         outage_from = from.max(alive_until);
     }
+    let mut fire = Vec::from(fire);
     // Due while none ran: the policy.
     let start = outage_from.max(now.checked_sub(LOOK_BACK).unwrap_or(outage_from));
-    let missed = stored.ticks.count_between(start, now, COUNTED);
-    if missed > 0
+    let outage = stored.ticks.count_between(start, now, COUNTED);
+    if outage > 0
         && stored.schedule.missed == super::spec::Missed::Once
         && let Some(latest) = stored.ticks.latest_between(start, now)
     {
         fire.push(latest);
-        return (fire, missed - 1);
+        return (fire, missed + outage - 1);
     }
-    (fire, missed)
+    (fire, missed + outage)
 }
 
 /// The most missed ticks a takeover counts (for the metric) of one schedule.
@@ -333,13 +429,36 @@ mod tests {
     fn a_tick_due_while_a_leader_was_alive_fires_late_and_nothing_earlier_twice() {
         let stored = every_second(Missed::Skip, at(0));
         // The last leader fired tick 10, was heard of at 10.4, died; a new one at 11.2.
+        let now = at(11) + Duration::from_millis(200);
         let (ticks, _) = catch_up(
             &stored,
             Some(at(10)),
             Some(at(10) + Duration::from_millis(400)),
-            at(11) + Duration::from_millis(200),
+            now,
+            now,
         );
         assert_eq!(ticks, [at(11)]);
+    }
+
+    #[test]
+    fn a_gateway_that_ran_through_a_broker_outage_fires_its_ticks_late() {
+        // This gateway fired tick 10, was heard of at 10.4, lost the broker until 16.5.
+        let (last, seen, now) = (
+            Some(at(10)),
+            Some(at(10) + Duration::from_millis(400)),
+            at(16) + Duration::from_millis(500),
+        );
+        let stored = every_second(Missed::Skip, at(0));
+        let (ticks, missed) = catch_up(&stored, last, seen, at(1), now);
+        assert_eq!(ticks, (11..=16).map(at).collect::<Vec<_>>());
+        assert_eq!(missed, 0, "a gateway ran all along");
+        // A long outage: the latest LATE_MAX fire, the others are missed.
+        let now = at(210) + Duration::from_millis(500);
+        let (ticks, missed) = catch_up(&stored, last, seen, at(1), now);
+        assert_eq!(ticks.len(), LATE_MAX);
+        assert_eq!(ticks.first(), Some(&at(211 - 60)));
+        assert_eq!(ticks.last(), Some(&at(210)));
+        assert_eq!(missed, 200 - 60);
     }
 
     #[test]
@@ -350,14 +469,14 @@ mod tests {
             Some(at(10) + Duration::from_millis(400)),
             at(16) + Duration::from_millis(500),
         );
-        let (skipped, missed) = catch_up(&every_second(Missed::Skip, at(0)), last, seen, now);
+        let (skipped, missed) = catch_up(&every_second(Missed::Skip, at(0)), last, seen, now, now);
         assert_eq!(
             skipped,
             [at(11)],
             "only the tick within GRACE of the last heartbeat"
         );
         assert_eq!(missed, 5, "ticks 12 to 16");
-        let (once, missed) = catch_up(&every_second(Missed::Once, at(0)), last, seen, now);
+        let (once, missed) = catch_up(&every_second(Missed::Once, at(0)), last, seen, now, now);
         assert_eq!(once, [at(11), at(16)], "and the latest missed one, once");
         assert_eq!(missed, 4);
     }
@@ -388,11 +507,11 @@ mod tests {
     #[test]
     fn a_schedule_never_fired_starts_from_when_it_was_put() {
         let stored = every_second(Missed::Once, at(5));
-        assert!(
-            catch_up(&stored, None, None, at(5) + Duration::from_millis(500))
-                .0
-                .is_empty()
+        let now = at(5) + Duration::from_millis(500);
+        assert!(catch_up(&stored, None, None, now, now).0.is_empty());
+        assert_eq!(
+            catch_up(&stored, None, None, at(8), at(8)),
+            (vec![at(8)], 2)
         );
-        assert_eq!(catch_up(&stored, None, None, at(8)), (vec![at(8)], 2));
     }
 }
