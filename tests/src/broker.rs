@@ -416,31 +416,39 @@ impl PrivateBroker {
             .unwrap_or_else(|error| panic!("send {signal} to the broker: {error}"));
     }
 
-    /// Waits until the node has written its quorum queues' Raft metadata to disk after
-    /// `since`. Call it with a time taken after the queue has confirmed its first message.
+    /// Waits until the node has written its quorum queues' Raft metadata to disk since the
+    /// last quorum queue was made. Call it once every quorum queue of the test is made.
     ///
     /// RabbitMQ 3.10 writes that metadata (term, vote, last applied index) a few seconds
-    /// after the fact. A quorum queue killed (`kill -9`) in that window comes back without a
-    /// leader and never confirms a publish again (offload answers 503, never 202) until an
-    /// operator deletes and re-creates it. Crash tests wait for this, so they model a queue
-    /// that has been alive for a moment rather than that broker defect; the file is created
-    /// when the queue is declared, so `since` must be later than that. See
-    /// docs/RELIABILITY.md.
-    pub async fn await_raft_metadata_synced(&self, since: std::time::SystemTime) {
-        let meta = self
+    /// after the fact: measured here, a queue made at t has its name in `names.dets` at t +
+    /// 1 s and its metadata in `meta.dets` at t + 5 s. A quorum queue killed (`kill -9`) in
+    /// that window comes back without a leader and never confirms a publish again (offload
+    /// answers 503, never 202) until an operator deletes and re-creates it. Crash tests wait
+    /// for this, so they model queues that have been alive for a moment rather than that
+    /// broker defect. When a queue was made is when its server directory's `config` was
+    /// written. See docs/RELIABILITY.md.
+    pub async fn await_raft_metadata_synced(&self) {
+        let quorum = self
             .path()
             .join("mnesia")
             .join(&self.node)
             .join("quorum")
-            .join(&self.node)
-            .join("meta.dets");
+            .join(&self.node);
+        let modified = |file: &std::path::Path| std::fs::metadata(file).and_then(|m| m.modified());
         eventually(
             Duration::from_secs(30),
             "RabbitMQ to sync its Raft metadata",
             || {
-                let synced = std::fs::metadata(&meta)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|modified| modified > since);
+                let last_made = std::fs::read_dir(&quorum)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|entry| modified(&entry.ok()?.path().join("config")).ok())
+                    .max();
+                let synced = last_made.is_some_and(|made| {
+                    ["meta.dets", "names.dets"]
+                        .iter()
+                        .all(|file| modified(&quorum.join(file)).is_ok_and(|at| at > made))
+                });
                 async move { synced.then_some(()) }
             },
         )

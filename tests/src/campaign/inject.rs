@@ -56,10 +56,13 @@ impl Rig {
                 self.workers.push(replacement);
             }
             Fault::GatewayKill => {
+                let killed = std::time::SystemTime::now();
                 self.gateway.kill();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let launched = Instant::now();
                 self.gateway = GatewayProcess::start(self.gateway_port, &self.env).await;
+                self.gateway_down
+                    .push((killed, std::time::SystemTime::now()));
                 return launched;
             }
             Fault::PoisonTask => {}

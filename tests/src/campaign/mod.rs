@@ -16,10 +16,11 @@ mod inject;
 mod load;
 mod report;
 mod rig;
+mod ticks;
 
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::time::Instant;
@@ -28,6 +29,7 @@ use uuid::Uuid;
 pub use fault::Fault;
 pub use load::{Cancel, Load, LoadShape, Outcome, Record};
 pub use report::{Row, markdown, table};
+pub use ticks::Ticks;
 
 use crate::{GatewayProcess, eventually};
 
@@ -67,16 +69,20 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     let mut rig = Rig::start(fault, &worker_env).await;
     let load = Load::start(&rig.gateway.url("/tasks"), &shape);
 
-    let first_ok = eventually(STEP_DEADLINE, "the first 202", || {
+    eventually(STEP_DEADLINE, "the first 202", || {
         let first = load
             .records()
             .iter()
             .any(|r| matches!(r.outcome, Outcome::Ok(_)));
-        async move { first.then(SystemTime::now) }
+        async move { first.then_some(()) }
     })
     .await;
+    let ticking = ticks::listed(&rig.gateway).await;
     if fault.touches_broker_data() {
-        rig.node().await_raft_metadata_synced(first_ok).await;
+        // Every quorum queue is made once both workers consume every kind (each worker makes
+        // its kinds' queues and gates before it consumes).
+        rig.await_workers_consuming().await;
+        rig.node().await_raft_metadata_synced().await;
     } else {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -115,6 +121,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
     .await
     .is_ok();
 
+    let ticks = ticks::check(&rig, ticking).await;
     let (disagreeing, not_on_stream) = statuses_checked(&rig, &records).await;
     let events_lost = not_on_stream.len();
     let status_wrong = disagreeing.len() - events_lost;
@@ -160,6 +167,7 @@ pub async fn run(fault: Fault, shape: &LoadShape) -> Row {
         status_wrong,
         cancels,
         events_lost,
+        ticks,
     )
 }
 

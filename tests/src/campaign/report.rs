@@ -7,7 +7,9 @@ use std::{
 
 use uuid::Uuid;
 
-use super::{ANSWER_SLACK, CLUSTER_RECOVERY, CONFIRM_TIMEOUT_SECS, Fault, Outcome, Record};
+use super::{
+    ANSWER_SLACK, CLUSTER_RECOVERY, CONFIRM_TIMEOUT_SECS, Fault, Outcome, Record, ticks::Ticks,
+};
 use crate::table::Align;
 
 /// What one scenario measured.
@@ -49,6 +51,8 @@ pub struct Row {
     /// Tasks whose status never ended because the events of their attempts, confirmed by the
     /// broker to the worker, are not on the stream: lost by the broker, not by offload.
     pub events_lost: usize,
+    /// The `every 1s` schedule's ticks: none missed while a gateway ran, none fired twice.
+    pub ticks: Ticks,
 }
 
 impl Row {
@@ -66,6 +70,7 @@ impl Row {
         status_wrong: usize,
         (cancelled, cancelled_started): (usize, usize),
         events_lost: usize,
+        ticks: Ticks,
     ) -> Self {
         let count =
             |wanted: fn(&Outcome) -> bool| records.iter().filter(|r| wanted(&r.outcome)).count();
@@ -93,14 +98,17 @@ impl Row {
             cancelled,
             cancelled_started,
             events_lost,
+            ticks,
         }
     }
 
     /// Whether the scenario kept the promise: nothing lost, every poison task dead-lettered,
-    /// every status agrees with what happened, every request answered within the confirm
-    /// timeout, and, on a cluster, 202s back soon after the queue has a new leader.
+    /// every status agrees with what happened, every tick fired once, every request answered
+    /// within the confirm timeout, and, on a cluster, 202s back soon after the queue has a new
+    /// leader.
     pub fn passed(&self) -> bool {
         self.lost == 0
+            && self.ticks.kept()
             && self.cancelled_started == 0
             && self.drained
             && self.dead_lettered == self.poison
@@ -126,12 +134,13 @@ const HEADER: [&str; COLUMNS] = [
     "cancelled (started)",
     "status wrong",
     "events lost (broker)",
+    "ticks (missed, twice)",
     "longest wait",
     "recovery",
     "verdict",
 ];
 
-const COLUMNS: usize = 15;
+const COLUMNS: usize = 16;
 
 fn cells(row: &Row) -> [String; COLUMNS] {
     let millis = |d: Duration| format!("{} ms", d.as_millis());
@@ -148,6 +157,14 @@ fn cells(row: &Row) -> [String; COLUMNS] {
         format!("{} ({})", row.cancelled, row.cancelled_started),
         row.status_wrong.to_string(),
         row.events_lost.to_string(),
+        format!(
+            "{} ({}, {})",
+            row.ticks.expected,
+            row.ticks.missed,
+            row.ticks
+                .twice
+                .map_or_else(|| "?".to_owned(), |n| n.to_string())
+        ),
         millis(row.longest_wait),
         row.recovery.map_or_else(|| "n/a".to_owned(), millis),
         if row.passed() { "ok" } else { "FAILED" }.to_owned(),

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use super::{
     CLUSTER_REPLICAS, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, DELIVERY_LIMIT, Fault, HEARTBEAT, PREFETCH,
-    WORKERS,
+    STEP_DEADLINE, WORKERS,
 };
 use crate::{
     FaultyProxy, GatewayProcess, PrivateBroker, PrivateCluster, WorkerOptions, WorkerProcess,
-    free_port,
+    eventually, free_port,
 };
 
 /// The broker side of a scenario.
@@ -44,6 +44,10 @@ pub(super) struct Rig {
     pub(super) worker_options: WorkerOptions,
     pub(super) worker_url: String,
     pub(super) queue: String,
+    /// When the gateway was down: killed, and ready again.
+    pub(super) gateway_down: Vec<(std::time::SystemTime, std::time::SystemTime)>,
+    /// Holds the schedules file the gateway starts with (`super::ticks`).
+    _schedules: tempfile::TempDir,
 }
 
 /// Proxies in front of `addresses`, and the comma-separated AMQP URL list that names them.
@@ -90,11 +94,14 @@ impl Rig {
         if fault.on_cluster() {
             common.push(("REPLICAS", CLUSTER_REPLICAS.to_owned()));
         }
+        let schedules = tempfile::tempdir().expect("a directory for the schedules file");
+        let schedules_file = super::ticks::write_file(schedules.path());
         let env: Vec<_> = [
             ("AMQP_URL", gateway_url),
             ("QUEUE", queue.clone()),
             ("DELIVERY_LIMIT", DELIVERY_LIMIT.to_string()),
             ("CONFIRM_TIMEOUT", CONFIRM_TIMEOUT.to_owned()),
+            ("SCHEDULES_FILE", schedules_file.display().to_string()),
         ]
         .into_iter()
         .chain(common.iter().cloned())
@@ -138,6 +145,8 @@ impl Rig {
             worker_options,
             worker_url,
             queue,
+            gateway_down: Vec::new(),
+            _schedules: schedules,
         }
     }
 
@@ -204,6 +213,31 @@ impl Rig {
             .iter()
             .flat_map(crate::WorkerProcess::logged_started)
             .collect()
+    }
+
+    /// Returns once every kind's queue of the single node has a consumer of each worker.
+    pub(super) async fn await_workers_consuming(&mut self) {
+        let prefix = format!("{}.kind.", self.queue);
+        let node = self.node();
+        eventually(
+            STEP_DEADLINE,
+            "both workers consuming every kind",
+            || async {
+                let listed = node
+                    .tool_output(
+                        "rabbitmqctl",
+                        &["list_queues", "--quiet", "name", "consumers"],
+                    )
+                    .await?;
+                let consumers: Vec<usize> = listed
+                    .lines()
+                    .filter(|line| line.starts_with(&prefix))
+                    .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
+                    .collect();
+                (!consumers.is_empty() && consumers.iter().all(|n| *n >= WORKERS)).then_some(())
+            },
+        )
+        .await;
     }
 
     /// Messages in the dead-letter queue, asked over a connection of the campaign's own.
