@@ -25,11 +25,21 @@ impl Topology {
     /// Uses channels of its own, so a refusal from the broker cannot close a channel the
     /// caller holds.
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
+        // The kinds' queues first, one after another: `balanced` gives each new quorum queue's
+        // leader to the node that leads the fewest, so queues made in between (a gate, the
+        // shared queues) would take turns with them, and the kinds could all land on one node.
+        let new = self.declare_kind_queues(connection).await?;
         on_own_channel(connection, async |channel| {
             self.declare_shared(channel).await
         })
         .await?;
-        self.declare_kinds(connection).await?;
+        for kind in new {
+            on_own_channel(connection, async |channel| {
+                self.open_gate_on(channel, kind).await
+            })
+            .await?;
+        }
+        self.bind_kinds(connection).await?;
         // Last: only once the new bindings exist may the old ones go.
         if self.exists_named(connection, self.legacy_queue()).await? {
             self.unbind_legacy(connection).await?;
@@ -139,12 +149,18 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares each kind's queue (and, when the queue is new, its gate: a kind is paused
-    /// only by deleting a gate that existed) and binds it.
-    async fn declare_kinds(&self, connection: &Connection) -> Result<(), TopologyError> {
+    /// Declares each kind's queue; the kinds whose queue is new, whose gates are to be made (a
+    /// kind is paused only by deleting a gate that existed).
+    async fn declare_kind_queues(
+        &self,
+        connection: &Connection,
+    ) -> Result<Vec<&str>, TopologyError> {
+        let mut new = Vec::new();
         for kind in &self.kinds {
             let queue = self.kind_queue(kind);
-            let new = !self.exists_named(connection, &queue).await?;
+            if !self.exists_named(connection, &queue).await? {
+                new.push(kind.as_str());
+            }
             on_own_channel(connection, async |channel| {
                 channel
                     .queue_declare(
@@ -153,15 +169,11 @@ impl Topology {
                         self.kind_queue_arguments(),
                     )
                     .await
-                    .map_err(|e| TopologyError::from_declare("queue", &queue, e))?;
-                if new {
-                    self.open_gate_on(channel, kind).await?;
-                }
-                Ok(())
+                    .map_err(|e| TopologyError::from_declare("queue", &queue, e))
             })
             .await?;
         }
-        self.bind_kinds(connection).await
+        Ok(new)
     }
 
     /// Declares `kind`'s gate: the kind runs again.
