@@ -255,6 +255,9 @@ fn assemble(
                 name: gateway_name().into(),
                 metrics: Arc::clone(&metrics),
                 started: std::time::SystemTime::now(),
+                publishing: Arc::new(tokio::sync::Semaphore::new(
+                    schedules::leader::TICKS_IN_FLIGHT,
+                )),
             };
             tokio::spawn(leader.run(shutdown.clone()));
             if !from_file.is_empty() {

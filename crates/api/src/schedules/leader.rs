@@ -30,11 +30,15 @@ use std::{
 
 use lapin::{BasicProperties, types::FieldTable};
 use offload_common::{Broker, Delivered, Event, EventSink, EventType, Message, TaskEnvelope};
-use tokio::task::JoinSet;
+use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::store::{Schedules, Stored};
-use crate::{metrics_registry::Metrics, publisher::Publisher, status::Tracker};
+use crate::{
+    metrics_registry::Metrics,
+    publisher::{PublishError, Publisher},
+    status::Tracker,
+};
 
 /// How often the leader says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -49,6 +53,10 @@ const TOKEN_CONFIRM: Duration = Duration::from_secs(5);
 pub const LATE_LIMIT: Duration = Duration::from_secs(60);
 /// The most late ticks of one schedule a takeover fires (the latest; older ones are missed).
 pub const LATE_MAX: usize = 60;
+/// The most tick publishes awaiting the broker's confirm at once: a burst of ticks (a thousand
+/// schedules of `every: 10s` all tick together) takes this much of the gateway's
+/// `MAX_IN_FLIGHT`, and leaves the rest to `POST /tasks`.
+pub const TICKS_IN_FLIGHT: usize = 128;
 /// The first wait before publishing again; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -66,6 +74,8 @@ pub struct Scheduler {
     pub(crate) metrics: Arc<Metrics>,
     /// When this gateway started: a tick due since then was due while a gateway ran.
     pub(crate) started: SystemTime,
+    /// [`TICKS_IN_FLIGHT`] permits, one held by each tick's publish.
+    pub(crate) publishing: Arc<Semaphore>,
 }
 
 impl Scheduler {
@@ -237,14 +247,28 @@ impl Scheduler {
     ) -> bool {
         let mut wait = RETRY_FIRST;
         loop {
-            let Err(error) = self
-                .publisher
-                .publish(task, None, FieldTable::default())
-                .await
-            else {
-                return true;
+            let published = {
+                let _permit = self
+                    .publishing
+                    .acquire()
+                    .await
+                    .expect("the ticks' semaphore is never closed");
+                self.publisher
+                    .publish(task, None, FieldTable::default())
+                    .await
             };
             let at = humantime::format_rfc3339_millis(tick);
+            let error = match published {
+                Ok(()) => return true,
+                // A definite answer, as POST /tasks's 422: publishing again changes nothing
+                // until a worker of the kind starts.
+                Err(PublishError::UnknownKind) => {
+                    tracing::warn!(schedule, tick = %at, kind = %task.kind, "a tick made no task: no worker runs its kind");
+                    self.metrics.ticks_missed(schedule, 1);
+                    return false;
+                }
+                Err(error) => error,
+            };
             if term.is_cancelled() {
                 tracing::debug!(schedule, tick = %at, "no longer leading; the next leader fires the tick: {error}");
                 return false;
