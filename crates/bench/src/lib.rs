@@ -6,12 +6,14 @@
 //!   drain ceiling);
 //! - [`process`]: the gateway and a worker as child processes, their peak memory, the
 //!   worker's log read as it is written;
+//! - [`histogram`]: Prometheus histograms read from a process's `/metrics`;
 //! - [`http`]: `POST /tasks` closed-loop (throughput) and open-loop (latency at a rate);
 //! - [`slow`]: hostile clients (never-ending heads and bodies) for the memory bound;
 //! - [`stats`]: percentiles and the report;
 //! - [`target`]: an HTTP target that answers at once, for HTTP-target tasks.
 
 pub mod broker;
+pub mod histogram;
 pub mod http;
 pub mod process;
 pub mod slow;

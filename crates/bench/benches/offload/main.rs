@@ -22,6 +22,7 @@ mod kinds;
 mod latency;
 mod publish;
 mod replay;
+mod schedules;
 mod targets;
 mod traces;
 
@@ -32,6 +33,7 @@ use kinds::{drain_over_kinds, posts_over_kinds};
 use latency::{end_to_end, latency, scheduled};
 use publish::{events_cost, hardening, metrics_cost, throughput};
 use replay::replay;
+use schedules::schedules_cost;
 use targets::http_targets;
 use traces::{drain_tracing_cost, tracing_cost};
 
@@ -64,7 +66,9 @@ struct Args {
     /// (the worker's drains), `publish` (POST /tasks against its ceiling, and what each
     /// feature costs it), `targets` (HTTP-target tasks), `traces` (what exporting spans
     /// costs), `kinds` (four kinds against one), `cancels` (a drain with many cancels kept
-    /// against none; with `--baseline`, this build's drain and POST against another's).
+    /// against none; with `--baseline`, this build's drain and POST against another's),
+    /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
+    /// lateness).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -88,6 +92,7 @@ enum Group {
     Traces,
     Kinds,
     Cancels,
+    Schedules,
 }
 
 fn default_report() -> PathBuf {
@@ -124,6 +129,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if only == Some(Group::Cancels) {
         lines.extend(cancel_cost(&args, &url, &queue).await?);
+        queue.delete().await;
+        println!("{}", stats::table(&lines));
+        return Ok(());
+    }
+    if only == Some(Group::Schedules) {
+        lines.extend(schedules_cost(&args, &url).await?);
         queue.delete().await;
         println!("{}", stats::table(&lines));
         return Ok(());
@@ -190,6 +201,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(http_targets(&args, &url, &queue).await?);
     lines.extend(drain_over_kinds(&args, &url, &queue).await?);
     lines.extend(cancel_cost(&args, &url, &queue).await?);
+    lines.extend(schedules_cost(&args, &url).await?);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
     queue.delete().await;
