@@ -144,7 +144,11 @@ impl Access {
             self.inner.open_limiter.as_ref()
         } else {
             let presented = presented_key(headers).ok_or(ApiError::Unauthorized(
-                "this gateway needs an API key and the request has none",
+                if headers.contains_key(header::AUTHORIZATION) {
+                    "the Authorization header holds no key offload reads (a bare key, say)"
+                } else {
+                    "this gateway needs an API key and the request has none"
+                },
             ))?;
             let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
             // Look at every key, whatever matches, so the time taken says nothing.

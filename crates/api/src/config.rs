@@ -80,12 +80,12 @@ pub struct Config {
 
     /// `GET /metrics` and the counting behind it (`on` or `off`); off, /metrics is 404 and
     /// requests are not counted (the benchmark compares the two).
-    #[arg(long, env = "METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    #[arg(long, env = "METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, hide_possible_values = true)]
     pub metrics: bool,
 
     /// The dashboard at `GET /` (`on` or `off`); on, the gateway also samples the queues'
     /// depth every 2 s and keeps the last 10 minutes for its charts.
-    #[arg(long, env = "DASHBOARD", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    #[arg(long, env = "DASHBOARD", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, hide_possible_values = true)]
     pub dashboard: bool,
 
     /// Longest a `GET /tasks/{id}?wait=` may wait for the task to end.
@@ -175,6 +175,13 @@ mod tests {
     #[test]
     fn command_line_is_well_formed() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn switches_are_described_as_on_and_off_only() {
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("(`on` or `off`)"), "{help}");
+        assert!(!help.contains("possible values: true, false"), "{help}");
     }
 
     #[test]

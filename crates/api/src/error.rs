@@ -78,11 +78,9 @@ pub enum ApiError {
     /// `?wait=` is not a duration.
     #[error("?wait= must be a duration such as 30s or 500ms")]
     InvalidWait,
-    /// `delay` or `run_at` is malformed, or both are given.
-    #[error(
-        "give at most one of delay (a duration such as \"90s\" or \"2h\") and run_at (an RFC 3339 time such as \"2026-11-30T09:00:00Z\")"
-    )]
-    InvalidSchedule,
+    /// `delay` or `run_at` is malformed, or both are given: which, and what to send.
+    #[error("{0}")]
+    InvalidSchedule(&'static str),
     /// The task would wait longer than the delay levels can hold.
     #[error("the task would wait {asked}, longer than the longest delay offload holds ({max})")]
     DelayTooLong {
@@ -216,7 +214,7 @@ impl ApiError {
             Self::UnknownKind { .. }
             | Self::InvalidIdempotencyKey
             | Self::InvalidWait
-            | Self::InvalidSchedule
+            | Self::InvalidSchedule(_)
             | Self::DelayTooLong { .. }
             | Self::InvalidExpiry(_)
             | Self::InvalidScheduleSpec(_)
@@ -254,7 +252,7 @@ impl ApiError {
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
             Self::InvalidQuery(_) => "invalid_query",
-            Self::InvalidSchedule => "invalid_schedule",
+            Self::InvalidSchedule(_) => "invalid_schedule",
             Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
             Self::InvalidExpiry(_) => "invalid_expiry",
@@ -303,7 +301,7 @@ impl ApiError {
             ),
             Self::BodyTimeout(_) => format!("{self}; send the whole body at once"),
             Self::NotFound { method, path } => format!(
-                "no route for {} {}; offload serves POST /tasks, GET /tasks/{{id}} and GET /health",
+                "no route for {} {}; GET /openapi.json lists every route this gateway serves",
                 excerpt(method),
                 excerpt(path)
             ),
@@ -326,7 +324,7 @@ impl ApiError {
             }
             Self::InvalidIdempotencyKey
             | Self::InvalidWait
-            | Self::InvalidSchedule
+            | Self::InvalidSchedule(_)
             | Self::InvalidQuery(_) => {
                 format!("{self}; fix the request")
             }
@@ -451,7 +449,7 @@ fn json_advice(rejection: &JsonRejection) -> String {
             excerpt(&inner_most(rejection))
         ),
         JsonRejection::JsonDataError(error) => format!(
-            "the body does not describe a task: {}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}} and no other fields",
+            "the body does not describe a task: {}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}}, optionally with \"delay\" or \"run_at\", and \"expires_in\" or \"expires_at\" (GET /openapi.json describes each)",
             excerpt(&inner_most(error))
         ),
         JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -131,7 +131,8 @@ async fn bad_requests_get_the_right_status_and_a_json_error() {
 
     // 404 and 405.
     let answer = call(&router, get("/nope")).await;
-    error_of(&answer, StatusCode::NOT_FOUND, "not_found");
+    let message = error_of(&answer, StatusCode::NOT_FOUND, "not_found");
+    assert!(message.contains("GET /openapi.json"), "{message}");
     let answer = call(&router, get("/tasks")).await;
     assert_eq!(answer.1[header::ALLOW], "POST");
     error_of(
@@ -149,6 +150,50 @@ async fn bad_requests_get_the_right_status_and_a_json_error() {
         &answer,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
+    );
+}
+
+/// Each mistake in a task is named as it was made: a `delay` without its unit is not told it
+/// gave both `delay` and `run_at`.
+#[tokio::test]
+async fn a_bad_delay_or_run_at_is_named_for_what_is_wrong_with_it() {
+    let router = router_with(|_| {});
+    for (body, hint) in [
+        (
+            json!({"kind": "sleep", "delay": "90"}),
+            "delay must be a duration with its unit",
+        ),
+        (
+            json!({"kind": "sleep", "delay": "abc"}),
+            "delay must be a duration with its unit",
+        ),
+        (
+            json!({"kind": "sleep", "delay": "-5s"}),
+            "delay must be a duration with its unit",
+        ),
+        (
+            json!({"kind": "sleep", "run_at": "tomorrow"}),
+            "run_at must be an RFC 3339 time",
+        ),
+        (
+            json!({"kind": "sleep", "delay": "5s", "run_at": "2030-01-01T00:00:00Z"}),
+            "at most one of delay and run_at",
+        ),
+    ] {
+        let answer = call(&router, post_task(&body)).await;
+        let message = error_of(
+            &answer,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_schedule",
+        );
+        assert!(message.contains(hint), "{body} -> {message}");
+    }
+    // A field that is not a task's is told the fields that are.
+    let answer = call(&router, post_task(&json!({"kind": "sleep", "when": "5s"}))).await;
+    let message = error_of(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_task");
+    assert!(
+        message.contains("\"delay\" or \"run_at\"") && message.contains("expires_in"),
+        "{message}"
     );
 }
 
@@ -186,7 +231,24 @@ async fn keys_and_scopes_decide_who_gets_past_the_door() {
     };
 
     let answer = call(&router, post_task(&json!({"kind": "sleep"}))).await;
-    error_of(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
+    let message = error_of(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(message.contains("has none"), "{message}");
+    // A bare key, without `Bearer `: not told it sent none.
+    let mut bare = post_task(&json!({"kind": "sleep"}));
+    bare.headers_mut().insert(
+        header::AUTHORIZATION,
+        "submitter-key".parse().expect("a header value"),
+    );
+    let message = error_of(
+        &call(&router, bare).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert!(
+        message.contains("Authorization header holds no key")
+            && message.contains("Authorization: Bearer <API key>"),
+        "{message}"
+    );
     let answer = call(&router, with_key("guessed-key")).await;
     error_of(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
     let answer = call(&router, with_key("reader-key")).await;

@@ -140,19 +140,35 @@ struct Accepted<'a> {
 /// How long a task asked to wait before it runs: `delay`, or the time until `run_at` (none if
 /// that is past), as the delay levels will hold it (whole seconds). `None`: run now.
 fn schedule(delay: Option<&str>, run_at: Option<&str>) -> Result<Option<Duration>> {
-    let wait = match (delay, run_at) {
+    let (wait, exact) = match (delay, run_at) {
         (None, None) => return Ok(None),
-        (Some(delay), None) => {
-            humantime::parse_duration(delay).map_err(|_| ApiError::InvalidSchedule)?
-        }
+        (Some(delay), None) => (
+            humantime::parse_duration(delay).map_err(|_| {
+                ApiError::InvalidSchedule(
+                    "delay must be a duration with its unit, such as \"90s\", \"15m\" or \"2h\"",
+                )
+            })?,
+            false,
+        ),
         (None, Some(run_at)) => {
             let at = humantime::parse_rfc3339_weak(run_at)
                 .or_else(|_| humantime::parse_rfc3339(run_at))
-                .map_err(|_| ApiError::InvalidSchedule)?;
-            at.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
+                .map_err(|_| {
+                    ApiError::InvalidSchedule(
+                        "run_at must be an RFC 3339 time such as \"2026-11-30T09:00:00Z\"",
+                    )
+                })?;
+            (
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+                true,
+            )
         }
-        (Some(_), Some(_)) => return Err(ApiError::InvalidSchedule),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidSchedule(
+                "give at most one of delay and run_at",
+            ));
+        }
     };
     if wait > MAX_DELAY {
         return Err(ApiError::DelayTooLong {
@@ -160,7 +176,15 @@ fn schedule(delay: Option<&str>, run_at: Option<&str>) -> Result<Option<Duration
             max: humantime::format_duration(MAX_DELAY).to_string(),
         });
     }
-    let wait = delay_in_levels(wait);
+    // The levels hold whole seconds, to the nearest; a task asked to run at a time is held
+    // to the next whole second instead, so that it never runs before that time.
+    let wait = if exact {
+        delay_in_levels(Duration::from_secs(
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        ))
+    } else {
+        delay_in_levels(wait)
+    };
     Ok((!wait.is_zero()).then_some(wait))
 }
 
@@ -453,4 +477,33 @@ async fn status(
         task.result = Tracker::read_result(state.publisher.broker(), id, offset).await;
     }
     Ok((StatusCode::OK, Json(task)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_asked_to_run_at_a_time_never_runs_before_it() {
+        for extra_ms in [1, 300, 499, 500, 501, 999] {
+            let asked =
+                SystemTime::now() + Duration::from_secs(20) + Duration::from_millis(extra_ms);
+            let rfc3339 = humantime::format_rfc3339_millis(asked).to_string();
+            let wait = schedule(None, Some(&rfc3339))
+                .expect("a valid run_at")
+                .expect("a wait");
+            // As `submit` does: the task is stamped after its wait is known.
+            let submitted = SystemTime::now();
+            assert!(submitted + wait >= asked, "{rfc3339}: held {wait:?}, early");
+            assert!(
+                submitted + wait < asked + Duration::from_secs(1),
+                "{rfc3339}: held {wait:?}"
+            );
+        }
+        // A delay is held to the nearest second, as retries are.
+        assert_eq!(
+            schedule(Some("1400ms"), None).expect("a valid delay"),
+            Some(Duration::from_secs(1))
+        );
+    }
 }

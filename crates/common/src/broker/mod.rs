@@ -61,8 +61,9 @@ pub struct BrokerArgs {
     #[arg(long, env = "QUEUE", default_value = "tasks", value_parser = parse_queue_name)]
     pub queue: String,
 
-    /// How many times a task may be redelivered after a failed attempt before it is
-    /// dead-lettered to `<QUEUE>.dead` (the quorum queue's `x-delivery-limit`).
+    /// How many times one copy of a task may be delivered again after its worker crashed or
+    /// lost its connection before the broker dead-letters it to `<QUEUE>.dead` (each kind's
+    /// queue's `x-delivery-limit`). Failed attempts are counted by `MAX_ATTEMPTS` instead.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
 
@@ -88,7 +89,7 @@ pub struct BrokerArgs {
 
     /// Lifecycle events on the `<QUEUE>.events` stream (`on` or `off`): what
     /// GET /tasks/{id} is built from. `off` gives the bare queue.
-    #[arg(long, env = "EVENTS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    #[arg(long, env = "EVENTS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, hide_possible_values = true)]
     pub events: bool,
 
     /// How long the events stream keeps events (`x-max-age`), and so how long a task's
