@@ -130,6 +130,18 @@ try {
   await reader.close();
   if ((await api("GET", `/tasks/${dead}`)).status !== "dead") fail("a read-only key retried a task");
 
+  step("opened as http://user:key@host/, the page works as with any other login");
+  const inUrl = await browser.newContext();
+  const inUrlPage = await inUrl.newPage();
+  const inUrlErrors = [];
+  inUrlPage.on("pageerror", (error) => inUrlErrors.push(error.message));
+  await inUrlPage.goto(`${base.replace("://", `://viewer:${encodeURIComponent(readKey)}@`)}/`);
+  await until("the page opened with credentials in its URL to show the broker connected", async () => (await inUrlPage.textContent("#broker-state")) === "connected");
+  await until("it to list the dead task", () => rowText(inUrlPage, "dead", dead));
+  const inUrlNotice = await inUrlPage.textContent("#notice");
+  if (/credentials/i.test(inUrlNotice) || inUrlErrors.length > 0) fail(`opened with credentials in its URL: ${inUrlNotice} ${inUrlErrors.join("; ")}`);
+  await inUrl.close();
+
   step("retry from the page: the task runs again and succeeds");
   await page.click(`button[aria-label="Retry task ${dead}"]`);
   await until("the notice that it is queued again", async () => /queued again/.test(await page.textContent("#notice")));

@@ -3,16 +3,19 @@
 "use strict";
 
 const POLL_MS = 2000;
+// Colours from Okabe and Ito's palette (and Tol's wine for dead), told apart by the common
+// kinds of colour blindness, each line also drawn its own way (solid, dashed, dotted), so no
+// reader depends on colour alone.
 const DEPTH_SERIES = [
-  { key: "ready", label: "Ready", color: "#0a58ca" },
-  { key: "scheduled", label: "Scheduled", color: "#7a4a00" },
-  { key: "dead", label: "Dead", color: "#a40e26" },
+  { key: "ready", label: "Ready", color: "#0072b2", dash: "" },
+  { key: "scheduled", label: "Scheduled", color: "#d55e00", dash: "8 4" },
+  { key: "dead", label: "Dead", color: "#882255", dash: "2 3" },
 ];
 const RATE_SERIES = [
-  { key: "submitted", label: "Submitted/s", color: "#0a58ca" },
-  { key: "succeeded", label: "Succeeded/s", color: "#116329" },
-  { key: "failed", label: "Failed/s", color: "#7a4a00" },
-  { key: "dead", label: "Dead/s", color: "#a40e26" },
+  { key: "submitted", label: "Submitted/s", color: "#0072b2", dash: "" },
+  { key: "succeeded", label: "Succeeded/s", color: "#007a5a", dash: "" },
+  { key: "failed", label: "Failed/s", color: "#d55e00", dash: "8 4" },
+  { key: "dead", label: "Dead/s", color: "#882255", dash: "2 3" },
 ];
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -34,7 +37,10 @@ async function call(method, path) {
   // X-Requested-By: the gateway refuses a change made with a browser login without it, so a
   // form on another site cannot use this browser's login.
   const headers = { accept: "application/json", "x-requested-by": "offload-dashboard" };
-  const response = await fetch(path, { method, credentials: "same-origin", headers });
+  // From the origin, not the page's URL: a page opened as http://user:key@host/ would make
+  // every relative URL carry those credentials, which fetch refuses. The browser still sends
+  // the login it made for this origin.
+  const response = await fetch(new URL(path, window.location.origin), { method, credentials: "same-origin", headers });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = new Error(body.error || `${response.status} ${response.statusText}`);
@@ -74,14 +80,28 @@ function drawChart(svgId, legendId, points, series, unit) {
   const svg = byId(svgId);
   const width = 600;
   const height = 160;
-  for (const line of svg.querySelectorAll("polyline")) line.remove();
+  for (const line of svg.querySelectorAll("polyline, line")) line.remove();
   const max = Math.max(1, ...points.flatMap((point) => series.map(({ key }) => point[key] || 0)));
+  const axis = byId(svgId.replace("-chart", "-axis"));
   if (points.length > 1) {
     const first = points[0].at;
-    const span = Math.max(1, points[points.length - 1].at - first);
-    for (const { key, color } of series) {
+    const now = points[points.length - 1].at;
+    const span = Math.max(1, now - first);
+    // A grid line each minute back from the latest sample, and the time at each end.
+    for (let minute = 1; minute * 60000 < span; minute++) {
+      const x = ((span - minute * 60000) / span) * width;
+      const grid = document.createElementNS(SVG, "line");
+      grid.setAttribute("class", "grid");
+      for (const [name, value] of [["x1", x], ["x2", x], ["y1", 0], ["y2", height]]) grid.setAttribute(name, value.toFixed(1));
+      svg.appendChild(grid);
+    }
+    axis.replaceChildren(
+      ...[`${ago(span)} ago`, `${ago(span / 2)} ago`, "now"].map((text) => Object.assign(document.createElement("span"), { textContent: text })),
+    );
+    for (const { key, color, dash } of series) {
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("stroke", color);
+      if (dash) line.setAttribute("stroke-dasharray", dash);
       line.setAttribute(
         "points",
         points
@@ -98,11 +118,16 @@ function drawChart(svgId, legendId, points, series, unit) {
   const last = points[points.length - 1] || {};
   const legend = byId(legendId);
   legend.replaceChildren(
-    ...series.map(({ key, label, color }) => {
+    ...series.map(({ key, label, color, dash }) => {
       const item = document.createElement("span");
-      const swatch = document.createElement("span");
-      swatch.className = "swatch";
-      swatch.style.background = color;
+      const swatch = document.createElementNS(SVG, "svg");
+      swatch.setAttribute("class", "swatch");
+      swatch.setAttribute("viewBox", "0 0 24 8");
+      swatch.setAttribute("aria-hidden", "true");
+      const stroke = document.createElementNS(SVG, "line");
+      for (const [name, value] of [["x1", 0], ["y1", 4], ["x2", 24], ["y2", 4], ["stroke", color], ["stroke-width", 3]]) stroke.setAttribute(name, value);
+      if (dash) stroke.setAttribute("stroke-dasharray", dash);
+      swatch.append(stroke);
       const value = last[key] === undefined ? "–" : formatNumber(last[key]);
       item.append(swatch, `${label}: ${value}`);
       return item;
@@ -112,6 +137,12 @@ function drawChart(svgId, legendId, points, series, unit) {
       textContent: `scale: 0 to ${formatNumber(max)}${unit}`,
     }),
   );
+}
+
+// A span of milliseconds as a reader says it: "45 s", "6 min".
+function ago(ms) {
+  const seconds = Math.round(ms / 1000);
+  return seconds < 120 ? `${seconds} s` : `${Math.round(seconds / 60)} min`;
 }
 
 function formatNumber(value) {
