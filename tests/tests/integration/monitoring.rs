@@ -19,6 +19,52 @@ fn deploy(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// The services of `deploy/docker-compose.yml` that run `offload-worker`.
+fn compose_worker_services() -> Vec<String> {
+    let compose = std::fs::read_to_string(deploy("docker-compose.yml"))
+        .expect("read deploy/docker-compose.yml");
+    let mut services = Vec::new();
+    let mut current = None;
+    for line in compose.lines() {
+        // A service: two spaces, a name, a colon, nothing else.
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .and_then(|rest| rest.strip_suffix(':'))
+            .filter(|name| !name.starts_with(' ') && !name.contains(' '))
+        {
+            current = Some(name.to_owned());
+        } else if line.trim_start().starts_with("command: [\"offload-worker\"")
+            && let Some(service) = current.take()
+        {
+            services.push(service);
+        }
+    }
+    services
+}
+
+/// Prometheus finds every worker service of the compose stack, the `targets` profile's too:
+/// a worker it does not scrape has its deaths and its queue depth seen by nobody.
+#[test]
+fn every_compose_service_that_runs_a_worker_is_scraped() {
+    let workers = compose_worker_services();
+    assert!(
+        workers.len() >= 2,
+        "the compose file runs `worker` and `target-worker`: {workers:?}"
+    );
+    let shipped = std::fs::read_to_string(deploy("prometheus/prometheus.yml"))
+        .expect("read deploy/prometheus/prometheus.yml");
+    let names = shipped
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("- names: "))
+        .expect("the workers are found through DNS names");
+    for worker in &workers {
+        assert!(
+            names.contains(&format!("\"{worker}\"")),
+            "Prometheus does not scrape compose service `{worker}`: {names}"
+        );
+    }
+}
+
 /// `deploy/prometheus/prometheus.yml` with the compose network's names replaced by this
 /// test's addresses, and a faster scrape.
 fn prometheus_config(gateway: &str, worker: &str) -> String {
