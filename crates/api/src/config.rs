@@ -14,9 +14,13 @@ pub struct Config {
     #[arg(long, env = "BIND", default_value_t = SocketAddr::from(([127, 0, 0, 1], 8080)))]
     pub bind: SocketAddr,
 
-    /// Largest accepted request body, in bytes; larger bodies get 413.
+    /// Largest accepted request body, in bytes; larger bodies get 413. A batch is one body.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// Most tasks one `POST /tasks/batch` may hold.
+    #[arg(long, env = "MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_batch: u32,
 
     /// How long a connection may take, from its opening or the end of its last response, to
     /// send the next request's complete headers. A slow client (headers a byte a second, or
@@ -131,6 +135,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `--max-in-flight`.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1024;
+/// The default `MAX_BATCH`.
+pub const DEFAULT_MAX_BATCH: u32 = 1000;
 /// Default for `--retry-after-secs`.
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
 
@@ -158,6 +164,7 @@ impl Config {
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_batch: DEFAULT_MAX_BATCH,
             broker: BrokerArgs::new(amqp_url, queue),
             log: LogArgs {
                 log_format: offload_common::LogFormat::Text,
@@ -193,6 +200,7 @@ mod tests {
         assert_eq!(parsed.confirm_timeout, built.confirm_timeout);
         assert_eq!(parsed.retry_after_secs, built.retry_after_secs);
         assert_eq!(parsed.max_in_flight, built.max_in_flight);
+        assert_eq!(parsed.max_batch, built.max_batch);
         assert_eq!(parsed.header_timeout, built.header_timeout);
         assert_eq!(parsed.body_timeout, built.body_timeout);
         assert_eq!(parsed.max_connections, built.max_connections);

@@ -73,11 +73,24 @@ pub enum ApiError {
         retry_after: u64,
     },
     /// The Idempotency-Key header is malformed.
-    #[error("the Idempotency-Key header must be 1 to 255 printable ASCII characters")]
+    #[error(
+        "an idempotency key (the Idempotency-Key header, or a batch task's idempotency_key) must be 1 to 255 printable ASCII characters"
+    )]
     InvalidIdempotencyKey,
     /// `?wait=` is not a duration.
     #[error("?wait= must be a duration such as 30s or 500ms")]
     InvalidWait,
+    /// A task of a batch is not one: serde's words for what is wrong with it.
+    #[error("the task is not one: {0}")]
+    InvalidBatchTask(String),
+    /// A batch holds no task, or more than `MAX_BATCH`.
+    #[error("a batch holds 1 to {max} tasks (MAX_BATCH); this one holds {count}")]
+    BatchSize {
+        /// How many it holds.
+        count: usize,
+        /// `MAX_BATCH`.
+        max: usize,
+    },
     /// `delay` or `run_at` is malformed, or both are given: which, and what to send.
     #[error("{0}")]
     InvalidSchedule(&'static str),
@@ -215,6 +228,8 @@ impl ApiError {
             | Self::InvalidIdempotencyKey
             | Self::InvalidWait
             | Self::InvalidSchedule(_)
+            | Self::InvalidBatchTask(_)
+            | Self::BatchSize { .. }
             | Self::DelayTooLong { .. }
             | Self::InvalidExpiry(_)
             | Self::InvalidScheduleSpec(_)
@@ -253,6 +268,8 @@ impl ApiError {
             Self::InvalidWait => "invalid_wait",
             Self::InvalidQuery(_) => "invalid_query",
             Self::InvalidSchedule(_) => "invalid_schedule",
+            Self::InvalidBatchTask(_) => "invalid_task",
+            Self::BatchSize { .. } => "batch_size",
             Self::DelayTooLong { .. } => "delay_too_long",
             Self::UnknownTask => "unknown_task",
             Self::InvalidExpiry(_) => "invalid_expiry",
@@ -293,7 +310,7 @@ impl ApiError {
     }
 
     /// The message the client sees: what happened and what to do, nothing internal.
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             Self::Json(rejection) => json_advice(rejection),
             Self::BodyTooLarge { .. } => format!(
@@ -329,6 +346,11 @@ impl ApiError {
                 format!("{self}; fix the request")
             }
             Self::InvalidExpiry(_) => format!("{self}; fix the request"),
+            Self::InvalidBatchTask(_) => format!(
+                "{}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}}, optionally with \"delay\" or \"run_at\", \"expires_in\" or \"expires_at\", and \"idempotency_key\"",
+                excerpt(&self.to_string())
+            ),
+            Self::BatchSize { .. } => format!("{self}; split it into batches of at most MAX_BATCH"),
             Self::TaskFinished { status } => format!(
                 "the task has {status} already, so there is nothing to cancel; GET /tasks/{{id}} shows how it ended"
             ),

@@ -46,6 +46,7 @@ pub struct AppState {
     access: Access,
     retry_after_secs: u32,
     max_body_bytes: usize,
+    max_batch: usize,
     body_timeout: Duration,
     metrics: Arc<metrics_registry::Metrics>,
     /// The dashboard's charts; `None` with DASHBOARD=off.
@@ -279,6 +280,7 @@ fn assemble(
         access,
         retry_after_secs: config.retry_after_secs,
         max_body_bytes: config.max_body_bytes,
+        max_batch: config.max_batch as usize,
         body_timeout: config.body_timeout,
         metrics: Arc::clone(&metrics),
         history,

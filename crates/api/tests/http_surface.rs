@@ -197,6 +197,51 @@ async fn a_bad_delay_or_run_at_is_named_for_what_is_wrong_with_it() {
     );
 }
 
+/// A batch that is not one is refused whole; a batch's tasks are answered one by one, a bad
+/// one among good ones with its own error.
+#[tokio::test]
+async fn a_batch_is_refused_whole_only_for_its_shape_or_size() {
+    let router = router_with(|config| config.max_batch = 3);
+    let batch = |body: &Value| post("/tasks/batch", Some("application/json"), body.to_string());
+    for (body, code) in [
+        (json!([{"kind": "sleep"}]), "invalid_task"),
+        (json!({"tasks": {"kind": "sleep"}}), "invalid_task"),
+        (json!({"tasks": []}), "batch_size"),
+        (
+            json!({"tasks": [{"kind": "sleep"}, {"kind": "sleep"}, {"kind": "sleep"}, {"kind": "sleep"}]}),
+            "batch_size",
+        ),
+    ] {
+        let answer = call(&router, batch(&body)).await;
+        let message = error_of(&answer, StatusCode::UNPROCESSABLE_ENTITY, code);
+        if code == "batch_size" {
+            assert!(message.contains("MAX_BATCH"), "{message}");
+        }
+    }
+    // Without a broker, the good task cannot be queued, and says so; the bad one says why.
+    let (status, _, answer) = call(
+        &router,
+        batch(&json!({"tasks": [{"kind": "sleep"}, {"kind": "sleep", "when": "now"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["results"][0]["code"], "broker_unavailable",
+        "{answer}"
+    );
+    assert_eq!(answer["results"][1]["code"], "invalid_task", "{answer}");
+    assert!(
+        answer["results"][1]["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("unknown field `when`")),
+        "{answer}"
+    );
+    assert_eq!(
+        (answer["queued"].as_u64(), answer["refused"].as_u64()),
+        (Some(0), Some(2))
+    );
+}
+
 #[tokio::test]
 async fn a_valid_task_without_a_broker_gets_503_with_retry_after_never_202() {
     let router = router_with(|_| {});

@@ -4,6 +4,7 @@
 
 mod access;
 mod bad_input;
+mod batch;
 mod broker_session;
 mod cancel;
 mod cluster;

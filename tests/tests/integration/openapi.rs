@@ -36,6 +36,7 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/schedules/{name}/pause"),
     ("post", "/schedules/{name}/resume"),
     ("post", "/tasks"),
+    ("post", "/tasks/batch"),
     ("post", "/tasks/cancel"),
     ("get", "/tasks/{id}"),
     ("post", "/tasks/{id}/cancel"),

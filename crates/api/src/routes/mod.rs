@@ -174,7 +174,9 @@ mod tests {
         let undocumented = concat!(".route", "(");
         for (file, source) in [
             ("mod.rs", include_str!("mod.rs")),
-            ("tasks.rs", include_str!("tasks.rs")),
+            ("tasks/mod.rs", include_str!("tasks/mod.rs")),
+            ("tasks/accept.rs", include_str!("tasks/accept.rs")),
+            ("tasks/batch.rs", include_str!("tasks/batch.rs")),
             ("cancel.rs", include_str!("cancel.rs")),
             ("dead.rs", include_str!("dead.rs")),
             ("health.rs", include_str!("health.rs")),
