@@ -33,7 +33,9 @@ fn compose_worker_services() -> Vec<String> {
             .filter(|name| !name.starts_with(' ') && !name.contains(' '))
         {
             current = Some(name.to_owned());
-        } else if line.trim_start().starts_with("command: [\"offload-worker\"")
+        } else if line
+            .trim_start()
+            .starts_with("command: [\"offload-worker\"")
             && let Some(service) = current.take()
         {
             services.push(service);
