@@ -120,6 +120,68 @@ pub async fn throughput_of(
     (rate, errors.load(Ordering::Relaxed))
 }
 
+/// `clients` clients, each on its own keep-alive connection, posting batches of `size`
+/// zero-work tasks of `kind` to `POST /tasks/batch` (at `batch_url`) back to back for `length`
+/// after a warm-up of a fifth. Returns the tasks queued per second and the tasks not queued
+/// (refused in a batch's answer, or in a batch that got no 200).
+pub async fn batch_throughput(
+    batch_url: &str,
+    clients: usize,
+    size: usize,
+    kind: &str,
+    length: Duration,
+) -> (f64, u64) {
+    let task = format!(r#"{{"kind":"{kind}","payload":{{"message":"bench"}}}}"#);
+    let body: Arc<Vec<u8>> =
+        Arc::new(format!(r#"{{"tasks":[{}]}}"#, vec![task; size].join(",")).into_bytes());
+    let queued = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, body, queued, refused, running) = (
+            batch_url.to_owned(),
+            Arc::clone(&body),
+            Arc::clone(&queued),
+            Arc::clone(&refused),
+            Arc::clone(&running),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client builds");
+            while running.load(Ordering::Relaxed) {
+                let answer = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await;
+                let counts = match answer {
+                    Ok(response) if response.status() == StatusCode::OK => response
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|answer| {
+                            Some((answer["queued"].as_u64()?, answer["refused"].as_u64()?))
+                        }),
+                    _ => None,
+                };
+                let (ok, not) = counts.unwrap_or((0, size as u64));
+                queued.fetch_add(ok, Ordering::Relaxed);
+                refused.fetch_add(not, Ordering::Relaxed);
+            }
+        }));
+    }
+    let rate = measure_rate(&queued, length).await;
+    running.store(false, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    (rate, refused.load(Ordering::Relaxed))
+}
+
 /// What an open-loop run saw.
 #[derive(Debug, Default)]
 pub struct OpenLoop {

@@ -15,6 +15,7 @@ use offload_bench::{
     stats::{self, Line},
 };
 
+mod batch;
 mod cancels;
 mod clients;
 mod drain;
@@ -26,6 +27,7 @@ mod schedules;
 mod targets;
 mod traces;
 
+use batch::batch_cost;
 use cancels::cancel_cost;
 use clients::{memory, slow_clients};
 use drain::drain;
@@ -68,7 +70,7 @@ struct Args {
     /// costs), `kinds` (four kinds against one), `cancels` (a drain with many cancels kept
     /// against none; with `--baseline`, this build's drain and POST against another's),
     /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
-    /// lateness).
+    /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -93,6 +95,7 @@ enum Group {
     Kinds,
     Cancels,
     Schedules,
+    Batch,
 }
 
 fn default_report() -> PathBuf {
@@ -116,36 +119,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = BenchQueue::declare(&url, "run").await?;
     let mut lines = Vec::new();
     let only = args.only;
-    if let Some(group @ (Group::Targets | Group::Traces)) = only {
-        if group == Group::Targets {
-            lines.extend(http_targets(&args, &url, &queue).await?);
-        } else {
-            lines.push(tracing_cost(&args, &url, &queue).await?);
-            lines.push(drain_tracing_cost(&args, &url, &queue).await?);
-        }
-        queue.delete().await;
-        println!("{}", stats::table(&lines));
-        return Ok(());
-    }
-    if only == Some(Group::Cancels) {
-        lines.extend(cancel_cost(&args, &url, &queue).await?);
-        queue.delete().await;
-        println!("{}", stats::table(&lines));
-        return Ok(());
-    }
-    if only == Some(Group::Schedules) {
-        lines.extend(schedules_cost(&args, &url).await?);
-        queue.delete().await;
-        println!("{}", stats::table(&lines));
-        return Ok(());
-    }
-    if only == Some(Group::Kinds) {
-        let port = free_port();
-        let gateway =
-            process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
-        let tasks_url = format!("http://127.0.0.1:{port}/tasks");
-        lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
-        lines.extend(drain_over_kinds(&args, &url, &queue).await?);
+    if let Some(group) = only.filter(|group| !matches!(group, Group::Drain | Group::Publish)) {
+        let lines = alone(group, &args, &url, &queue).await?;
         queue.delete().await;
         println!("{}", stats::table(&lines));
         return Ok(());
@@ -176,6 +151,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
     let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
+    lines.extend(batch_cost(&args, &url, &queue).await?);
     lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
     lines.extend(replay(&args, &url, sustained).await?);
     lines.push(hardening(&args, &url, &queue).await?);
@@ -213,6 +189,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("report written to {}", args.write.display());
     }
     Ok(())
+}
+
+/// The measurements of `group` alone, one of those `--only` runs by themselves.
+async fn alone(
+    group: Group,
+    args: &Args,
+    url: &str,
+    queue: &BenchQueue,
+) -> Result<Vec<Line>, Box<dyn std::error::Error>> {
+    let mut lines = Vec::new();
+    match group {
+        Group::Targets => lines.extend(http_targets(args, url, queue).await?),
+        Group::Traces => {
+            lines.push(tracing_cost(args, url, queue).await?);
+            lines.push(drain_tracing_cost(args, url, queue).await?);
+        }
+        Group::Cancels => lines.extend(cancel_cost(args, url, queue).await?),
+        Group::Kinds => {
+            let port = free_port();
+            let gateway =
+                process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &[]).await;
+            let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+            lines.extend(posts_over_kinds(args, url, queue, &gateway, &tasks_url).await?);
+            lines.extend(drain_over_kinds(args, url, queue).await?);
+        }
+        Group::Schedules => lines.extend(schedules_cost(args, url).await?),
+        Group::Batch => lines.extend(batch_cost(args, url, queue).await?),
+        Group::Drain | Group::Publish => {}
+    }
+    Ok(lines)
 }
 
 fn report(lines: &[Line], args: &Args) -> String {
