@@ -375,7 +375,7 @@ impl ApiError {
                 let known = if known.is_empty() {
                     "none announced yet".to_owned()
                 } else {
-                    known.join(", ")
+                    kinds_excerpt(known)
                 };
                 format!(
                     "no worker handles tasks of kind '{kind}', so it was not queued. Kinds handled: {known}. \
@@ -387,7 +387,7 @@ impl ApiError {
                 if known.is_empty() {
                     "none yet".to_owned()
                 } else {
-                    known.join(", ")
+                    kinds_excerpt(known)
                 }
             ),
             Self::Unavailable { error, .. } => unavailable_advice(error).into(),
@@ -491,6 +491,26 @@ fn inner_most(error: &dyn std::error::Error) -> String {
 }
 
 /// At most [`EXCERPT`] characters of client input, marked when cut.
+/// The most kinds an error names: the kinds come from the events stream, as workers announce
+/// them, and an answer stays short whatever it holds.
+const KINDS_NAMED: usize = 20;
+
+/// Up to [`KINDS_NAMED`] of `kinds`, each excerpted, and how many more there are.
+fn kinds_excerpt(kinds: &[String]) -> String {
+    let named: Vec<String> = kinds
+        .iter()
+        .take(KINDS_NAMED)
+        .map(|kind| excerpt(kind))
+        .collect();
+    match kinds.len().saturating_sub(KINDS_NAMED) {
+        0 => named.join(", "),
+        more => format!(
+            "{} and {more} more (GET /kinds lists them)",
+            named.join(", ")
+        ),
+    }
+}
+
 fn excerpt(text: &str) -> String {
     match text.char_indices().nth(EXCERPT) {
         Some((end, _)) => format!("{}…", &text[..end]),

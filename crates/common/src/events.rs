@@ -216,7 +216,40 @@ pub struct Event {
     pub tick: Option<SystemTime>,
 }
 
+/// The most bytes of an event's short texts (a kind, a worker's name, a key, a schedule's
+/// name); an honest writer's are far shorter (a kind: 64, a key: 255).
+const NAME_MAX_BYTES: usize = 256;
+/// The most kinds a `worker` event lists.
+const KINDS_MAX: usize = 1024;
+
 impl Event {
+    /// Cuts every text to its bound ([`crate::text`]): the error to
+    /// [`crate::text::ERROR_MAX_BYTES`], names to 256 bytes, a worker's kinds to 1,024 of
+    /// them. What a writer sends and what a reader keeps are bounded alike, whoever wrote it.
+    pub fn bound(&mut self) {
+        use crate::text::{ERROR_MAX_BYTES, bound};
+        if let Some(error) = &mut self.error {
+            bound(error, ERROR_MAX_BYTES);
+        }
+        for name in [
+            &mut self.kind,
+            &mut self.worker,
+            &mut self.idempotency_key,
+            &mut self.schedule,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            bound(name, NAME_MAX_BYTES);
+        }
+        if let Some(kinds) = &mut self.kinds {
+            kinds.truncate(KINDS_MAX);
+            for kind in kinds {
+                bound(kind, NAME_MAX_BYTES);
+            }
+        }
+    }
+
     /// An event of type `event`, now, every other field empty.
     pub fn new(event: EventType) -> Self {
         Self {
@@ -282,7 +315,11 @@ pub fn decode_batch(body: &[u8]) -> impl Iterator<Item = Result<Event, String>> 
     body.split(|byte| *byte == b'\n')
         .filter(|line| !line.is_empty())
         .map(|line| match serde_json::from_slice::<Event>(line) {
-            Ok(event) if event.v == EVENTS_VERSION => Ok(event),
+            Ok(mut event) if event.v == EVENTS_VERSION => {
+                // Whoever wrote it, a reader keeps no more than a writer of offload's would.
+                event.bound();
+                Ok(event)
+            }
             Ok(event) => Err(format!("event version {} is not supported", event.v)),
             Err(error) => Err(format!("not an event: {error}")),
         })
@@ -321,7 +358,8 @@ impl EventSink {
 
     /// Publishes `event` when it can, without waiting: for events whose loss costs only
     /// detail (`queued`, `started`), since the terminal event of the same task is confirmed.
-    pub fn emit(&self, event: Event) {
+    pub fn emit(&self, mut event: Event) {
+        event.bound();
         if self.sender.try_send(Pending { event, then: None }).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
@@ -350,7 +388,8 @@ impl EventSink {
     /// batch's confirms and the next: it must be quick, and hand anything slow to a task of
     /// its own. A busy worker uses this to settle a whole batch's tasks from the one wake-up
     /// of its confirm, rather than wake each task to settle its own.
-    pub async fn emit_then(&self, event: Event, then: impl FnOnce(bool) + Send + 'static) {
+    pub async fn emit_then(&self, mut event: Event, then: impl FnOnce(bool) + Send + 'static) {
+        event.bound();
         let pending = Pending {
             event,
             then: Some(Box::new(then)),

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod events;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod topology;
 pub mod trace;
 

@@ -15,6 +15,7 @@ use lapin::{
 use offload_common::{
     Broker, DeadReason, DecodeError, Event, EventSink, EventType, TaskEnvelope,
     envelope::{ATTEMPT_HEADER, delivery_count, first_attempt},
+    text::{ERROR_MAX_BYTES, bounded},
     topology::{delay_in_levels, delayed_task_routing_key},
 };
 use tracing::Instrument;
@@ -268,13 +269,14 @@ async fn undecodable(
         .message_id()
         .as_ref()
         .map(ToString::to_string);
+    let error = bounded(&error.to_string(), ERROR_MAX_BYTES).into_owned();
     tracing::warn!(target: TASK_LOG, ?message_id, "{error}; dead-lettering the message");
     let mut dead = Event::new(EventType::Dead);
     dead.id = message_id.and_then(|id| id.parse().ok());
     dead.kind = delivery.properties.kind().as_ref().map(ToString::to_string);
     dead.reason = Some(DeadReason::Undecodable);
     dead.worker = Some(context.worker.to_string());
-    dead.error = Some(error.to_string());
+    dead.error = Some(error);
     let outcome = to_dead(context, &dead, 1);
     settle(delivery, taken, context, outcome, dead).await;
 }
@@ -316,15 +318,18 @@ async fn run_handler(running: HandlerFuture, deadline: Duration) -> Ran {
             Ran::Succeeded(result)
         }
         Ok(Err(error)) if error.is_retryable() => {
-            tracing::warn!(target: TASK_LOG, "task failed: {error}");
-            Ran::Failed(error.to_string(), error.requested_delay())
+            let text = bounded(&error.to_string(), ERROR_MAX_BYTES).into_owned();
+            tracing::warn!(target: TASK_LOG, "task failed: {text}");
+            Ran::Failed(text, error.requested_delay())
         }
         Ok(Err(error)) => {
-            tracing::warn!(target: TASK_LOG, "task failed permanently: {error}; dead-lettering it");
-            Ran::Rejected(error.to_string())
+            let text = bounded(&error.to_string(), ERROR_MAX_BYTES).into_owned();
+            tracing::warn!(target: TASK_LOG, "task failed permanently: {text}; dead-lettering it");
+            Ran::Rejected(text)
         }
         Err(panic) => {
-            let message = offload_common::telemetry::panic_message(panic.as_ref()).to_owned();
+            let message = offload_common::telemetry::panic_message(panic.as_ref());
+            let message = bounded(message, ERROR_MAX_BYTES);
             tracing::error!(target: TASK_LOG, "handler panicked: {message}");
             Ran::Failed(format!("the handler panicked: {message}"), None)
         }
@@ -382,7 +387,10 @@ fn to_dead(context: &Context, dead: &Event, attempts: u32) -> Outcome {
         headers.insert("x-offload-reason".into(), text(reason.as_str()));
     }
     if let Some(error) = &dead.error {
-        headers.insert("x-offload-error".into(), text(truncate(error, 1024)));
+        headers.insert(
+            "x-offload-error".into(),
+            text(&bounded(error, ERROR_MAX_BYTES)),
+        );
     }
     headers.insert(
         "x-offload-attempts".into(),
@@ -400,13 +408,4 @@ fn to_dead(context: &Context, dead: &Event, attempts: u32) -> Outcome {
         headers,
         otherwise: InPlace::Reject,
     })
-}
-
-/// At most `max` bytes of `text`, cut at a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }

@@ -29,3 +29,4 @@ mod shutdown;
 mod status;
 mod targets;
 mod traces;
+mod untrusted;

@@ -1,0 +1,94 @@
+//! Text offload does not control (a handler's error, what a writer puts on the events stream)
+//! is bounded wherever it goes: an event, a status, a header, an answer. Each test is a
+//! reproduction from the trust review (issue 23), run against a real broker.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use offload_api::Config as GatewayConfig;
+use offload_common::{Event, EventType, events::encode_batch, text::ERROR_MAX_BYTES};
+use offload_tests::{InProcessWorker, TestGateway, TestQueue, amqp_url, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A `sleep` task whose payload is a 250,000-character string fails to decode, with serde's
+/// error quoting the whole payload. Its status, read by a gateway that replays the stream
+/// afresh too, holds at most `ERROR_MAX_BYTES` of it, marked as cut.
+#[tokio::test]
+async fn an_error_quoting_a_huge_payload_is_cut_in_the_events_and_the_status() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "untrusted-error", 5).await;
+    let config = GatewayConfig::new(&url, queue.name());
+    let gateway = TestGateway::spawn(config.clone()).await;
+    let worker_config = offload_worker::Config::new(&url, queue.name());
+    let _worker = InProcessWorker::start(
+        worker_config.clone(),
+        offload_worker::handlers::builtin(&worker_config),
+    );
+
+    let huge = "b".repeat(250_000);
+    let id = gateway
+        .submit(&json!({"kind": "sleep", "payload": huge}))
+        .await;
+    let error_of = async |gateway: &TestGateway| {
+        eventually(DEADLINE, "the task's error in its status", || async {
+            let (code, body) = gateway.task(id, "").await;
+            (code == StatusCode::OK)
+                .then(|| body["error"].as_str().map(str::to_owned))
+                .flatten()
+        })
+        .await
+    };
+    for error in [error_of(&gateway).await, {
+        let fresh = TestGateway::spawn(config.clone()).await;
+        fresh.live(DEADLINE).await;
+        error_of(&fresh).await
+    }] {
+        assert!(error.contains("bbbb"), "{error}");
+        assert!(
+            error.len() <= ERROR_MAX_BYTES + 64 && error.contains("(cut from"),
+            "{} bytes: {}…",
+            error.len(),
+            &error[..200]
+        );
+    }
+}
+
+/// A `worker` event on the stream announcing a 10,000-character kind, as anyone with the
+/// broker's credentials can write: the gateway keeps at most 256 bytes of it, and its 422
+/// `unknown_kind`, which names the kinds handled, stays short.
+#[tokio::test]
+async fn a_forged_worker_event_with_a_huge_kind_does_not_swell_answers() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "untrusted-kinds", 5).await;
+    let gateway = TestGateway::spawn(GatewayConfig::new(&url, queue.name())).await;
+    gateway.live(DEADLINE).await;
+    let mut forged = Event::new(EventType::Worker);
+    forged.worker = Some("w".repeat(10_000));
+    forged.kinds = Some(vec!["k".repeat(10_000)]);
+    let stream = queue
+        .topology()
+        .events_stream()
+        .expect("events are on by default");
+    offload_tests::publish_confirmed(
+        queue.connection(),
+        "",
+        &stream,
+        &encode_batch([&forged]),
+        BasicProperties::default(),
+    )
+    .await;
+
+    let answer = eventually(DEADLINE, "the gateway to know the forged kind", || async {
+        let response = gateway
+            .post_task(&json!({"kind": "nobody-runs-this"}))
+            .await;
+        let body: Value = response.json().await.ok()?;
+        let error = body["error"].as_str()?.to_owned();
+        error.contains("kkkk").then_some(error)
+    })
+    .await;
+    assert!(answer.len() < 1_000, "{} bytes", answer.len());
+}
