@@ -182,6 +182,20 @@ async fn neither_keys_nor_broker_passwords_reach_the_log() {
     for secret in [KEY, "not-the-key", LIVE_PASSWORD, "pa55%2Fw0rd", "Odd,pa55"] {
         assert!(!written.contains(secret), "{secret:?} reached the log");
     }
+    // Nor the password's bytes: the AMQP SASL PLAIN response is `\0user\0password`, which a
+    // frame logged with Rust's debug output shows as a list of numbers.
+    let bytes = |text: &str| {
+        text.bytes()
+            .map(|byte| byte.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for secret in [LIVE_PASSWORD, "Odd,pa55"] {
+        assert!(
+            !written.contains(&bytes(secret)),
+            "the bytes of {secret:?} reached the log"
+        );
+    }
 }
 
 /// A URL whose password holds an unencoded `/` cannot be parsed; the gateway refuses to start
