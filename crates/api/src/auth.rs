@@ -257,7 +257,7 @@ pub async fn require(
 ) -> Response {
     match forgery_guard(&request).and_then(|()| access.check(request.headers(), scope)) {
         Ok(()) => next.run(request).await,
-        Err(error) => error.into_response(),
+        Err(error) => refused(&request, error),
     }
 }
 
@@ -269,8 +269,23 @@ pub async fn require_any(
 ) -> Response {
     match forgery_guard(&request).and_then(|()| access.check_any(request.headers(), scopes)) {
         Ok(()) => next.run(request).await,
-        Err(error) => error.into_response(),
+        Err(error) => refused(&request, error),
     }
+}
+
+/// The answer to a request refused at the door (401, 403, 429), before its body is read. A
+/// connection whose request body was not read cannot carry another request, and the server
+/// closes it: `Connection: close` says so, so that the client does not send its next request
+/// on it and meet a closed socket.
+fn refused(request: &Request, error: ApiError) -> Response {
+    let mut response = error.into_response();
+    if !axum::body::HttpBody::is_end_stream(request.body()) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 #[cfg(test)]

@@ -278,6 +278,13 @@ async fn keys_and_scopes_decide_who_gets_past_the_door() {
     let answer = call(&router, post_task(&json!({"kind": "sleep"}))).await;
     let message = error_of(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
     assert!(message.contains("has none"), "{message}");
+    // Refused before its body was read: the connection cannot carry another request, and the
+    // answer says so. A request without a body keeps its connection.
+    assert_eq!(answer.1[header::CONNECTION], "close");
+    let (status, headers, _) =
+        call(&router, get("/tasks/00000000-0000-0000-0000-000000000000")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(!headers.contains_key(header::CONNECTION));
     // A bare key, without `Bearer `: not told it sent none.
     let mut bare = post_task(&json!({"kind": "sleep"}));
     bare.headers_mut().insert(
