@@ -202,9 +202,10 @@ pub fn integer_header(properties: &BasicProperties, name: &str) -> Option<u64> {
 }
 
 /// The properties of a copy of a delivered message, to publish as a new message: persistent,
-/// without the headers the broker set on the delivery (`x-delivery-count`, which a new
-/// message must not carry or it would be read as the broker's, and the `x-death` family) or
-/// those `drop` picks, and with `extra` set over the rest.
+/// without an `expiration` (a copy to `.dead` or to the delay levels must not silently
+/// expire there), without the headers the broker set on the delivery (`x-delivery-count`,
+/// which a new message must not carry or it would be read as the broker's, and the `x-death`
+/// family) or those `drop` picks, and with `extra` set over the rest.
 pub fn copy_properties(
     properties: &BasicProperties,
     drop: impl Fn(&str) -> bool,
@@ -227,10 +228,48 @@ pub fn copy_properties(
     for (key, value) in extra.inner() {
         headers.insert(key.clone(), value.clone());
     }
-    properties
-        .clone()
+    without_expiration(properties)
         .with_headers(headers)
         .with_delivery_mode(2)
+}
+
+/// `properties` but `expiration` (and the headers, which [`copy_properties`] sets).
+fn without_expiration(properties: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    if let Some(value) = properties.content_type() {
+        copy = copy.with_content_type(value.clone());
+    }
+    if let Some(value) = properties.content_encoding() {
+        copy = copy.with_content_encoding(value.clone());
+    }
+    if let Some(value) = properties.priority() {
+        copy = copy.with_priority(*value);
+    }
+    if let Some(value) = properties.correlation_id() {
+        copy = copy.with_correlation_id(value.clone());
+    }
+    if let Some(value) = properties.reply_to() {
+        copy = copy.with_reply_to(value.clone());
+    }
+    if let Some(value) = properties.message_id() {
+        copy = copy.with_message_id(value.clone());
+    }
+    if let Some(value) = properties.timestamp() {
+        copy = copy.with_timestamp(*value);
+    }
+    if let Some(value) = properties.kind() {
+        copy = copy.with_type(value.clone());
+    }
+    if let Some(value) = properties.user_id() {
+        copy = copy.with_user_id(value.clone());
+    }
+    if let Some(value) = properties.app_id() {
+        copy = copy.with_app_id(value.clone());
+    }
+    if let Some(value) = properties.cluster_id() {
+        copy = copy.with_cluster_id(value.clone());
+    }
+    copy
 }
 
 /// RFC 3339 timestamps with millisecond precision, in UTC, for serde's `with`.
@@ -280,6 +319,30 @@ pub(crate) mod optional_rfc3339 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_keeps_the_properties_but_an_expiration_and_the_brokers_headers() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        headers.insert("x-offload-attempt".into(), AMQPValue::LongLongInt(2));
+        let original = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_type("sleep".into())
+            .with_content_type("application/json".into())
+            .with_timestamp(1_800_000_000)
+            .with_expiration("60000".into())
+            .with_headers(headers);
+        let copy = copy_properties(&original, |_| false, &FieldTable::default());
+        assert_eq!(copy.expiration(), &None, "a copy never expires by itself");
+        assert_eq!(copy.message_id(), original.message_id());
+        assert_eq!(copy.kind(), original.kind());
+        assert_eq!(copy.content_type(), original.content_type());
+        assert_eq!(copy.timestamp(), original.timestamp());
+        assert_eq!(copy.delivery_mode(), &Some(2));
+        let kept = copy.headers().as_ref().expect("headers");
+        assert!(kept.inner().contains_key("x-offload-attempt"));
+        assert!(!kept.inner().contains_key("x-delivery-count"));
+    }
 
     #[test]
     fn kinds_follow_the_documented_alphabet() {

@@ -92,3 +92,58 @@ async fn a_forged_worker_event_with_a_huge_kind_does_not_swell_answers() {
     .await;
     assert!(answer.len() < 1_000, "{} bytes", answer.len());
 }
+
+/// A message published with a per-message `expiration` that dies keeps no expiration in
+/// `<QUEUE>.dead`: nothing there expires silently.
+#[tokio::test]
+async fn a_dead_copy_never_carries_the_expiration_of_the_message() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "untrusted-expiry", 5).await;
+    let worker_config = offload_worker::Config::new(&url, queue.name());
+    let _worker = InProcessWorker::start(
+        worker_config.clone(),
+        offload_worker::handlers::builtin(&worker_config),
+    );
+    let id = uuid::Uuid::new_v4();
+    queue
+        .publish_raw(
+            "sleep",
+            b"not an envelope",
+            BasicProperties::default()
+                .with_message_id(id.to_string().into())
+                .with_expiration("600000".into()),
+        )
+        .await;
+    let dead = queue.topology().dead_letter_queue();
+    let channel = queue
+        .connection()
+        .create_channel()
+        .await
+        .expect("a channel");
+    let copy = eventually(DEADLINE, "the message in the dead-letter queue", || async {
+        channel
+            .basic_get(dead.as_str().into(), BasicGetOptions::default())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(
+        copy.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(ToString::to_string),
+        Some(id.to_string())
+    );
+    assert_eq!(copy.delivery.properties.expiration(), &None);
+    copy.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .expect("put it back");
+}
