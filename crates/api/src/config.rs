@@ -96,6 +96,12 @@ pub struct Config {
     #[arg(long, env = "MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
 
+    /// Most `GET /tasks/{id}?wait=` requests waiting at once; past it, one is answered at once
+    /// with where the task stands (the client asks again), so long-polls hold no more than
+    /// this many of the `MAX_CONNECTIONS` and never keep `/health` or `POST /tasks` out.
+    #[arg(long, env = "MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiting: u32,
+
     /// How long to wait for the broker to confirm a publish before answering 503.
     #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub confirm_timeout: Duration,
@@ -129,6 +135,8 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_STATUS_CAPACITY: usize = 100_000;
 /// Default for `--max-wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Default for `--max-waiting`: a quarter of the default `MAX_CONNECTIONS`.
+pub const DEFAULT_MAX_WAITING: u32 = 128;
 /// Default for `--max-body-bytes`: 256 KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default for `--confirm-timeout`.
@@ -159,6 +167,7 @@ impl Config {
             rate_limit_burst: None,
             status_capacity: DEFAULT_STATUS_CAPACITY,
             max_wait: DEFAULT_MAX_WAIT,
+            max_waiting: DEFAULT_MAX_WAITING,
             metrics: true,
             dashboard: true,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
@@ -204,6 +213,7 @@ mod tests {
         assert_eq!(parsed.header_timeout, built.header_timeout);
         assert_eq!(parsed.body_timeout, built.body_timeout);
         assert_eq!(parsed.max_connections, built.max_connections);
+        assert_eq!(parsed.max_waiting, built.max_waiting);
         assert_eq!(parsed.max_header_bytes, built.max_header_bytes);
         assert_eq!(parsed.broker.dead_max_length, built.broker.dead_max_length);
         assert_eq!(parsed.broker.delivery_limit, built.broker.delivery_limit);

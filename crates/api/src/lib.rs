@@ -43,6 +43,8 @@ pub struct AppState {
     /// Where `queued` events go; `None` with EVENTS=off.
     events: Option<EventSink>,
     max_wait: Duration,
+    /// `MAX_WAITING` permits, one held by each `GET /tasks/{id}?wait=` that waits.
+    waiting: Arc<tokio::sync::Semaphore>,
     access: Access,
     retry_after_secs: u32,
     max_body_bytes: usize,
@@ -277,6 +279,7 @@ fn assemble(
         tracker,
         events,
         max_wait: config.max_wait,
+        waiting: Arc::new(tokio::sync::Semaphore::new(config.max_waiting as usize)),
         access,
         retry_after_secs: config.retry_after_secs,
         max_body_bytes: config.max_body_bytes,

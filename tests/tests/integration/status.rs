@@ -424,3 +424,42 @@ async fn with_events_off_there_is_no_stream_and_status_says_tracking_is_off() {
     assert_eq!(health["events"], "off", "{health}");
     gateway.stop().await;
 }
+
+/// Long-polls have a cap of their own (`MAX_WAITING`): past it, a `?wait=` is answered at
+/// once with where the task stands, so waiting clients never hold every connection and keep
+/// `/health` and `POST /tasks` out.
+#[tokio::test]
+async fn long_polls_past_max_waiting_are_answered_at_once() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "waiting", 5).await;
+    let mut config = GatewayConfig::new(&url, queue.name());
+    config.max_waiting = 2;
+    let gateway = Arc::new(TestGateway::spawn(config).await);
+    gateway.live(DEADLINE).await;
+    // No worker: the task stays queued, and every wait for its end lasts its whole length.
+    let id = gateway.submit(&json!({"kind": "sleep"})).await;
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            let gateway = Arc::clone(&gateway);
+            tokio::spawn(async move { gateway.task(id, "?wait=60s").await })
+        })
+        .collect();
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("a client");
+    let answer = eventually(DEADLINE, "a third long-poll answered at once", || async {
+        let response = quick
+            .get(gateway.url(&format!("/tasks/{id}?wait=60s")))
+            .send()
+            .await
+            .ok()?;
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(answer["status"], "queued", "{answer}");
+    assert_eq!(gateway.health().await.status(), StatusCode::OK);
+    for holder in holders {
+        holder.abort();
+    }
+}

@@ -231,7 +231,20 @@ async fn status(
         }
     };
     let id: Uuid = id.parse().map_err(|_| ApiError::UnknownTask)?;
+    // Past MAX_WAITING waiting requests, this one answers at once: long-polls must not hold
+    // every connection the gateway serves.
+    let permit = if wait.is_zero() {
+        None
+    } else {
+        state.waiting.clone().try_acquire_owned().ok()
+    };
+    let wait = if permit.is_some() {
+        wait
+    } else {
+        Duration::ZERO
+    };
     let mut task = tracker.wait(id, wait).await.ok_or_else(unknown)?;
+    drop(permit);
     // While replaying, the view holds the start of a task's story, not yet its end: only
     // a terminal state is sure to be no older than the stream, and, for a task this gateway
     // accepted, `queued` (at least) is what its client was promised at once.
