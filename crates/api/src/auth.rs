@@ -228,14 +228,23 @@ fn presented_key(headers: &HeaderMap) -> Option<String> {
 /// which the gateway never grants.
 pub const REQUESTED_BY: &str = "x-requested-by";
 
-/// Refuses a request that changes something when it carries a browser's Basic login but
-/// not [`REQUESTED_BY`]: a browser sends a cached login with any request to this origin,
-/// one a form on another site made included (cross-site request forgery).
+/// Refuses a request that changes something (cross-site request forgery):
+/// - when the browser says a page of another origin sent it: `Sec-Fetch-Site` other than
+///   `same-origin` or `none` (typed by the user), or, from a browser that does not send that,
+///   an `Origin` whose host is not this request's `Host`; whether or not API keys are set, as
+///   an open gateway is the one a form on another site can use with no login at all. Clients
+///   that are not browser pages send neither header.
+/// - when it carries a browser's Basic login but not [`REQUESTED_BY`]: a browser sends a
+///   cached login with any request to this origin.
 fn forgery_guard(request: &Request) -> Result<(), ApiError> {
     let safe = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
+    if !safe {
+        foreign_origin(request.headers())
+            .map_or(Ok(()), |why| Err(ApiError::ForeignOrigin(why)))?;
+    }
     let basic = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -247,6 +256,19 @@ fn forgery_guard(request: &Request) -> Result<(), ApiError> {
     } else {
         Err(ApiError::CrossSite)
     }
+}
+
+/// Why the browser's headers say a page of another origin sent this request, if they do.
+fn foreign_origin(headers: &HeaderMap) -> Option<&'static str> {
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return (!matches!(site, "same-origin" | "none")).then_some("Sec-Fetch-Site");
+    }
+    let origin = header(header::ORIGIN.as_str())?;
+    // `Origin: null` (a sandboxed page, a redirect) names no origin at all.
+    let from = origin.split_once("://").map(|(_, rest)| rest);
+    let host = header(header::HOST.as_str());
+    (from.is_none() || from != host).then_some("Origin")
 }
 
 /// Middleware: lets a request through only with a key that has `scope`.

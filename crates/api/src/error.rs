@@ -66,6 +66,10 @@ pub enum ApiError {
         "a request that changes something, with a browser login, lacks the X-Requested-By header"
     )]
     CrossSite,
+    /// A request that changes something, which the browser says came from a page of another
+    /// origin (`Sec-Fetch-Site`, or else `Origin`).
+    #[error("a request that changes something came from a page of another site ({0})")]
+    ForeignOrigin(&'static str),
     /// The key has used up its rate.
     #[error("rate limit reached")]
     RateLimited {
@@ -223,7 +227,7 @@ impl ApiError {
             | Self::TrackingOff => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::CrossSite => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::CrossSite | Self::ForeignOrigin(_) => StatusCode::FORBIDDEN,
             Self::UnknownKind { .. }
             | Self::InvalidIdempotencyKey
             | Self::InvalidWait
@@ -262,7 +266,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
-            Self::CrossSite => "cross_site_request",
+            Self::CrossSite | Self::ForeignOrigin(_) => "cross_site_request",
             Self::UnknownKind { .. } | Self::KindNotFound { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::InvalidWait => "invalid_wait",
@@ -335,6 +339,9 @@ impl ApiError {
             ),
             Self::CrossSite => format!(
                 "{self}, so it may come from a form on another site; the dashboard sends it, other clients should send Authorization: Bearer <API key>"
+            ),
+            Self::ForeignOrigin(_) => format!(
+                "{self}, which the gateway refuses whether or not API keys are set; use the gateway's own dashboard, or a client that is not a browser page"
             ),
             Self::RateLimited { .. } => {
                 "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()

@@ -197,6 +197,72 @@ async fn a_bad_delay_or_run_at_is_named_for_what_is_wrong_with_it() {
     );
 }
 
+/// A page of another site cannot change anything, whether or not API keys are set: the
+/// browser says where a request comes from (`Sec-Fetch-Site`, or `Origin`), and the gateway
+/// refuses it. Clients that are not browser pages send neither, and pass.
+#[tokio::test]
+async fn requests_a_page_of_another_site_sends_are_refused_without_keys_too() {
+    let router = router_with(|_| {});
+    let with = |method: Method, path: &str, headers: &[(&str, &str)]| {
+        let mut request = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({"kind": "sleep"}).to_string()))
+            .expect("a valid request")
+    };
+    for headers in [
+        &[("sec-fetch-site", "cross-site")][..],
+        &[("sec-fetch-site", "same-site")],
+        &[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8080"),
+        ],
+        &[("origin", "null"), ("host", "127.0.0.1:8080")],
+    ] {
+        for path in [
+            "/tasks",
+            "/dead/retry?kind=sleep",
+            "/tasks/cancel?kind=sleep",
+        ] {
+            let answer = call(&router, with(Method::POST, path, headers)).await;
+            let message = error_of(&answer, StatusCode::FORBIDDEN, "cross_site_request");
+            assert!(
+                message.contains("another site"),
+                "{path} {headers:?}: {message}"
+            );
+        }
+    }
+    // The same origin, a page the user typed, and a client that is no browser page: on to
+    // the broker, which is not there.
+    for headers in [
+        &[("sec-fetch-site", "same-origin")][..],
+        &[("sec-fetch-site", "none")],
+        &[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080"),
+        ],
+        &[],
+    ] {
+        let answer = call(&router, with(Method::POST, "/tasks", headers)).await;
+        error_of(
+            &answer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+        );
+    }
+    // Reading is never refused for where it comes from.
+    let mut read = get("/health");
+    read.headers_mut().insert(
+        "sec-fetch-site",
+        "cross-site".parse().expect("a header value"),
+    );
+    let (status, _, _) = call(&router, read).await;
+    assert_ne!(status, StatusCode::FORBIDDEN);
+}
+
 /// A batch that is not one is refused whole; a batch's tasks are answered one by one, a bad
 /// one among good ones with its own error.
 #[tokio::test]
