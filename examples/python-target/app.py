@@ -33,4 +33,9 @@ def work():
 
 
 if __name__ == "__main__":
-    app.run(host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")), threaded=True)
+    # Waitress, a production WSGI server, not Flask's development server (app.run), which
+    # warns against production use. Each call holds a thread while it works: THREADS of them.
+    from waitress import serve
+
+    serve(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")),
+          threads=int(os.environ.get("THREADS", "32")))

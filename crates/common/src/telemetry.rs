@@ -41,8 +41,9 @@ impl LogArgs {
             let location = info.location().map(ToString::to_string);
             tracing::error!(location, "panic: {}", panic_message(info.payload()));
         }));
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info"))
+        let directives = with_clients_quiet(std::env::var("RUST_LOG").ok().as_deref());
+        let filter = EnvFilter::try_new(&directives)
+            .unwrap_or_else(|_| EnvFilter::new(with_clients_quiet(None)))
             .and(filter_fn(no_frames));
         let logs = match self.log_format {
             LogFormat::Text => fmt::layer().with_target(false).boxed(),
@@ -105,13 +106,58 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic without a message")
 }
 
+/// The AMQP client's crates, whose own log lines are off unless `RUST_LOG` names them.
+const CLIENTS: [&str; 2] = ["lapin", "amq_protocol"];
+
+/// `RUST_LOG`'s directives (default `info`), with the AMQP client's own lines turned off
+/// unless they name it (`RUST_LOG=info,lapin=debug`). Its lines repeat, in Rust's debug
+/// output (`error doing IO ... Error { kind: IOError(..) }`), what our own lines already say
+/// in words (a lost broker is logged by the session that lost it), and its warning of a
+/// returned message prints the message, a task's payload with it.
+fn with_clients_quiet(rust_log: Option<&str>) -> String {
+    let directives = rust_log
+        .map(str::trim)
+        .filter(|given| !given.is_empty())
+        .unwrap_or("info");
+    if CLIENTS.iter().any(|client| directives.contains(client)) {
+        return directives.to_owned();
+    }
+    let mut quiet = directives.to_owned();
+    for client in CLIENTS {
+        quiet.push_str(&format!(",{client}=off"));
+    }
+    quiet
+}
+
 /// Whether an event may be logged whatever `RUST_LOG` asks: not the AMQP client's trace
 /// output, which prints frames with Rust's debug output, among them the SASL PLAIN response
 /// (`\0user\0password`, as a list of numbers no redaction of text would catch). Secrets
 /// never reach a log, at any level.
 fn no_frames(meta: &tracing::Metadata<'_>) -> bool {
     !(*meta.level() == tracing::Level::TRACE
-        && ["lapin", "amq_protocol"]
+        && CLIENTS
             .iter()
             .any(|client| meta.target().starts_with(client)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_clients_quiet;
+
+    #[test]
+    fn the_amqp_clients_own_lines_are_off_unless_named() {
+        assert_eq!(with_clients_quiet(None), "info,lapin=off,amq_protocol=off");
+        assert_eq!(
+            with_clients_quiet(Some(" ")),
+            "info,lapin=off,amq_protocol=off"
+        );
+        assert_eq!(
+            with_clients_quiet(Some("debug,offload::task=warn")),
+            "debug,offload::task=warn,lapin=off,amq_protocol=off"
+        );
+        assert_eq!(
+            with_clients_quiet(Some("info,lapin=debug")),
+            "info,lapin=debug"
+        );
+    }
 }

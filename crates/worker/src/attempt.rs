@@ -96,7 +96,7 @@ pub(crate) async fn process(delivery: &Delivery, mut taken: Taken, context: Arc<
             Err(task) => {
                 tracing::warn!(
                     target: TASK_LOG,
-                    known = ?context.registry.kinds(),
+                    known = %context.registry.kinds().join(","),
                     "no handler for kind '{}'; dead-lettering the task", task.kind
                 );
                 let mut dead = event(EventType::Dead);
@@ -176,7 +176,7 @@ impl<E: Fn(EventType) -> Event> Ending<'_, E> {
                         cancelled.error = Some(error);
                     }
                 }
-                tracing::info!(target: TASK_LOG, stopped = ?cancelled.handler_stopped, "task cancelled while running");
+                tracing::info!(target: TASK_LOG, stopped = cancelled.handler_stopped, "task cancelled while running");
                 (Outcome::Ack, cancelled)
             }
             Ran::Succeeded(completed) => {

@@ -324,7 +324,7 @@ impl State {
 /// Says on the events stream that this worker has read a cancel.
 fn announce(events: Option<&EventSink>, worker: &str, seen: Seen) {
     if seen.running {
-        tracing::info!(target: crate::TASK_LOG, task_id = ?seen.task, "cancelled while running: telling the handler");
+        tracing::info!(target: crate::TASK_LOG, task_id = seen.task.map(tracing::field::display), "cancelled while running: telling the handler");
     }
     let Some(events) = events else {
         return;

@@ -96,9 +96,18 @@ pub async fn run(
         metrics,
         cancels: Arc::new(Cancels::new(kinds.iter().map(|(kind, _)| kind.as_str()))),
     });
+    // Comma-separated text, not `?kinds`: a JSON log would hold Rust's debug output as a
+    // string (`"[(\"sleep\", 1)]"`). Tracing's fields are scalars; arrays need its unstable
+    // `valuable` support.
+    let names: Vec<&str> = kinds.iter().map(|(kind, _)| kind.as_str()).collect();
+    let limits: Vec<String> = kinds
+        .iter()
+        .map(|(kind, limit)| format!("{kind}={limit}"))
+        .collect();
     tracing::info!(
         queue = broker.topology().queue(),
-        kinds = ?kinds,
+        kinds = %names.join(","),
+        concurrency = %limits.join(","),
         "offload-worker starting"
     );
     let worker = ConsumeLoop {
@@ -173,6 +182,6 @@ async fn declare_only(config: &Config, topology: &Topology) -> Result<(), Worker
     let declared = topology.declare(&connection).await;
     let _ = connection.close(200, "declared".into()).await;
     declared.map_err(BrokerError::from)?;
-    tracing::info!(broker = %url, queue = topology.queue(), kinds = ?topology.kinds(), "declared the queues and bound the kinds");
+    tracing::info!(broker = %url, queue = topology.queue(), kinds = %topology.kinds().join(","), "declared the queues and bound the kinds");
     Ok(())
 }

@@ -306,6 +306,37 @@ async fn gateway_and_worker_recover_by_themselves_after_the_broker_is_killed() {
     let health = gateway.health().await;
     assert_eq!(health.status(), StatusCode::OK);
     gateway.stop().await;
+
+    // The worker told of the crash in its own words, each line JSON with scalar fields: not
+    // the AMQP client's lines (`error doing IO ... Error { kind: IOError(..) }`, Rust's
+    // debug output), and no debug output of a list (`"[\"sleep\"]"`).
+    let log = worker.log();
+    let said = |text: &str| {
+        log.iter().any(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(text))
+        })
+    };
+    assert!(said("lost the broker connection"), "{log:#?}");
+    let debug_output = log.iter().find(|line| {
+        let line = line.to_string();
+        line.contains("error doing IO") || line.contains("Error {") || line.contains("[\\\"")
+    });
+    assert!(debug_output.is_none(), "{debug_output:?}");
+    let start = log
+        .iter()
+        .find(|line| line["message"] == "offload-worker starting")
+        .expect("the start-up line");
+    let kinds = start["kinds"].as_str().expect("kinds as text");
+    assert!(kinds.split(',').any(|kind| kind == "sleep"), "{start}");
+    assert!(
+        start["concurrency"]
+            .as_str()
+            .expect("text")
+            .contains("sleep=1"),
+        "{start}"
+    );
 }
 
 /// Never finishes.

@@ -294,7 +294,10 @@ impl Scheduler {
         let mut wait = RETRY_FIRST;
         while !self.events.emit_confirmed(queued.clone()).await {
             if SystemTime::now() + wait > tick + LATE_LIMIT {
-                tracing::warn!(schedule = ?queued.schedule, "a tick's `queued` event was not confirmed: another leader may fire the tick again");
+                tracing::warn!(
+                    schedule = queued.schedule.as_deref(),
+                    "a tick's `queued` event was not confirmed: another leader may fire the tick again"
+                );
                 return;
             }
             tokio::time::sleep(wait).await;
