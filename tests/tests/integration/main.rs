@@ -30,3 +30,4 @@ mod status;
 mod targets;
 mod traces;
 mod untrusted;
+mod walkthrough;
