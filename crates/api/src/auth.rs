@@ -34,6 +34,29 @@ struct Key {
     digest: [u8; 32],
     scopes: u8,
     limiter: Option<Limiter>,
+    caller: Caller,
+}
+
+/// Who a request let through is, as far as idempotency keys go: the API key it presented, by a
+/// digest that names it without giving it away, or nobody (an open gateway). Handlers read it
+/// from the request's extensions; absent, the caller is anonymous.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// 32 hex digits: the first 16 bytes of SHA-256 over a label and the key's own SHA-256.
+    /// Every gateway with the key computes the same; the events stream carries it.
+    pub idempotency_scope: Option<Arc<str>>,
+}
+
+impl Caller {
+    fn of_key(digest: &[u8; 32]) -> Self {
+        let scope = Sha256::new()
+            .chain_update(b"offload idempotency scope\0")
+            .chain_update(digest)
+            .finalize();
+        Self {
+            idempotency_scope: Some(hex::encode(&scope[..16]).into()),
+        }
+    }
 }
 
 /// Who may call the gateway, and how often. Cheap to clone.
@@ -107,8 +130,10 @@ impl Access {
             .map(|(entry, text)| {
                 let (key, scopes) =
                     parse_entry(&text).map_err(|problem| AccessError::Entry { entry, problem })?;
+                let digest = Sha256::digest(key.as_bytes()).into();
                 Ok(Key {
-                    digest: Sha256::digest(key.as_bytes()).into(),
+                    caller: Caller::of_key(&digest),
+                    digest,
                     scopes,
                     limiter: limiter(),
                 })
@@ -132,16 +157,20 @@ impl Access {
         self.inner.keys.len()
     }
 
-    /// Lets a request with these headers through for `scope`, or says why not.
-    pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<(), ApiError> {
+    /// Lets a request with these headers through for `scope`, or says why not; who it is.
+    pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<Option<&Caller>, ApiError> {
         self.check_any(headers, &[scope])
     }
 
     /// Lets a request through with a key that has any of `scopes` (the first is named when
-    /// it has none), or says why not.
-    pub fn check_any(&self, headers: &HeaderMap, scopes: &[Scope]) -> Result<(), ApiError> {
-        let limiter = if self.is_open() {
-            self.inner.open_limiter.as_ref()
+    /// it has none), or says why not; who it is (`None`: anonymous, the gateway is open).
+    pub fn check_any(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[Scope],
+    ) -> Result<Option<&Caller>, ApiError> {
+        let (limiter, caller) = if self.is_open() {
+            (self.inner.open_limiter.as_ref(), None)
         } else {
             let presented = presented_key(headers).ok_or(ApiError::Unauthorized(
                 if headers.contains_key(header::AUTHORIZATION) {
@@ -164,7 +193,7 @@ impl Access {
                     scopes.first().copied().unwrap_or(Scope::Admin),
                 ));
             }
-            key.limiter.as_ref()
+            (key.limiter.as_ref(), Some(&key.caller))
         };
         match limiter.map(Limiter::check) {
             Some(Err(not_until)) => {
@@ -173,7 +202,7 @@ impl Access {
                     retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
                 })
             }
-            _ => Ok(()),
+            _ => Ok(caller),
         }
     }
 }
@@ -277,10 +306,8 @@ pub async fn require(
     request: Request,
     next: Next,
 ) -> Response {
-    match forgery_guard(&request).and_then(|()| access.check(request.headers(), scope)) {
-        Ok(()) => next.run(request).await,
-        Err(error) => refused(&request, error),
-    }
+    let checked = forgery_guard(&request).and_then(|()| access.check(request.headers(), scope));
+    let_through(checked.map(Option::<&Caller>::cloned), request, next).await
 }
 
 /// Middleware: lets a request through only with a key that has one of the scopes.
@@ -289,8 +316,24 @@ pub async fn require_any(
     request: Request,
     next: Next,
 ) -> Response {
-    match forgery_guard(&request).and_then(|()| access.check_any(request.headers(), scopes)) {
-        Ok(()) => next.run(request).await,
+    let checked =
+        forgery_guard(&request).and_then(|()| access.check_any(request.headers(), scopes));
+    let_through(checked.map(Option::<&Caller>::cloned), request, next).await
+}
+
+/// Runs the request, its caller (if a key) in its extensions, or answers why not.
+async fn let_through(
+    checked: Result<Option<Caller>, ApiError>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match checked {
+        Ok(caller) => {
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(caller);
+            }
+            next.run(request).await
+        }
         Err(error) => refused(&request, error),
     }
 }
@@ -381,6 +424,38 @@ mod tests {
             access.check(&HeaderMap::new(), Scope::Read),
             Err(ApiError::Unauthorized(_))
         ));
+    }
+
+    #[test]
+    fn each_key_is_a_caller_of_its_own_named_by_a_digest_not_the_key() {
+        let settings = Some("shop-key=submit, billing-key");
+        let access = Access::from_settings(settings, None, None, None).expect("valid keys");
+        let scope = |key| {
+            access
+                .check(&with_key(key), Scope::Submit)
+                .expect("let through")
+                .and_then(|caller| caller.idempotency_scope.clone())
+                .expect("a key's caller has a scope")
+        };
+        let (shop, billing) = (scope("shop-key"), scope("billing-key"));
+        assert_ne!(shop, billing);
+        assert_eq!(shop.len(), 32);
+        assert!(!shop.contains("shop"));
+        // Every gateway with the key names it alike.
+        let again = Access::from_settings(settings, None, None, None).expect("valid keys");
+        let caller = again
+            .check(&with_key("shop-key"), Scope::Submit)
+            .expect("let through");
+        assert_eq!(
+            caller.and_then(|caller| caller.idempotency_scope.clone()),
+            Some(shop)
+        );
+        // An open gateway's callers are anonymous.
+        let open = Access::from_settings(None, None, None, None).expect("no keys");
+        assert_eq!(
+            open.check(&HeaderMap::new(), Scope::Submit).expect("open"),
+            None
+        );
     }
 
     #[test]

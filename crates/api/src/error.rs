@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use uuid::Uuid;
+
 use axum::{
     extract::rejection::JsonRejection,
     http::{HeaderValue, StatusCode, header},
@@ -81,6 +83,9 @@ pub enum ApiError {
         "an idempotency key (the Idempotency-Key header, or a batch task's idempotency_key) must be 1 to 255 printable ASCII characters"
     )]
     InvalidIdempotencyKey,
+    /// The Idempotency-Key was used (by this API key) for a request with other fields.
+    #[error("this idempotency key was used for a different request, task {0}")]
+    IdempotencyKeyReused(Uuid),
     /// `?wait=` is not a duration.
     #[error("?wait= must be a duration such as 30s or 500ms")]
     InvalidWait,
@@ -230,6 +235,7 @@ impl ApiError {
             Self::Forbidden(_) | Self::CrossSite | Self::ForeignOrigin(_) => StatusCode::FORBIDDEN,
             Self::UnknownKind { .. }
             | Self::InvalidIdempotencyKey
+            | Self::IdempotencyKeyReused(_)
             | Self::InvalidWait
             | Self::InvalidSchedule(_)
             | Self::InvalidBatchTask(_)
@@ -269,6 +275,7 @@ impl ApiError {
             Self::CrossSite | Self::ForeignOrigin(_) => "cross_site_request",
             Self::UnknownKind { .. } | Self::KindNotFound { .. } => "unknown_kind",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
+            Self::IdempotencyKeyReused(_) => "idempotency_key_reused",
             Self::InvalidWait => "invalid_wait",
             Self::InvalidQuery(_) => "invalid_query",
             Self::InvalidSchedule(_) => "invalid_schedule",
@@ -353,6 +360,9 @@ impl ApiError {
                 format!("{self}; fix the request")
             }
             Self::InvalidExpiry(_) => format!("{self}; fix the request"),
+            Self::IdempotencyKeyReused(_) => format!(
+                "{self} (kind, payload, delay, run_at and expiry are compared); a retry must repeat the first request exactly, and a new task needs a new key"
+            ),
             Self::InvalidBatchTask(_) => format!(
                 "{}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}}, optionally with \"delay\" or \"run_at\", \"expires_in\" or \"expires_at\", and \"idempotency_key\"",
                 excerpt(&self.to_string())

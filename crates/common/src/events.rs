@@ -141,6 +141,14 @@ pub struct Event {
     /// `queued`: the client's Idempotency-Key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// `queued` with an `idempotency_key`: whose key it is, a digest of the API key that sent
+    /// it (none: the gateway was open). A key is one task per API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_scope: Option<String>,
+    /// `queued` with an `idempotency_key`: a digest of the request's fields, so that the key
+    /// reused with another request is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
     /// `started`, `succeeded`, `failed`, `dead`: the attempt, 1 for the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u64>,
@@ -235,6 +243,8 @@ impl Event {
             &mut self.kind,
             &mut self.worker,
             &mut self.idempotency_key,
+            &mut self.idempotency_scope,
+            &mut self.request_digest,
             &mut self.schedule,
         ]
         .into_iter()
@@ -260,6 +270,8 @@ impl Event {
             kind: None,
             submitted_at: None,
             idempotency_key: None,
+            idempotency_scope: None,
+            request_digest: None,
             attempt: None,
             worker: None,
             duration_ms: None,

@@ -11,8 +11,8 @@ use super::Tracker;
 
 /// What an Idempotency-Key stands for, when a request asks.
 pub enum Claim {
-    /// A task was accepted with this key already.
-    Done(Uuid),
+    /// A task was accepted with this key already, and the digest of that request if known.
+    Done(Uuid, Option<[u8; 16]>),
     /// Another request on this gateway is submitting with this key: wait, then ask again.
     Wait(Arc<Notify>),
     /// This request submits; the claim is released when the guard drops.
@@ -49,10 +49,19 @@ impl Tracker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Claims `key` for a submission, or says what it already stands for.
+    /// Claims `key` (as indexed: [`super::idempotency_index`]) for a submission, or says what
+    /// it already stands for.
     pub fn claim(&self, key: &str) -> Claim {
-        if let Some(id) = self.view().idempotency.get(key).copied() {
-            return Claim::Done(id);
+        {
+            let view = self.view();
+            if let Some(id) = view.idempotency.get(key).copied() {
+                let digest = view
+                    .tasks
+                    .get(&id)
+                    .and_then(|task| task.extra.as_ref())
+                    .and_then(|extra| extra.request_digest);
+                return Claim::Done(id, digest);
+            }
         }
         let mut claims = self.claims();
         if let Some(notify) = claims.get(key) {

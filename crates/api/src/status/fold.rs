@@ -145,16 +145,40 @@ impl Entry {
                 Some((schedule.as_str().into(), millis(tick)));
         }
         if let Some(key) = &event.idempotency_key {
-            self.extra.get_or_insert_with(Box::default).idempotency_key = Some(key.as_str().into());
-            return Some(key.clone());
+            let indexed = idempotency_index(event.idempotency_scope.as_deref(), key);
+            let extra = self.extra.get_or_insert_with(Box::default);
+            extra.idempotency_key = Some(indexed.as_str().into());
+            extra.request_digest = event.request_digest.as_deref().and_then(parse_digest);
+            return Some(indexed);
         }
         None
     }
 }
 
+/// What the view indexes an Idempotency-Key under: the key within its API key's scope. An
+/// anonymous key (an open gateway, or an event from before keys were scoped) is itself.
+pub(crate) fn idempotency_index(scope: Option<&str>, key: &str) -> String {
+    match scope {
+        // Keys are printable ASCII: a NUL cannot be part of one.
+        Some(scope) => format!("{scope}\0{key}"),
+        None => key.to_owned(),
+    }
+}
+
+/// A request digest as `queued` events carry it: 32 hex digits. Anything else is ignored (no
+/// digest: any request may reuse the key, as before digests were written).
+pub(crate) fn parse_digest(text: &str) -> Option<[u8; 16]> {
+    let mut digest = [0; 16];
+    hex::decode_to_slice(text, &mut digest).ok()?;
+    Some(digest)
+}
+
 #[derive(Default)]
 pub(super) struct Extra {
+    /// The Idempotency-Key, as indexed ([`idempotency_index`]).
     pub(super) idempotency_key: Option<Box<str>>,
+    /// The digest of the request that used the key.
+    pub(super) request_digest: Option<[u8; 16]>,
     /// When it expires if not started (milliseconds since the epoch; 0: never).
     pub(super) expires_at: u64,
     /// The schedule and the tick (milliseconds since the epoch) that made it.

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 pub use cancels::Confirmed;
 pub use claims::{Claim, ClaimState};
+pub(crate) use fold::idempotency_index;
 pub use store::{Totals, Tracker};
 
 /// Where a task is in its life.

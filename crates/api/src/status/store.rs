@@ -21,7 +21,7 @@ use super::{Status, TaskView, fold::Entry, time_of};
 
 #[derive(Default)]
 pub(super) struct View {
-    tasks: HashMap<Uuid, Entry>,
+    pub(super) tasks: HashMap<Uuid, Entry>,
     /// Ids in the order they were first seen, to forget the oldest.
     order: VecDeque<Uuid>,
     pub(super) idempotency: HashMap<Box<str>, Uuid>,

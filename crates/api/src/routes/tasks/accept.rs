@@ -12,6 +12,7 @@ use offload_common::{
     trace,
 };
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa::ToSchema;
@@ -19,9 +20,10 @@ use uuid::Uuid;
 
 use crate::{
     AppState,
+    auth::Caller,
     error::{ApiError, Result},
     publisher::PublishError,
-    status::{Claim, ClaimState, Tracker},
+    status::{Claim, ClaimState, Tracker, idempotency_index},
 };
 
 /// What a client sends: a JSON object, nothing else.
@@ -71,6 +73,26 @@ pub(super) struct NewTaskFields {
     expires_at: Option<String>,
 }
 
+impl NewTask {
+    /// What tells one request from another under one Idempotency-Key: the first 16 bytes of
+    /// SHA-256 over its fields as JSON (object keys sorted, numbers as written).
+    fn digest(&self) -> [u8; 16] {
+        let fields = (
+            self.kind.as_str(),
+            &self.payload,
+            &self.delay,
+            &self.run_at,
+            &self.expires_in,
+            &self.expires_at,
+        );
+        let json = serde_json::to_vec(&fields).expect("JSON values and strings serialize");
+        let hash = Sha256::digest(&json);
+        let mut digest = [0; 16];
+        digest.copy_from_slice(&hash[..16]);
+        digest
+    }
+}
+
 impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
     type Error = serde_json::Error;
 
@@ -112,10 +134,14 @@ pub(super) async fn accept(
     state: &AppState,
     new: NewTask,
     key: Option<String>,
+    caller: &Caller,
     headers: &HeaderMap,
 ) -> Result<Outcome> {
     let wait = schedule(new.delay.as_deref(), new.run_at.as_deref())?;
-    let _claim = match (&key, &state.tracker) {
+    let scope = caller.idempotency_scope.as_deref();
+    let digest = key.as_ref().map(|_| new.digest());
+    let indexed = key.as_deref().map(|key| idempotency_index(scope, key));
+    let _claim = match (&indexed, &state.tracker) {
         (None, _) => None,
         (Some(_), None) => return Err(ApiError::IdempotencyOff),
         // Keys the view has not read back yet would be taken as new: make the client retry.
@@ -126,7 +152,10 @@ pub(super) async fn accept(
         }
         (Some(key), Some(tracker)) => loop {
             match tracker.claim(key) {
-                Claim::Done(id) => return Ok(Outcome::Existing(id)),
+                Claim::Done(id, Some(first)) if Some(first) != digest => {
+                    return Err(ApiError::IdempotencyKeyReused(id));
+                }
+                Claim::Done(id, _) => return Ok(Outcome::Existing(id)),
                 Claim::Wait(notify) => {
                     let notified = notify.notified();
                     tokio::pin!(notified);
@@ -172,6 +201,10 @@ pub(super) async fn accept(
     if let (Some(tracker), Some(events)) = (&state.tracker, &state.events) {
         let mut queued = Event::task(EventType::Queued, task.id, task.kind.as_str());
         queued.submitted_at = Some(task.submitted_at);
+        if key.is_some() {
+            queued.idempotency_scope = scope.map(str::to_owned);
+            queued.request_digest = digest.map(hex::encode);
+        }
         queued.idempotency_key = key;
         queued.run_at = run_at;
         queued.expires_at = task.expires_at;

@@ -3,7 +3,7 @@
 //! once the broker has confirmed every task it queued, with a result per task, in order. A bad
 //! task does not sink the others: each has its own result, an id or an error with a `code`.
 
-use axum::{extract::State, http::HeaderMap};
+use axum::{Extension, extract::State, http::HeaderMap};
 use futures_util::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     AppState,
+    auth::Caller,
     error::{ApiError, ErrorBody, Result},
     openapi::{KeyErrors, Unavailable},
 };
@@ -107,6 +108,7 @@ pub(super) struct TaskResult {
 )]
 pub(super) async fn batch(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Json(batch): Json<Batch>,
 ) -> Result<Json<BatchAnswer>> {
@@ -117,12 +119,13 @@ pub(super) async fn batch(
             max: state.max_batch,
         });
     }
-    let (state, headers) = (&state, &headers);
+    let caller = caller.map(|Extension(caller)| caller).unwrap_or_default();
+    let (state, headers, caller) = (&state, &headers, &caller);
     let results: Vec<TaskResult> = stream::iter(batch.tasks)
         .map(|task| async move {
             let outcome = async {
                 let (new, key) = read(task)?;
-                accept(state, new, key, headers).await
+                accept(state, new, key, caller, headers).await
             };
             result_of(state, outcome.await)
         })

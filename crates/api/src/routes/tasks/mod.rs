@@ -9,6 +9,7 @@ mod batch;
 use std::time::Duration;
 
 use axum::{
+    Extension,
     extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware,
@@ -22,7 +23,7 @@ use uuid::Uuid;
 use super::{Json, Query};
 use crate::{
     AppState,
-    auth::{self, Scope},
+    auth::{self, Caller, Scope},
     error::{ApiError, ErrorBody, Result},
     openapi::{KeyErrors, Unavailable},
     status::{Status, TaskView, Tracker},
@@ -103,18 +104,20 @@ struct Accepted<'a> {
         (status = 408, description = "`body_timeout`: the body did not arrive within BODY_TIMEOUT", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: send Content-Type: application/json", body = ErrorBody),
-        (status = 422, description = "`invalid_task`, `unknown_kind` (no worker handles it), `invalid_idempotency_key`, `invalid_schedule`, `delay_too_long`, `invalid_expiry`, `tracking_off` (an Idempotency-Key with EVENTS=off)", body = ErrorBody),
+        (status = 422, description = "`invalid_task`, `unknown_kind` (no worker handles it), `invalid_idempotency_key`, `idempotency_key_reused` (the key was used by this API key for another request), `invalid_schedule`, `delay_too_long`, `invalid_expiry`, `tracking_off` (an Idempotency-Key with EVENTS=off)", body = ErrorBody),
         KeyErrors,
         Unavailable,
     ),
 )]
 async fn submit(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Json(new): Json<NewTask>,
 ) -> Result<Response> {
     let key = idempotency_key(&headers)?;
-    let (id, kind, run_at) = match accept(&state, new, key, &headers).await? {
+    let caller = caller.map(|Extension(caller)| caller).unwrap_or_default();
+    let (id, kind, run_at) = match accept(&state, new, key, &caller, &headers).await? {
         Outcome::Existing(id) => {
             let tracker = state
                 .tracker

@@ -165,7 +165,7 @@ fn the_oldest_tasks_are_forgotten_past_the_capacity() {
         matches!(tracker.claim("key-0"), Claim::Mine(_)),
         "its key is forgotten too"
     );
-    assert!(matches!(tracker.claim("key-2"), Claim::Done(id) if id == ids[2]));
+    assert!(matches!(tracker.claim("key-2"), Claim::Done(id, None) if id == ids[2]));
 }
 
 #[test]
