@@ -28,7 +28,10 @@ async fn adding_a_task_kind_runs_as_typed() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/KINDS.md"))
         .expect("read docs/KINDS.md");
     let block = shell_block(&doc, "Then, typed\nin order:");
-    assert!(block.contains("cargo build -p offload-api -p offload-worker\n"), "{block}");
+    assert!(
+        block.contains("cargo build -p offload-api -p offload-worker\n"),
+        "{block}"
+    );
     for port in [8000, 8080, 9090] {
         assert!(
             TcpListener::bind(("127.0.0.1", port)).is_ok(),
@@ -92,9 +95,14 @@ async fn adding_a_task_kind_runs_as_typed() {
         read_err.join().expect("stderr reader"),
     );
     let status = status.unwrap_or_else(|| panic!("the walkthrough ran over 120 s:\n{out}\n{err}"));
-    assert!(status.success(), "the walkthrough failed ({status}):\n{out}\n{err}");
+    assert!(
+        status.success(),
+        "the walkthrough failed ({status}):\n{out}\n{err}"
+    );
     // The last document printed (curl adds no newline, and the processes' logs interleave).
-    let from = out.rfind(r#"{"id":""#).unwrap_or_else(|| panic!("a task:\n{out}\n{err}"));
+    let from = out
+        .rfind(r#"{"id":""#)
+        .unwrap_or_else(|| panic!("a task:\n{out}\n{err}"));
     let task: serde_json::Value = serde_json::Deserializer::from_str(&out[from..])
         .into_iter()
         .next()
