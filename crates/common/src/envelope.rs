@@ -169,9 +169,15 @@ impl fmt::Display for TaskKind {
 }
 
 /// How many times the broker has delivered a message before, from the quorum queue's
-/// `x-delivery-count` header (absent on a first delivery).
-pub fn delivery_count(properties: &BasicProperties) -> u64 {
-    integer_header(properties, "x-delivery-count").unwrap_or(0)
+/// `x-delivery-count` header, on a delivery the broker flagged `redelivered`. A first
+/// delivery counts 0 whatever its headers say: a publisher can write `x-delivery-count`
+/// itself, and the broker sets it only when it delivers a message again.
+pub fn delivery_count(redelivered: bool, properties: &BasicProperties) -> u64 {
+    if redelivered {
+        integer_header(properties, "x-delivery-count").unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// The header offload owns that numbers a task's attempts: a copy of the task published for

@@ -122,9 +122,9 @@ fn with_clients_quiet(rust_log: Option<&str>) -> String {
     if CLIENTS.iter().any(|client| directives.contains(client)) {
         return directives.to_owned();
     }
-    CLIENTS
-        .iter()
-        .fold(directives.to_owned(), |quiet, client| quiet + "," + client + "=off")
+    CLIENTS.iter().fold(directives.to_owned(), |quiet, client| {
+        quiet + "," + client + "=off"
+    })
 }
 
 /// Whether an event may be logged whatever `RUST_LOG` asks: not the AMQP client's trace

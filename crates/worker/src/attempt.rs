@@ -57,7 +57,7 @@ pub(crate) async fn process(delivery: &Delivery, mut taken: Taken, context: Arc<
         Ok(envelope) => envelope,
         Err(error) => return undecodable(delivery, taken, &context, &error).await,
     };
-    let previous_deliveries = delivery_count(&delivery.properties);
+    let previous_deliveries = delivery_count(delivery.redelivered, &delivery.properties);
     // The attempt this copy started with, plus the broker's redeliveries of it (crashes,
     // lost connections).
     let attempt = first_attempt(&delivery.properties)
@@ -90,6 +90,24 @@ pub(crate) async fn process(delivery: &Delivery, mut taken: Taken, context: Arc<
             event.worker = Some(context.worker.to_string());
             event
         };
+        if previous_deliveries >= context.delivery_limit && previous_deliveries > 0 {
+            // Its worker stopped during each of its last deliveries (a crash, an OOM kill, a
+            // lost connection): it is not run again. Dead-lettered here, with a `dead` event,
+            // rather than by the broker at its `x-delivery-limit`, which tells nobody: its
+            // status would stay `running` or `queued` for ever.
+            let mut dead = event(EventType::Dead);
+            let ran = attempt.saturating_sub(1).max(1);
+            dead.attempt = Some(u64::from(ran));
+            dead.reason = Some(DeadReason::DeliveryLimit);
+            dead.error = Some(format!(
+                "its worker stopped (crashed, or lost the broker) during each of its last {previous_deliveries} deliveries (DELIVERY_LIMIT {}); not run again",
+                context.delivery_limit
+            ));
+            tracing::warn!(target: TASK_LOG, previous_deliveries, "task dead-lettered at the delivery limit");
+            let outcome = to_dead(&context, &dead, ran);
+            settle(delivery, taken, &context, outcome, dead).await;
+            return;
+        }
         let policy = context.registry.policy(&kind).unwrap_or(context.policy);
         let running = match context.registry.dispatch(task, context.result_max_bytes) {
             Ok(running) => running,
@@ -128,7 +146,6 @@ pub(crate) async fn process(delivery: &Delivery, mut taken: Taken, context: Arc<
             delivery,
             kind: &kind,
             attempt,
-            previous_deliveries,
             policy,
             expires_at,
             took: began.elapsed(),
@@ -148,7 +165,6 @@ struct Ending<'a, E: Fn(EventType) -> Event> {
     delivery: &'a Delivery,
     kind: &'a str,
     attempt: u32,
-    previous_deliveries: u64,
     policy: RetryPolicy,
     expires_at: Option<SystemTime>,
     took: Duration,
@@ -184,14 +200,6 @@ impl<E: Fn(EventType) -> Event> Ending<'_, E> {
                 succeeded.duration_ms = took;
                 (succeeded.result, succeeded.error) = (completed.result, completed.note);
                 (Outcome::Ack, succeeded)
-            }
-            // The backstop for tasks that crash their worker: the broker dead-letters a task
-            // requeued on its last allowed delivery.
-            Ran::Failed(error, _) if self.previous_deliveries >= self.context.delivery_limit => {
-                let mut dead = event(EventType::Dead);
-                dead.reason = Some(DeadReason::DeliveryLimit);
-                dead.error = Some(error);
-                (Outcome::Requeue, dead)
             }
             Ran::Failed(error, _) if self.policy.is_last(self.attempt) => {
                 let mut dead = event(EventType::Dead);

@@ -94,8 +94,9 @@ impl Forwarder {
         };
         // The attempt it would have started with there, its redeliveries counted: the new
         // queue's delivery count starts again at 0.
-        let attempt = first_attempt(&delivery.properties)
-            .saturating_add(u32::try_from(delivery_count(&delivery.properties)).unwrap_or(0));
+        let attempt = first_attempt(&delivery.properties).saturating_add(
+            u32::try_from(delivery_count(delivery.redelivered, &delivery.properties)).unwrap_or(0),
+        );
         let mut headers = FieldTable::default();
         headers.insert(
             ATTEMPT_HEADER.into(),

@@ -40,7 +40,11 @@ const CONFIRM_TIMEOUT: &str = "2s";
 pub(crate) const CONFIRM_TIMEOUT_SECS: Duration = Duration::from_secs(2);
 const HEARTBEAT: &str = "2";
 const CONNECT_TIMEOUT: &str = "2s";
-const DELIVERY_LIMIT: u32 = 2;
+/// A copy may take three workers down: as many runs as the limit of 2 allowed before a worker
+/// dead-lettered the copy it would run a third time.
+const DELIVERY_LIMIT: u32 = 3;
+/// Attempts of a task that fails (poison tasks fail every one).
+const MAX_ATTEMPTS: u32 = 3;
 const WORKERS: usize = 2;
 const PREFETCH: u16 = 4;
 /// How long load runs after 202s have resumed.
@@ -255,7 +259,7 @@ fn shaped(fault: Fault, shape: &LoadShape) -> (LoadShape, Vec<(&'static str, Str
         shape.other_task = Some(serde_json::json!({"kind": "flaky", "payload": {"fail": 0}}));
     }
     if fault == Fault::RetriesRestart {
-        shape.scripted_failures = Some(DELIVERY_LIMIT + 1);
+        shape.scripted_failures = Some(MAX_ATTEMPTS);
         worker_env.push(("RETRY_BASE", "1s".to_owned()));
         worker_env.push(("RETRY_MAX", "2s".to_owned()));
     }

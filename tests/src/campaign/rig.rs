@@ -10,8 +10,8 @@ use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, type
 use uuid::Uuid;
 
 use super::{
-    CLUSTER_REPLICAS, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, DELIVERY_LIMIT, Fault, HEARTBEAT, PREFETCH,
-    STEP_DEADLINE, WORKERS,
+    CLUSTER_REPLICAS, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, DELIVERY_LIMIT, Fault, HEARTBEAT,
+    MAX_ATTEMPTS, PREFETCH, STEP_DEADLINE, WORKERS,
 };
 use crate::{
     FaultyProxy, GatewayProcess, PrivateBroker, PrivateCluster, WorkerOptions, WorkerProcess,
@@ -116,9 +116,9 @@ impl Rig {
             binary: "offload-campaign-worker",
             env: common
                 .into_iter()
-                // Poison tasks die after as many attempts as the delivery limit allows
-                // redeliveries; retries go through the delay levels at once (RETRY_BASE 0s).
-                .chain([("MAX_ATTEMPTS", (DELIVERY_LIMIT + 1).to_string())])
+                // Poison tasks die after MAX_ATTEMPTS; retries go through the delay levels at
+                // once (RETRY_BASE 0s).
+                .chain([("MAX_ATTEMPTS", MAX_ATTEMPTS.to_string())])
                 .chain(worker_env.iter().cloned())
                 .collect(),
             // Completions come from the workers' logs: reading the events stream through a

@@ -198,10 +198,11 @@ async fn a_handler_that_always_panics_is_dead_after_its_last_attempt_and_the_wor
 
 /// A task that takes its worker process down every time (an OOM kill, a segfault in native
 /// code) must not take down worker after worker: each death returns it to the queue and
-/// counts as a delivery, so at the delivery limit the broker dead-letters it.
+/// counts as a delivery, and the worker it reaches after LIMIT deaths dead-letters it without
+/// running it, so its status says `dead`, `delivery_limit`, with the attempts that ran.
 #[tokio::test]
 async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_delivery_limit() {
-    const LIMIT: u32 = 1;
+    const LIMIT: u32 = 2;
     let url = amqp_url();
     let queue = TestQueue::declare(&url, "crashes", LIMIT).await;
     let mut gateway_config = GatewayConfig::new(&url, queue.name());
@@ -212,8 +213,7 @@ async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_deliver
         binary: "offload-campaign-worker",
         ..WorkerOptions::default()
     };
-    let response = gateway.post_task(&json!({"kind": "crash"})).await;
-    assert_eq!(response.status(), 202);
+    let id = gateway.submit(&json!({"kind": "crash"})).await;
 
     // Like a supervisor (compose's restart policy), start a new worker whenever one dies.
     let mut deaths = 0;
@@ -235,20 +235,27 @@ async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_deliver
             },
         )
         .await;
-        // The task can be dead-lettered between the two checks above by this very worker's
-        // death (the broker sees its connection close when the process is gone): ask again.
         let died = died || worker.has_exited();
         if !died {
             break worker;
         }
         deaths += 1;
-        assert!(deaths <= 1 + LIMIT, "the task killed {deaths} workers");
+        assert!(deaths <= LIMIT, "the task killed {deaths} workers");
     };
+    assert_eq!(deaths, LIMIT, "one death per allowed delivery");
 
+    let (code, task) = gateway.task(id, "?wait=10s").await;
+    assert_eq!(code, 200, "{task}");
+    assert_eq!(task["status"], "dead", "{task}");
+    assert_eq!(task["reason"], "delivery_limit", "{task}");
+    assert_eq!(task["attempts"], LIMIT, "{task}");
+    let dead = queue
+        .take_dead()
+        .await
+        .expect("the task in the dead-letter queue");
     assert_eq!(
-        deaths,
-        1 + LIMIT,
-        "the first delivery plus LIMIT redeliveries"
+        header_text(&dead, "x-offload-reason").as_deref(),
+        Some("delivery_limit")
     );
     let good = gateway.submit_sleep("after the crashes.").await;
     eventually(
@@ -258,6 +265,37 @@ async fn a_task_that_kills_its_worker_every_time_is_dead_lettered_at_the_deliver
     )
     .await;
     gateway.stop().await;
+}
+
+/// `x-delivery-count` written by a publisher on a first delivery counts for nothing: the task
+/// runs as its first attempt, not as a copy past its delivery limit.
+#[tokio::test]
+async fn a_forged_delivery_count_on_a_first_delivery_is_not_believed() {
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "forged-count", 5).await;
+    let worker = WorkerProcess::start(&url, queue.name(), &WorkerOptions::default()).await;
+    let task = offload_common::TaskEnvelope::new(
+        "sleep".try_into().expect("a kind"),
+        json!({"message": "forged"}),
+    );
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(100),
+    );
+    let properties = BasicProperties::default()
+        .with_message_id(task.id.to_string().into())
+        .with_headers(headers);
+    queue
+        .publish_raw("sleep", &task.to_bytes(), properties)
+        .await;
+    eventually(Duration::from_secs(30), "the task to complete", || async {
+        worker.completed().contains(&task.id).then_some(())
+    })
+    .await;
+    let started = worker.start_event(task.id).expect("its start");
+    assert_eq!(started.attempt, Some(1));
+    assert_eq!(queue.dead().await, 0);
 }
 
 /// A flood of tasks that cannot run fills the dead-letter queue only to DEAD_MAX_LENGTH: the

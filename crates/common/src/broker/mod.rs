@@ -61,9 +61,10 @@ pub struct BrokerArgs {
     #[arg(long, env = "QUEUE", default_value = "tasks", value_parser = parse_queue_name)]
     pub queue: String,
 
-    /// How many times one copy of a task may be delivered again after its worker crashed or
-    /// lost its connection before the broker dead-letters it to `<QUEUE>.dead` (each kind's
-    /// queue's `x-delivery-limit`). Failed attempts are counted by `MAX_ATTEMPTS` instead.
+    /// How many times one copy of a task may take its worker down (a crash, a lost connection)
+    /// before it is dead-lettered to `<QUEUE>.dead` (`delivery_limit`): the worker it is then
+    /// delivered to does not run it. Also each kind's queue's `x-delivery-limit`, the broker's
+    /// backstop. Failed attempts are counted by `MAX_ATTEMPTS` instead.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
 
