@@ -102,6 +102,13 @@ pub struct Config {
     #[arg(long, env = "MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiting: u32,
 
+    /// Most dead tasks one dead-letter request reads (and holds) at once: `GET /dead` lists
+    /// the oldest this many, a retry or discard by kind handles this many (repeat it for
+    /// more). Dead-letter requests run one at a time, so their memory is at most this many
+    /// dead tasks (each at most MAX_BODY_BYTES and its headers). At most 65535.
+    #[arg(long, env = "DEAD_SCAN_MAX", default_value_t = DEFAULT_DEAD_SCAN_MAX, value_parser = clap::value_parser!(u16).range(1..))]
+    pub dead_scan_max: u16,
+
     /// How long to wait for the broker to confirm a publish before answering 503.
     #[arg(long, env = "CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub confirm_timeout: Duration,
@@ -135,6 +142,8 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_STATUS_CAPACITY: usize = 100_000;
 /// Default for `--max-wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Default for `--dead-scan-max`: at most 256 MiB of dead tasks at the default MAX_BODY_BYTES.
+pub const DEFAULT_DEAD_SCAN_MAX: u16 = 1_000;
 /// Default for `--max-waiting`: a quarter of the default `MAX_CONNECTIONS`.
 pub const DEFAULT_MAX_WAITING: u32 = 128;
 /// Default for `--max-body-bytes`: 256 KiB.
@@ -168,6 +177,7 @@ impl Config {
             status_capacity: DEFAULT_STATUS_CAPACITY,
             max_wait: DEFAULT_MAX_WAIT,
             max_waiting: DEFAULT_MAX_WAITING,
+            dead_scan_max: DEFAULT_DEAD_SCAN_MAX,
             metrics: true,
             dashboard: true,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
@@ -214,6 +224,7 @@ mod tests {
         assert_eq!(parsed.body_timeout, built.body_timeout);
         assert_eq!(parsed.max_connections, built.max_connections);
         assert_eq!(parsed.max_waiting, built.max_waiting);
+        assert_eq!(parsed.dead_scan_max, built.dead_scan_max);
         assert_eq!(parsed.max_header_bytes, built.max_header_bytes);
         assert_eq!(parsed.broker.dead_max_length, built.broker.dead_max_length);
         assert_eq!(parsed.broker.delivery_limit, built.broker.delivery_limit);

@@ -2,14 +2,18 @@
 //! tasks in `<QUEUE>.dead`.
 //!
 //! Every operation *scans* the queue: a consumer on a channel of its own receives up to
-//! [`SCAN_MAX`] messages and holds them unacked. What it acks is gone; when its channel
+//! `DEAD_SCAN_MAX` messages and holds them unacked, one scan at a time per gateway, so the
+//! memory scans take is bounded by that setting. What it acks is gone; when its channel
 //! closes, RabbitMQ puts everything else back. A retry publishes the task to the work queue
 //! and waits for the broker's confirm before it acks the dead copy, so a gateway killed in
 //! the middle leaves the task in both places (it runs again: at least once), never in none.
 //! Two requests after the same task cannot both get it: the broker hands a message to one
 //! consumer at a time, so the second does not see it and answers 404.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -26,12 +30,11 @@ use offload_common::{
     envelope::{copy_properties, integer_header},
 };
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::{publisher::PublishError, status::time_of};
 
-/// Most messages one scan reads; a longer queue is listed from its oldest [`SCAN_MAX`].
-pub const SCAN_MAX: u32 = 10_000;
 /// A scan stops waiting for more messages after this long without one.
 const SCAN_IDLE: Duration = Duration::from_millis(250);
 /// Longest a scan may take, from its channel to its last message.
@@ -98,10 +101,15 @@ fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPVal
 #[derive(Clone)]
 pub struct DeadLetters {
     broker: Broker,
+    /// Most messages one scan reads; a longer queue is listed from its oldest this many.
+    scan_max: u16,
+    /// One scan at a time.
+    scanning: Arc<Semaphore>,
 }
 
 /// A scan in progress: the messages read, held unacked until [`Scan::close`].
 struct Scan {
+    _turn: OwnedSemaphorePermit,
     channel: Channel,
     deliveries: Vec<Delivery>,
     /// More messages were in the queue than the scan read.
@@ -116,9 +124,18 @@ impl Scan {
 }
 
 impl DeadLetters {
-    /// The dead-letter queue of `broker`'s topology.
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// The dead-letter queue of `broker`'s topology, read `scan_max` messages at a time.
+    pub fn new(broker: Broker, scan_max: u16) -> Self {
+        Self {
+            broker,
+            scan_max,
+            scanning: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// Most messages one scan reads.
+    pub fn scan_max(&self) -> usize {
+        usize::from(self.scan_max)
     }
 
     fn queue(&self) -> String {
@@ -268,13 +285,19 @@ impl DeadLetters {
         Ok(purged?)
     }
 
-    /// Reads up to [`SCAN_MAX`] messages of the dead-letter queue, holding them unacked.
+    /// Reads up to `scan_max` messages of the dead-letter queue, holding them unacked, once
+    /// no other scan of this gateway runs.
     async fn scan(&self) -> Result<Scan, PublishError> {
+        let turn = Arc::clone(&self.scanning)
+            .acquire_owned()
+            .await
+            .expect("the scans' semaphore is never closed");
         let link = self.broker.link().ok_or(BrokerPublishError::Disconnected)?;
         let channel = link.connection().create_channel().await?;
         let read = tokio::time::timeout(SCAN_TIMEOUT, self.read(&channel)).await;
         match read {
             Ok(Ok((deliveries, truncated))) => Ok(Scan {
+                _turn: turn,
                 channel,
                 deliveries,
                 truncated,
@@ -309,10 +332,7 @@ impl DeadLetters {
         // Not `ready` alone: messages another scan has just released are on their way back
         // and not counted yet. Read until the queue stays quiet for a moment.
         channel
-            .basic_qos(
-                u16::try_from(SCAN_MAX).unwrap_or(u16::MAX),
-                BasicQosOptions::default(),
-            )
+            .basic_qos(self.scan_max, BasicQosOptions::default())
             .await?;
         let mut consumer = channel
             .basic_consume(
@@ -323,7 +343,7 @@ impl DeadLetters {
             )
             .await?;
         let mut deliveries = Vec::new();
-        while deliveries.len() < SCAN_MAX as usize {
+        while deliveries.len() < self.scan_max() {
             match tokio::time::timeout(SCAN_IDLE, consumer.next()).await {
                 Ok(Some(Ok(delivery))) => deliveries.push(delivery),
                 Ok(Some(Err(error))) => return Err(error.into()),
@@ -333,7 +353,7 @@ impl DeadLetters {
         channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await?;
-        let truncated = ready > SCAN_MAX || deliveries.len() >= SCAN_MAX as usize;
+        let truncated = ready > u32::from(self.scan_max) || deliveries.len() >= self.scan_max();
         Ok((deliveries, truncated))
     }
 }

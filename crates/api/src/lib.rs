@@ -55,6 +55,8 @@ pub struct AppState {
     history: Option<history::History>,
     /// The schedules; `None` with EVENTS=off.
     schedules: Option<schedules::Schedules>,
+    /// The dead-letter queue, scanned one request at a time.
+    dead_letters: dead_letters::DeadLetters,
 }
 
 impl AppState {
@@ -274,6 +276,8 @@ fn assemble(
         }
         _ => None,
     };
+    let dead_letters =
+        dead_letters::DeadLetters::new(publisher.broker().clone(), config.dead_scan_max);
     let state = AppState {
         publisher,
         tracker,
@@ -288,6 +292,7 @@ fn assemble(
         metrics: Arc::clone(&metrics),
         history,
         schedules,
+        dead_letters,
     };
     if let Some(history) = &state.history {
         tokio::spawn(history.clone().sample(state.clone(), shutdown.clone()));

@@ -57,10 +57,15 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(shape: impl FnOnce(&mut GatewayConfig)) -> Self {
         let url = amqp_url();
         let queue = TestQueue::declare(&url, "dead-api", 5).await;
         let mut config = GatewayConfig::new(&url, queue.name());
         config.api_keys = Some(format!("{ADMIN}=submit+read+admin,{READER}=read"));
+        shape(&mut config);
         let gateway = TestGateway::spawn(config).await;
         let broken = Arc::new(AtomicBool::new(true));
         let done = Arc::new(Mutex::new(HashMap::new()));
@@ -279,6 +284,31 @@ async fn all_dead_tasks_of_a_kind_are_retried_or_purged() {
         (rig.queue.dead().await == 0).then_some(())
     })
     .await;
+    rig.worker.stop().await;
+    rig.gateway.stop().await;
+}
+
+/// `DEAD_SCAN_MAX` bounds what one request reads: the listing says `truncated`, and a retry
+/// by kind takes that many at a time.
+#[tokio::test]
+async fn one_request_reads_at_most_dead_scan_max_dead_tasks() {
+    let rig = Rig::start_with(|config| config.dead_scan_max = 2).await;
+    for n in 1..=3 {
+        rig.dead_task(n).await;
+    }
+    let (status, body) = rig.call(Method::GET, "/dead", READER).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["truncated"], true, "{body}");
+    assert_eq!(body["dead"].as_array().map(Vec::len), Some(2), "{body}");
+    rig.broken.store(false, Ordering::SeqCst);
+    let (_, first) = rig
+        .call(Method::POST, "/dead/retry?kind=count", ADMIN)
+        .await;
+    assert_eq!(first["retried"], 2, "{first}");
+    let (_, second) = rig
+        .call(Method::POST, "/dead/retry?kind=count", ADMIN)
+        .await;
+    assert_eq!(second["retried"], 1, "{second}");
     rig.worker.stop().await;
     rig.gateway.stop().await;
 }

@@ -15,7 +15,7 @@ use super::Query;
 use crate::{
     AppState,
     auth::{self, Scope},
-    dead_letters::{DeadLetters, DeadTask, SCAN_MAX, has_id, has_kind},
+    dead_letters::{DeadTask, has_id, has_kind},
     error::{ApiError, ErrorBody, Result},
     openapi::{KeyErrors, Unavailable},
     publisher::PublishError,
@@ -78,7 +78,7 @@ struct DeadList {
     total: usize,
     /// As asked.
     offset: usize,
-    /// The queue holds more than one scan reads (10000); the oldest are listed.
+    /// The queue holds more than one scan reads (`DEAD_SCAN_MAX`); the oldest are listed.
     truncated: bool,
 }
 
@@ -138,8 +138,13 @@ fn id_of(text: &str) -> Result<Uuid> {
     ),
 )]
 async fn list(State(state): State<AppState>, Query(filter): Query<Filter>) -> Result<Response> {
-    let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).min(SCAN_MAX as usize);
-    let (dead, total, truncated) = DeadLetters::new(state.publisher.broker().clone())
+    let limit = filter
+        .limit
+        .unwrap_or(DEFAULT_LIMIT)
+        .min(state.dead_letters.scan_max());
+    let (dead, total, truncated) = state
+        .dead_letters
+        .clone()
         .list(filter.kind.as_deref(), filter.offset, limit)
         .await
         .map_err(unavailable(&state))?;
@@ -168,7 +173,7 @@ async fn list(State(state): State<AppState>, Query(filter): Query<Filter>) -> Re
 )]
 async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
-    let dead = DeadLetters::new(state.publisher.broker().clone());
+    let dead = state.dead_letters.clone();
     for _ in 0..ID_SCANS {
         if let Some(task) = dead.get(id).await.map_err(unavailable(&state))? {
             return Ok(axum::Json(task).into_response());
@@ -194,7 +199,7 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<R
 )]
 async fn retry_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
-    let dead = DeadLetters::new(state.publisher.broker().clone());
+    let dead = state.dead_letters.clone();
     for _ in 0..ID_SCANS {
         let retried = dead
             .retry(|delivery| has_id(delivery, id), state.events.as_ref())
@@ -230,7 +235,9 @@ async fn retry_all(
     Query(filter): Query<KindFilter>,
 ) -> Result<Response> {
     let kind = filter.kind.as_deref();
-    let retried = DeadLetters::new(state.publisher.broker().clone())
+    let retried = state
+        .dead_letters
+        .clone()
         .retry(
             |delivery| kind.is_none_or(|kind| has_kind(delivery, kind)),
             state.events.as_ref(),
@@ -256,7 +263,7 @@ async fn retry_all(
 )]
 async fn discard_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = id_of(&id)?;
-    let dead = DeadLetters::new(state.publisher.broker().clone());
+    let dead = state.dead_letters.clone();
     for _ in 0..ID_SCANS {
         let discarded = dead
             .discard(|delivery| has_id(delivery, id))
@@ -291,7 +298,7 @@ async fn discard_all(
     State(state): State<AppState>,
     Query(filter): Query<KindFilter>,
 ) -> Result<Response> {
-    let dead = DeadLetters::new(state.publisher.broker().clone());
+    let dead = state.dead_letters.clone();
     let discarded = match filter.kind.as_deref() {
         None => u64::from(dead.purge().await.map_err(unavailable(&state))?),
         Some(kind) => dead
