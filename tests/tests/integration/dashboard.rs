@@ -195,3 +195,97 @@ async fn in_chromium_counts_move_a_dead_task_is_retried_and_the_page_passes_axe(
     worker.stop().await;
     gateway.stop().await;
 }
+
+/// How many requests the gateway refused as cross-site, from its metrics.
+async fn cross_site_refusals(gateway: &TestGateway) -> Option<f64> {
+    let text = gateway
+        .client()
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = r#"offload_refusals_total{code="cross_site_request"} "#;
+    Some(
+        text.lines()
+            .find_map(|row| row.strip_prefix(line))
+            .map_or(Ok(0.0), str::parse)
+            .ok()?,
+    )
+}
+
+/// A page of another site, in a real browser, sends what a hostile page can without the
+/// gateway's consent (an auto-submitted form, a `no-cors` fetch) to retry the dead tasks of an
+/// open gateway (no API keys, so no credentials are even needed): both are refused, and the
+/// dead task stays dead.
+#[tokio::test]
+async fn in_chromium_a_page_of_another_site_changes_nothing_even_without_keys() {
+    let dir = browser_test_dir();
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "the browser test's packages are missing: run tests/install-deps.sh"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let url = amqp_url();
+    let queue = TestQueue::declare(&url, "cross-site", 5).await;
+    let gateway = TestGateway::spawn(GatewayConfig::new(&url, queue.name())).await;
+    let worker = worker(&url, queue.name());
+    // `sleep` refuses a message that is not text: dead at once.
+    let dead = gateway
+        .submit(&json!({"kind": "sleep", "payload": {"message": 42}}))
+        .await;
+    eventually(DEADLINE, "the task to be dead", || async {
+        let (_, task) = gateway.task(dead, "").await;
+        (task["status"] == "dead").then_some(())
+    })
+    .await;
+    let before = cross_site_refusals(&gateway).await.expect("the metrics");
+
+    // Another site: `localhost`, where the gateway is `127.0.0.1`.
+    let target = gateway.url("/dead/retry?kind=sleep");
+    let page = format!(
+        r#"<!doctype html><title>sending</title>
+<iframe name="sink" hidden></iframe>
+<form method="POST" action="{target}" target="sink"><input name="kind" value="sleep"></form>
+<script>
+document.forms[0].submit();
+fetch("{target}", {{ method: "POST", mode: "no-cors" }})
+  .catch(() => {{}})
+  .finally(() => {{ document.title = "sent"; }});
+</script>"#
+    );
+    let evil = offload_tests::serve_locally(axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    ))
+    .await
+    .replace("127.0.0.1", "localhost");
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join("cross_site.mjs"))
+        .env("EVIL_URL", &evil)
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the browser ends within 90 s")
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "the browser failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually(DEADLINE, "both requests refused as cross-site", || async {
+        let now = cross_site_refusals(&gateway).await?;
+        (now >= before + 2.0).then_some(())
+    })
+    .await;
+    let (_, task) = gateway.task(dead, "").await;
+    assert_eq!(task["status"], "dead", "{task}");
+    assert_eq!(queue.dead().await, 1, "still in the dead-letter queue");
+    worker.stop().await;
+    gateway.stop().await;
+}
