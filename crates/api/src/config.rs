@@ -102,6 +102,27 @@ pub struct Config {
     #[arg(long, env = "MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiting: u32,
 
+    /// Broker users that gateways log in as, comma-separated. With `WORKER_USERS`, the status
+    /// view believes an event only from a writer whose role writes it (the broker vouches for
+    /// each message's `user_id`), and a task is known only once a gateway accepted it. Unset
+    /// (both), every writer is believed.
+    #[arg(
+        long,
+        env = "GATEWAY_USERS",
+        value_delimiter = ',',
+        requires = "worker_users"
+    )]
+    pub gateway_users: Vec<String>,
+
+    /// Broker users that workers log in as, comma-separated; see `GATEWAY_USERS`.
+    #[arg(
+        long,
+        env = "WORKER_USERS",
+        value_delimiter = ',',
+        requires = "gateway_users"
+    )]
+    pub worker_users: Vec<String>,
+
     /// Most dead tasks one dead-letter request reads (and holds) at once: `GET /dead` lists
     /// the oldest this many, a retry or discard by kind handles this many (repeat it for
     /// more). Dead-letter requests run one at a time, so their memory is at most this many
@@ -178,6 +199,8 @@ impl Config {
             max_wait: DEFAULT_MAX_WAIT,
             max_waiting: DEFAULT_MAX_WAITING,
             dead_scan_max: DEFAULT_DEAD_SCAN_MAX,
+            gateway_users: Vec::new(),
+            worker_users: Vec::new(),
             metrics: true,
             dashboard: true,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,

@@ -224,7 +224,15 @@ fn assemble(
     let (tracker, events) = match broker.topology().events_stream() {
         Some(stream) => {
             let (sink, _) = EventSink::start(broker.clone(), stream);
-            let tracker = status::Tracker::new(config.status_capacity);
+            let writers = (!config.gateway_users.is_empty()).then(|| {
+                status::Writers::new(config.gateway_users.clone(), config.worker_users.clone())
+            });
+            if writers.is_none() {
+                tracing::info!(
+                    "GATEWAY_USERS and WORKER_USERS are unset: the status view believes every writer on the events stream (docs/SECURITY.md)"
+                );
+            }
+            let tracker = status::Tracker::believing(config.status_capacity, writers);
             tokio::spawn(
                 tracker
                     .clone()

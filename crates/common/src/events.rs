@@ -478,10 +478,15 @@ async fn publish_batches(mut receiver: mpsc::Receiver<Pending>, broker: Broker, 
 
 /// Sends one batch: its confirm to await, or `None` if it could not be sent.
 async fn send(broker: &Broker, stream: &str, body: &[u8]) -> Option<Sent> {
-    let properties = BasicProperties::default()
+    let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_app_id("offload".into());
+    // The broker refuses a `user_id` that is not the connection's user, so readers can
+    // believe it: who wrote these events (docs/SECURITY.md, "Who writes the events").
+    if let Some(user) = broker.user() {
+        properties = properties.with_user_id(user.into());
+    }
     let send = broker.send(Message::to_queue(stream, body, properties));
     tokio::time::timeout(CONFIRM_TIMEOUT, send).await.ok()?.ok()
 }

@@ -147,3 +147,112 @@ async fn a_dead_copy_never_carries_the_expiration_of_the_message() {
         .await
         .expect("put it back");
 }
+
+/// With gateways and workers logged in as broker users of their own (`GATEWAY_USERS`,
+/// `WORKER_USERS`), a worker's credentials cannot make up a task: a `queued` event they write
+/// (with an idempotency key) and a `succeeded` for the same id are not believed, the id stays
+/// 404 and the key stays free; and they cannot write as the gateway's user, which the broker
+/// itself refuses. Real tasks are believed from both roles.
+#[tokio::test]
+async fn a_workers_credentials_cannot_make_up_a_task_or_write_as_a_gateway() {
+    let broker = offload_tests::PrivateBroker::start().await;
+    for (user, password) in [("offload-api", "api-pw"), ("offload-worker", "worker-pw")] {
+        assert!(broker.ctl(&["add_user", user, password]));
+        assert!(broker.ctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]));
+    }
+    let url_of = |user: &str, password: &str| {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", broker.port())
+    };
+    let (api_url, worker_url) = (
+        url_of("offload-api", "api-pw"),
+        url_of("offload-worker", "worker-pw"),
+    );
+    let queue = format!("offload-test-writers-{}", uuid::Uuid::new_v4().simple());
+    let mut config = GatewayConfig::new(&api_url, &queue);
+    config.gateway_users = vec!["offload-api".into()];
+    config.worker_users = vec!["offload-worker".into()];
+    let gateway = TestGateway::spawn(config).await;
+    gateway.live(DEADLINE).await;
+    let worker = offload_tests::WorkerProcess::start(
+        &worker_url,
+        &queue,
+        &offload_tests::WorkerOptions::default(),
+    )
+    .await;
+    let real = gateway.submit_sleep("real.").await;
+    assert_eq!(
+        gateway.finished(real, DEADLINE).await["status"],
+        "succeeded"
+    );
+
+    // The worker's user writes a task of its own making onto the events stream.
+    let connection =
+        lapin::Connection::connect(&worker_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect as the worker's user");
+    let stream = offload_common::BrokerArgs::new(&worker_url, &queue)
+        .topology()
+        .events_stream()
+        .expect("events on");
+    let forged = uuid::Uuid::new_v4();
+    let mut queued = Event::task(EventType::Queued, forged, "sleep");
+    queued.idempotency_key = Some("order-99".into());
+    let mut succeeded = Event::task(EventType::Succeeded, forged, "sleep");
+    succeeded.result = Some(json!({"paid": true}));
+    let as_user = |user: &str| BasicProperties::default().with_user_id(user.into());
+    offload_tests::publish_confirmed(
+        &connection,
+        "",
+        &stream,
+        &encode_batch([&queued, &succeeded]),
+        as_user("offload-worker"),
+    )
+    .await;
+    // Written as the gateway's user, the broker refuses it (the channel is closed).
+    let channel = connection.create_channel().await.expect("a channel");
+    let refused = async {
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_publish(
+                "".into(),
+                stream.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &encode_batch([&queued]),
+                as_user("offload-api"),
+            )
+            .await?
+            .await
+    }
+    .await;
+    assert!(
+        refused.is_err() || !channel.status().connected(),
+        "the broker took a user_id that is not the connection's: {refused:?}"
+    );
+
+    // A task posted after the forgery has its worker's events read after it too: once the
+    // gateway shows it succeeded, it has read the forged events.
+    let after = gateway.submit_sleep("after.").await;
+    assert_eq!(
+        gateway.finished(after, DEADLINE).await["status"],
+        "succeeded"
+    );
+    let (code, body) = gateway.task(forged, "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+    let response = gateway
+        .client()
+        .post(gateway.url("/tasks"))
+        .header("idempotency-key", "order-99")
+        .json(&json!({"kind": "sleep"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "the key was never used"
+    );
+    drop(worker);
+    gateway.stop().await;
+}

@@ -18,6 +18,9 @@ pub(super) struct Entry {
     pub(super) handler_stopped: Option<bool>,
     /// This gateway accepted it (after it started, so the stream holds nothing older of it).
     pub(super) accepted_here: bool,
+    /// A gateway's `queued` event said it was accepted (always, when every writer is
+    /// believed): until then it is not shown, so events of workers alone make no task.
+    pub(super) vouched: bool,
     pub(super) attempts: u32,
     pub(super) submitted_at: u64,
     pub(super) started_at: u64,

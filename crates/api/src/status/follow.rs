@@ -54,9 +54,25 @@ impl Tracker {
                 }
             };
             let offset = offset_of(&delivery.properties);
+            let writer = delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .map(|user| user.as_str());
             for event in offload_common::events::decode_batch(&delivery.data) {
                 match event {
-                    Ok(event) => self.apply(&event, offset),
+                    Ok(event)
+                        if self
+                            .writers()
+                            .is_none_or(|writers| writers.believe(writer, event.event)) =>
+                    {
+                        self.apply(&event, offset);
+                    }
+                    Ok(event) => tracing::debug!(
+                        writer,
+                        event = ?event.event,
+                        "skipping an event its writer may not write"
+                    ),
                     Err(problem) => tracing::debug!("skipping a stream entry: {problem}"),
                 }
             }

@@ -9,13 +9,14 @@
 //!
 //! [`fold`] is how one event changes one task, [`store`] the bounded view and its queries,
 //! [`claims`] the Idempotency-Key claims, [`cancels`] what a cancel waits for, [`follow`] the
-//! reading of the stream.
+//! reading of the stream, [`writers`] whose events are believed.
 
 mod cancels;
 mod claims;
 mod fold;
 mod follow;
 mod store;
+mod writers;
 
 use std::{
     sync::Arc,
@@ -30,6 +31,7 @@ pub use cancels::Confirmed;
 pub use claims::{Claim, ClaimState};
 pub(crate) use fold::idempotency_index;
 pub use store::{Totals, Tracker};
+pub use writers::Writers;
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]

@@ -141,7 +141,7 @@ impl View {
     }
 
     fn task(&self, id: Uuid) -> Option<TaskView> {
-        let entry = self.tasks.get(&id)?;
+        let entry = self.tasks.get(&id).filter(|entry| entry.vouched)?;
         Some(TaskView {
             id,
             kind: self
@@ -198,11 +198,20 @@ pub(super) struct Inner {
     pub(super) cancels: Mutex<HashMap<Uuid, super::cancels::Heard>>,
     /// Markers this gateway wrote to learn when it has read up to the present.
     pub(super) markers: Mutex<HashMap<Uuid, tokio::sync::oneshot::Sender<()>>>,
+    /// Whose events are believed; `None`: everyone's, and any event makes a task known.
+    pub(super) writers: Option<super::Writers>,
 }
 
 impl Tracker {
-    /// An empty view holding at most `capacity` tasks.
+    /// An empty view holding at most `capacity` tasks, believing every writer.
+    #[cfg(test)]
     pub fn new(capacity: usize) -> Self {
+        Self::believing(capacity, None)
+    }
+
+    /// An empty view holding at most `capacity` tasks, believing only `writers` (if given):
+    /// then a task is known only once a gateway's `queued` event says so.
+    pub fn believing(capacity: usize, writers: Option<super::Writers>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 view: Mutex::new(View::default()),
@@ -212,8 +221,14 @@ impl Tracker {
                 claims: Mutex::new(HashMap::new()),
                 cancels: Mutex::new(HashMap::new()),
                 markers: Mutex::new(HashMap::new()),
+                writers,
             }),
         }
+    }
+
+    /// Whose events this view believes (`None`: everyone's).
+    pub(super) fn writers(&self) -> Option<&super::Writers> {
+        self.inner.writers.as_ref()
     }
 
     pub(super) fn view(&self) -> MutexGuard<'_, View> {
@@ -373,6 +388,7 @@ impl Tracker {
                     status: Status::Queued,
                     reason: None,
                     accepted_here: false,
+                    vouched: self.inner.writers.is_none() || event.event == EventType::Queued,
                     attempts: 0,
                     submitted_at: 0,
                     started_at: 0,
@@ -402,6 +418,7 @@ impl Tracker {
         let mut moved = None;
         if let Some(task) = view.tasks.get_mut(&id) {
             task.accepted_here |= offset.is_none() && event.event == EventType::Queued;
+            task.vouched |= event.event == EventType::Queued;
             let before = task.status;
             // A failed attempt's event read after the next attempt's start (a retry with no
             // delay can start on another worker first) is history, not the present.

@@ -224,6 +224,23 @@ impl Connector {
             .join(",")
     }
 
+    /// The broker user every URL of the list logs in as (`guest` where a URL names none), to
+    /// write as each message's `user_id`; `None` when they differ, or when one logs in with
+    /// a client certificate (EXTERNAL), whose user the broker takes from the certificate.
+    pub fn user(&self) -> Option<String> {
+        let mut users = self.endpoints.iter().map(|endpoint| {
+            let uri = endpoint.uri();
+            match uri.query.auth_mechanism {
+                Some(lapin::uri::SASLMechanism::External) => None,
+                _ => Some(uri.authority.userinfo.username.clone()),
+            }
+        });
+        let first = users.next()??;
+        users
+            .all(|user| user.as_ref() == Some(&first))
+            .then_some(first)
+    }
+
     /// How long one connection attempt may take; also the bound on any single exchange with
     /// the broker that a supervisor waits on.
     pub fn timeout(&self) -> Duration {

@@ -111,6 +111,8 @@ pub struct Broker {
 
 pub(super) struct Shared {
     pub(super) topology: Topology,
+    /// The broker user the session logs in as, if known: what it writes as `user_id`.
+    pub(super) user: Option<Arc<str>>,
     /// The connect timeout, which bounds every request the session's loops wait on.
     pub(super) timeout: Duration,
     pub(super) unroutable: AtomicBool,
@@ -136,6 +138,7 @@ impl Broker {
         let connector = args.connector()?;
         let shared = Arc::new(Shared {
             topology,
+            user: connector.user().map(Arc::from),
             timeout: connector.timeout(),
             unroutable: AtomicBool::new(false),
             check: tokio::sync::Notify::new(),
@@ -188,6 +191,7 @@ impl Broker {
             link: receiver,
             shared: Arc::new(Shared {
                 topology,
+                user: None,
                 timeout: Duration::from_secs(5),
                 unroutable: AtomicBool::new(false),
                 check: tokio::sync::Notify::new(),
@@ -200,6 +204,12 @@ impl Broker {
     /// The topology this session declares.
     pub fn topology(&self) -> &Topology {
         &self.shared.topology
+    }
+
+    /// The broker user this session logs in as, if its URLs say (see
+    /// [`super::Connector::user`]).
+    pub fn user(&self) -> Option<&str> {
+        self.shared.user.as_deref()
     }
 
     /// The current link, if connected.
