@@ -58,7 +58,7 @@ impl Tracker {
                 .properties
                 .user_id()
                 .as_ref()
-                .map(|user| user.as_str());
+                .map(lapin::types::ShortString::as_str);
             for event in offload_common::events::decode_batch(&delivery.data) {
                 match event {
                     Ok(event)
