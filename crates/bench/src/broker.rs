@@ -383,20 +383,29 @@ pub async fn write_events(
     tasks: usize,
     per_message: usize,
 ) -> Result<Vec<uuid::Uuid>, lapin::Error> {
+    write_events_with(url, stream, tasks, per_message, |id| {
+        let mut event = Event::task(EventType::Succeeded, id, "sleep");
+        event.attempt = Some(1);
+        event.duration_ms = Some(3);
+        vec![event]
+    })
+    .await
+}
+
+/// Like [`write_events`], each task's events made by `events_of` from its id.
+pub async fn write_events_with(
+    url: &str,
+    stream: &str,
+    tasks: usize,
+    per_message: usize,
+    events_of: impl Fn(uuid::Uuid) -> Vec<Event>,
+) -> Result<Vec<uuid::Uuid>, lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
     let ids: Vec<uuid::Uuid> = (0..tasks).map(|_| uuid::Uuid::new_v4()).collect();
     let properties = event_batch_properties();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for chunk in ids.chunks(per_message.max(1)) {
-        let events: Vec<Event> = chunk
-            .iter()
-            .map(|id| {
-                let mut event = Event::task(EventType::Succeeded, *id, "sleep");
-                event.attempt = Some(1);
-                event.duration_ms = Some(3);
-                event
-            })
-            .collect();
+        let events: Vec<Event> = chunk.iter().flat_map(|id| events_of(*id)).collect();
         let body = offload_common::events::encode_batch(&events);
         let confirm = publish_to(&channel, stream, &body, &properties).await?;
         pending.push(confirm);

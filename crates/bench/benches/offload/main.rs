@@ -34,7 +34,7 @@ use drain::drain;
 use kinds::{drain_over_kinds, posts_over_kinds};
 use latency::{end_to_end, latency, scheduled};
 use publish::{events_cost, hardening, metrics_cost, throughput};
-use replay::replay;
+use replay::{replay, worst_case_memory};
 use schedules::schedules_cost;
 use targets::http_targets;
 use traces::{drain_tracing_cost, tracing_cost};
@@ -96,6 +96,8 @@ enum Group {
     Cancels,
     Schedules,
     Batch,
+    /// A gateway's memory per remembered task with the largest events a writer can write.
+    WorstCase,
 }
 
 fn default_report() -> PathBuf {
@@ -154,6 +156,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(batch_cost(&args, &url, &queue).await?);
     lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
     lines.extend(replay(&args, &url, sustained).await?);
+    lines.extend(worst_case_memory(&url).await?);
     lines.push(hardening(&args, &url, &queue).await?);
     lines.push(metrics_cost(&args, &url, &queue).await?);
     lines.push(tracing_cost(&args, &url, &queue).await?);
@@ -216,6 +219,7 @@ async fn alone(
         }
         Group::Schedules => lines.extend(schedules_cost(args, url).await?),
         Group::Batch => lines.extend(batch_cost(args, url, queue).await?),
+        Group::WorstCase => lines.extend(worst_case_memory(url).await?),
         Group::Drain | Group::Publish => {}
     }
     Ok(lines)

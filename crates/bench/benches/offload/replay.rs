@@ -83,3 +83,82 @@ pub(crate) async fn replay(
         },
     ])
 }
+
+/// A fresh gateway's memory per remembered task when every task's events carry the most a
+/// writer can put in them (docs/SECURITY.md's "at most 2.5 KiB besides its result"): a
+/// `queued` event with the longest kind, idempotency key and schedule name, and a `dead` event
+/// with an error four times `ERROR_MAX_BYTES` and an over-long worker name, all of which the
+/// gateway cuts as it reads them.
+pub(crate) async fn worst_case_memory(url: &str) -> Result<Vec<Line>, lapin::Error> {
+    const TASKS: usize = 50_000;
+    let queue = BenchQueue::declare(url, "worst").await?;
+    let stream = queue
+        .topology
+        .events_stream()
+        .expect("the bench queue has the events stream");
+    let kind = "k".repeat(64);
+    let key = "i".repeat(255);
+    let schedule = "s".repeat(300);
+    let error = "e".repeat(4 * offload_common::text::ERROR_MAX_BYTES);
+    let worker = "w".repeat(300);
+    eprintln!("writing {TASKS} worst-case tasks to {stream} ...");
+    // One task per stream message, so that what the gateway holds at its peak is its view,
+    // not the messages in flight to it (FOLLOW_PREFETCH of them: a measure of its own).
+    let ids = broker::write_events_with(url, &stream, TASKS, 1, |id| {
+        let mut queued = offload_common::Event::task(offload_common::EventType::Queued, id, &kind);
+        queued.submitted_at = Some(std::time::SystemTime::now());
+        queued.idempotency_key = Some(key.clone());
+        queued.idempotency_scope = Some("0".repeat(32));
+        queued.request_digest = Some("f".repeat(32));
+        queued.schedule = Some(schedule.clone());
+        queued.tick = Some(std::time::SystemTime::now());
+        queued.expires_at = Some(std::time::SystemTime::now());
+        let mut dead = offload_common::Event::task(offload_common::EventType::Dead, id, &kind);
+        dead.attempt = Some(u64::MAX);
+        dead.reason = Some(offload_common::DeadReason::MaxAttempts);
+        dead.error = Some(error.clone());
+        dead.worker = Some(worker.clone());
+        vec![queued, dead]
+    })
+    .await?;
+
+    let empty = BenchQueue::declare(url, "worst-empty").await?;
+    let capacity = [("STATUS_CAPACITY", "100000")];
+    let baseline_gateway = process::start_gateway(
+        Path::new(GATEWAY),
+        url,
+        empty.name(),
+        free_port(),
+        &capacity,
+    )
+    .await;
+    let baseline = baseline_gateway.peak_rss().unwrap_or(0);
+    drop(baseline_gateway);
+    empty.delete().await;
+
+    let port = free_port();
+    let gateway =
+        process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &capacity).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let last = ids.last().copied().expect("events were written");
+    let caught_up = http::wait_for_status(&base, last, Duration::from_secs(300)).await;
+    let peak = gateway.peak_rss().unwrap_or(0);
+    drop(gateway);
+    queue.delete().await;
+    #[allow(clippy::cast_precision_loss)] // memory in bytes and tens of thousands of tasks
+    let per_task = peak.saturating_sub(baseline) as f64 / TASKS as f64;
+    Ok(vec![Line {
+        measure: format!(
+            "  its memory per task remembered, worst case ({TASKS} tasks: 4 KiB errors, the longest kind, key, schedule and worker)"
+        ),
+        offload: if caught_up {
+            format!("{per_task:.0} B")
+        } else {
+            "did not catch up within 300 s".into()
+        },
+        ceiling: "2560 B".into(),
+        ratio: format!("{:.2}", per_task / 2560.0),
+        target: "<= 2.5 KiB (docs/SECURITY.md)".into(),
+        met: Some(caught_up && per_task <= 2560.0),
+    }])
+}
