@@ -113,10 +113,14 @@ impl Broker {
     /// Appends `record` to the control stream and waits for the broker's confirm.
     pub async fn publish_control(&self, record: &Record) -> Result<(), PublishError> {
         let body = record.to_bytes();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_app_id("offload".into());
+        // Checked by the broker: workers with GATEWAY_USERS honour only gateways' cancels.
+        if let Some(user) = self.user() {
+            properties = properties.with_user_id(user.into());
+        }
         let stream = self.topology().control_stream();
         self.publish_confirmed(
             Message::to_queue(&stream, &body, properties),

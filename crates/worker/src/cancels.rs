@@ -55,6 +55,8 @@ pub(crate) enum Verdict {
 pub(crate) struct Cancels {
     /// The kinds this worker runs: cancels of others are not kept.
     kinds: HashSet<String>,
+    /// The broker users whose cancels are honoured; empty: everyone's.
+    gateways: HashSet<String>,
     state: Mutex<State>,
 }
 
@@ -131,8 +133,23 @@ impl Cancels {
     pub(crate) fn new<'a>(kinds: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
             kinds: kinds.into_iter().map(str::to_owned).collect(),
+            gateways: HashSet::new(),
             state: Mutex::default(),
         }
+    }
+
+    /// Honours cancels only from these broker users (the gateways'); none given: from anyone.
+    pub(crate) fn believing(mut self, gateways: impl IntoIterator<Item = String>) -> Self {
+        self.gateways = gateways.into_iter().collect();
+        self
+    }
+
+    /// Whether a record published by broker user `writer` may be applied: markers from
+    /// anyone (a barrier waits only for its own), cancels from a gateway.
+    fn believe(&self, record: &Record, writer: Option<&str>) -> bool {
+        self.gateways.is_empty()
+            || matches!(record, Record::Marker { .. })
+            || writer.is_some_and(|writer| self.gateways.contains(writer))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -280,12 +297,18 @@ impl Cancels {
                     Delivered::Paused(_) => continue,
                 },
             };
+            let writer = delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .map(lapin::types::ShortString::as_str);
             match Record::from_bytes(&delivery.data) {
-                Ok(record) => {
+                Ok(record) if self.believe(&record, writer) => {
                     if let Some(seen) = self.apply(record, SystemTime::now()) {
                         announce(events.as_ref(), &worker, seen);
                     }
                 }
+                Ok(_) => tracing::debug!(writer, "skipping a cancel no gateway wrote"),
                 Err(problem) => tracing::debug!("skipping a control record: {problem}"),
             }
             if let Some(offset) = offset_of(&delivery.properties) {

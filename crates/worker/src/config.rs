@@ -74,6 +74,13 @@ pub struct Config {
     #[arg(long, env = "RESULT_MAX_BYTES", default_value_t = DEFAULT_RESULT_MAX_BYTES)]
     pub result_max_bytes: usize,
 
+    /// Broker users that gateways log in as, comma-separated. Set, this worker honours a
+    /// cancel from the control stream only if a gateway's user wrote it (the broker checks
+    /// each message's `user_id`); unset, from anyone (docs/SECURITY.md, "Who writes the
+    /// events").
+    #[arg(long, env = "GATEWAY_USERS", value_delimiter = ',')]
+    pub gateway_users: Vec<String>,
+
     /// Where to serve `/metrics` (Prometheus text format) and `/health` (200 while connected
     /// and consuming), e.g. `0.0.0.0:9090`; unset, no listener. The image sets `0.0.0.0:9090`.
     #[arg(long, env = "HTTP_BIND")]
@@ -167,6 +174,7 @@ impl Config {
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             result_max_bytes: DEFAULT_RESULT_MAX_BYTES,
+            gateway_users: Vec::new(),
             max_attempts: RetryPolicy::DEFAULT.max_attempts,
             retry_base: RetryPolicy::DEFAULT.base,
             retry_max: RetryPolicy::DEFAULT.max,

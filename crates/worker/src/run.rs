@@ -94,7 +94,10 @@ pub async fn run(
         dead_queue: broker.topology().dead_letter_queue().into(),
         broker: broker.clone(),
         metrics,
-        cancels: Arc::new(Cancels::new(kinds.iter().map(|(kind, _)| kind.as_str()))),
+        cancels: Arc::new(
+            Cancels::new(kinds.iter().map(|(kind, _)| kind.as_str()))
+                .believing(config.gateway_users.iter().cloned()),
+        ),
     });
     // Comma-separated text, not `?kinds`: a JSON log would hold Rust's debug output as a
     // string (`"[(\"sleep\", 1)]"`). Tracing's fields are scalars; arrays need its unstable

@@ -17,17 +17,22 @@ impl Rig {
     pub(super) async fn diagnose(&self, lost: &[Uuid]) {
         for id in lost.iter().take(3) {
             let id = id.to_string();
+            let mut logged = false;
             for (w, worker) in self.workers.iter().enumerate() {
                 for event in worker
                     .log()
                     .iter()
                     .filter(|event| event["span"]["task_id"] == id.as_str())
                 {
+                    logged = true;
                     eprintln!(
                         "  lost {id}, worker {w}: {} {}",
                         event["timestamp"], event["message"]
                     );
                 }
+            }
+            if !logged {
+                eprintln!("  lost {id}: no worker logged anything of it");
             }
         }
         let nodes = match &self.brokers {

@@ -156,23 +156,9 @@ async fn a_dead_copy_never_carries_the_expiration_of_the_message() {
 #[tokio::test]
 async fn a_workers_credentials_cannot_make_up_a_task_or_write_as_a_gateway() {
     let broker = offload_tests::PrivateBroker::start().await;
-    for (user, password) in [("offload-api", "api-pw"), ("offload-worker", "worker-pw")] {
-        assert!(broker.ctl(&["add_user", user, password]));
-        assert!(broker.ctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]));
-    }
-    let url_of = |user: &str, password: &str| {
-        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", broker.port())
-    };
-    let (api_url, worker_url) = (
-        url_of("offload-api", "api-pw"),
-        url_of("offload-worker", "worker-pw"),
-    );
+    let (api_url, worker_url) = two_users(&broker);
     let queue = format!("offload-test-writers-{}", uuid::Uuid::new_v4().simple());
-    let mut config = GatewayConfig::new(&api_url, &queue);
-    config.gateway_users = vec!["offload-api".into()];
-    config.worker_users = vec!["offload-worker".into()];
-    let gateway = TestGateway::spawn(config).await;
-    gateway.live(DEADLINE).await;
+    let gateway = gateway_of_its_own_user(&api_url, &queue).await;
     let worker = offload_tests::WorkerProcess::start(
         &worker_url,
         &queue,
@@ -253,6 +239,79 @@ async fn a_workers_credentials_cannot_make_up_a_task_or_write_as_a_gateway() {
         StatusCode::ACCEPTED,
         "the key was never used"
     );
+    drop(worker);
+    gateway.stop().await;
+}
+
+/// Users `offload-api` and `offload-worker` on `broker`, each allowed everything: their URLs.
+fn two_users(broker: &offload_tests::PrivateBroker) -> (String, String) {
+    for (user, password) in [("offload-api", "api-pw"), ("offload-worker", "worker-pw")] {
+        assert!(broker.ctl(&["add_user", user, password]));
+        assert!(broker.ctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]));
+    }
+    let url_of = |user: &str, password: &str| {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", broker.port())
+    };
+    (
+        url_of("offload-api", "api-pw"),
+        url_of("offload-worker", "worker-pw"),
+    )
+}
+
+/// A gateway logged in as `offload-api`, believing gateways and workers by their users.
+async fn gateway_of_its_own_user(api_url: &str, queue: &str) -> TestGateway {
+    let mut config = GatewayConfig::new(api_url, queue);
+    config.gateway_users = vec!["offload-api".into()];
+    config.worker_users = vec!["offload-worker".into()];
+    let gateway = TestGateway::spawn(config).await;
+    gateway.live(DEADLINE).await;
+    gateway
+}
+
+/// With `GATEWAY_USERS` set on a worker, a cancel written onto the control stream with a
+/// worker's credentials is not honoured: the task it names runs. (Without the setting, the
+/// worker would drop it as cancelled.)
+#[tokio::test]
+async fn a_cancel_no_gateway_wrote_is_not_honoured() {
+    let broker = offload_tests::PrivateBroker::start().await;
+    let (api_url, worker_url) = two_users(&broker);
+    let queue = format!(
+        "offload-test-forged-cancel-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let gateway = gateway_of_its_own_user(&api_url, &queue).await;
+    offload_tests::declare_kinds(&worker_url, &queue, &[]);
+    let id = gateway.submit_sleep("not cancelled.").await;
+
+    let connection =
+        lapin::Connection::connect(&worker_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect as the worker's user");
+    let control = offload_common::BrokerArgs::new(&worker_url, &queue)
+        .topology()
+        .control_stream();
+    let forged = offload_common::control::Record::Cancel {
+        id: uuid::Uuid::new_v4(),
+        task: id,
+        kind: "sleep".into(),
+        at: std::time::SystemTime::now(),
+    };
+    offload_tests::publish_confirmed(
+        &connection,
+        "",
+        &control,
+        &forged.to_bytes(),
+        BasicProperties::default().with_user_id("offload-worker".into()),
+    )
+    .await;
+
+    // A worker reads the control stream up to the present before it starts anything.
+    let options = offload_tests::WorkerOptions {
+        env: vec![("GATEWAY_USERS", "offload-api".to_owned())],
+        ..offload_tests::WorkerOptions::default()
+    };
+    let worker = offload_tests::WorkerProcess::start(&worker_url, &queue, &options).await;
+    assert_eq!(gateway.finished(id, DEADLINE).await["status"], "succeeded");
     drop(worker);
     gateway.stop().await;
 }
