@@ -163,7 +163,8 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_STATUS_CAPACITY: usize = 100_000;
 /// Default for `--max-wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
-/// Default for `--dead-scan-max`: at most 256 MiB of dead tasks at the default MAX_BODY_BYTES.
+/// Default for `--dead-scan-max`: at most about 250 MiB of dead tasks at the default
+/// MAX_BODY_BYTES, a few MiB for tasks of a few KiB.
 pub const DEFAULT_DEAD_SCAN_MAX: u16 = 1_000;
 /// Default for `--max-waiting`: a quarter of the default `MAX_CONNECTIONS`.
 pub const DEFAULT_MAX_WAITING: u32 = 128;
