@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod leader;
+mod plan;
 pub mod spec;
 pub mod store;
 

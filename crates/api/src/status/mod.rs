@@ -16,6 +16,7 @@ mod claims;
 mod fold;
 mod follow;
 mod store;
+mod view;
 mod writers;
 
 use std::{
@@ -30,7 +31,8 @@ use uuid::Uuid;
 pub use cancels::Confirmed;
 pub use claims::{Claim, ClaimState};
 pub(crate) use fold::idempotency_index;
-pub use store::{Totals, Tracker};
+pub use store::Tracker;
+pub use view::Totals;
 pub use writers::Writers;
 
 /// Where a task is in its life.
