@@ -33,10 +33,21 @@ pub use offload_common::BrokerState;
 pub use publisher::{PublishError, Publisher, TIMEOUTS_IN_A_ROW};
 pub use status::{Status, TaskView};
 
-/// What every request handler can reach. Cloned for every request, so its parts are cheap
-/// handles.
+/// What every request handler can reach. Cloned for every request (axum's `State`, each
+/// middleware's): one reference count, not one for each part (docs/PERFORMANCE.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     publisher: Arc<Publisher>,
     /// The view of task states; `None` with EVENTS=off.
     tracker: Option<status::Tracker>,
@@ -59,7 +70,7 @@ pub struct AppState {
     dead_letters: dead_letters::DeadLetters,
 }
 
-impl AppState {
+impl Shared {
     /// The kinds this gateway knows of: those it published a task of, and those workers
     /// announced (events on), sorted.
     fn kinds(&self) -> Vec<String> {
@@ -286,7 +297,7 @@ fn assemble(
     };
     let dead_letters =
         dead_letters::DeadLetters::new(publisher.broker().clone(), config.dead_scan_max);
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         publisher,
         tracker,
         events,
@@ -301,7 +312,7 @@ fn assemble(
         history,
         schedules,
         dead_letters,
-    };
+    }));
     if let Some(history) = &state.history {
         tokio::spawn(history.clone().sample(state.clone(), shutdown.clone()));
     }
