@@ -112,16 +112,32 @@ pub async fn publish_ceiling(
     in_flight: usize,
     length: Duration,
 ) -> Result<f64, lapin::Error> {
+    Ok(
+        publish_ceiling_over(url, &[queue.to_owned()], in_flight, length)
+            .await?
+            .rate,
+    )
+}
+
+/// [`publish_ceiling`], with this process's CPU time per confirmed publish over the same
+/// window: the raw client's cost, which the gateway's CPU per POST is held against.
+pub async fn publish_ceiling_measured(
+    url: &str,
+    queue: &str,
+    in_flight: usize,
+    length: Duration,
+) -> Result<Measured, lapin::Error> {
     publish_ceiling_over(url, &[queue.to_owned()], in_flight, length).await
 }
 
-/// [`publish_ceiling`], publisher n publishing to `queues[n % queues.len()]`.
+/// [`publish_ceiling`], publisher n publishing to `queues[n % queues.len()]`; with this
+/// process's CPU time per confirmed publish.
 pub async fn publish_ceiling_over(
     url: &str,
     queues: &[String],
     in_flight: usize,
     length: Duration,
-) -> Result<f64, lapin::Error> {
+) -> Result<Measured, lapin::Error> {
     let (connection, channel) = confirm_channel(url).await?;
     let (body, properties) = zero_work_task("sleep");
     let confirmed = Arc::new(AtomicU64::new(0));
@@ -156,23 +172,111 @@ pub async fn publish_ceiling_over(
             Ok::<_, lapin::Error>(())
         }));
     }
-    let rate = measure_rate(&confirmed, length).await;
+    let measured = measure(&confirmed, length, || crate::process::cpu_time_of("self")).await;
     running.store(false, Ordering::Relaxed);
     for publisher in publishers {
         publisher.await.expect("a publisher task does not panic")?;
     }
     let _ = connection.close(200, "ceiling measured".into()).await;
-    Ok(rate)
+    Ok(measured)
+}
+
+/// Raw lapin publishing open loop at `rate` for `length`: `in_flight` publishers on one
+/// confirm channel, each on its own schedule, each publish timed from when its schedule said
+/// to send it to its confirm, as [`crate::http::open_loop`] times POST /tasks. The latency
+/// the broker and this machine allow a publisher at that rate, without HTTP or offload.
+pub async fn publish_open_loop(
+    url: &str,
+    queue: &str,
+    rate: f64,
+    length: Duration,
+    in_flight: usize,
+) -> Result<Vec<Duration>, lapin::Error> {
+    let (connection, channel) = confirm_channel(url).await?;
+    let (body, properties) = zero_work_task("sleep");
+    let in_flight_f64 = f64::from(u32::try_from(in_flight).unwrap_or(u32::MAX));
+    let period = Duration::from_secs_f64(in_flight_f64 / rate.max(1.0));
+    let start = tokio::time::Instant::now();
+    let end = start + length;
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut publishers = tokio::task::JoinSet::new();
+    for n in 0..in_flight {
+        let (channel, body, properties) = (channel.clone(), body.clone(), properties.clone());
+        let (queue, latencies) = (queue.to_owned(), Arc::clone(&latencies));
+        let offset = period.mul_f64(f64::from(u32::try_from(n).unwrap_or(0)) / in_flight_f64);
+        publishers.spawn(async move {
+            let mut scheduled = start + offset;
+            while scheduled < end {
+                tokio::time::sleep_until(scheduled).await;
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        properties.clone(),
+                    )
+                    .await?
+                    .await?;
+                if confirm.is_ack() {
+                    latencies
+                        .lock()
+                        .expect("latencies lock")
+                        .push(scheduled.elapsed());
+                }
+                scheduled += period;
+            }
+            Ok::<_, lapin::Error>(())
+        });
+    }
+    while let Some(publisher) = publishers.join_next().await {
+        publisher.expect("a publisher task does not panic")?;
+    }
+    let _ = connection.close(200, "open loop measured".into()).await;
+    Ok(std::mem::take(
+        &mut *latencies.lock().expect("latencies lock"),
+    ))
 }
 
 /// Counts `counter` over `length` after a warm-up of a fifth of it; returns the rate per
 /// second.
 pub async fn measure_rate(counter: &AtomicU64, length: Duration) -> f64 {
+    measure(counter, length, || None).await.rate
+}
+
+/// A rate, and the CPU time a process spent per operation over the same window.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Operations per second.
+    pub rate: f64,
+    /// CPU time per operation, if the process's CPU time could be read.
+    pub cpu_per_op: Option<Duration>,
+}
+
+/// Counts `counter` over `length` after a warm-up of a fifth of it, and the CPU time `cpu`
+/// reads (a process's, so far) over the same window.
+pub async fn measure(
+    counter: &AtomicU64,
+    length: Duration,
+    cpu: impl Fn() -> Option<Duration>,
+) -> Measured {
     tokio::time::sleep(length / 5).await;
-    let from = counter.load(Ordering::Relaxed);
+    let (from, cpu_from) = (counter.load(Ordering::Relaxed), cpu());
     let started = Instant::now();
     tokio::time::sleep(length).await;
-    per_second(counter.load(Ordering::Relaxed) - from, started.elapsed())
+    let (to, cpu_to) = (counter.load(Ordering::Relaxed), cpu());
+    let count = to - from;
+    let cpu_per_op = cpu_from
+        .zip(cpu_to)
+        .filter(|_| count > 0)
+        .map(|(from, to)| to.saturating_sub(from) / u32::try_from(count).unwrap_or(u32::MAX));
+    Measured {
+        rate: per_second(count, started.elapsed()),
+        cpu_per_op,
+    }
 }
 
 /// `count` over `elapsed`, per second.

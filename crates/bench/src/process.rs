@@ -27,16 +27,9 @@ impl Process {
         Some(kib * 1024)
     }
 
-    /// The CPU time it has used so far, user and system (`/proc/<pid>/stat`, in clock ticks
-    /// of 10 ms: Linux's `USER_HZ` is 100 on every architecture offload builds for).
+    /// The CPU time it has used so far, user and system ([`cpu_time_of`]).
     pub fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // After the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // utime and stime are the 14th and 15th fields of the line, 12th and 13th here.
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(Duration::from_millis(ticks * 10))
+        cpu_time_of(&self.child.id().to_string())
     }
 }
 
@@ -45,6 +38,18 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The CPU time process `pid` (or `self`) has used so far, user and system, from
+/// `/proc/<pid>/stat` in clock ticks of 10 ms: Linux's `USER_HZ` is 100 on every
+/// architecture offload builds for.
+pub fn cpu_time_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are the 14th and 15th fields of the line, 12th and 13th here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Starts the gateway binary on `port`, with `env` on top of the defaults, and waits until

@@ -39,7 +39,9 @@ pub(crate) async fn posts_over_kinds(
         );
         for (queues, rates) in [(&queues[..], &mut raw_four), (&queues[..1], &mut raw_one)] {
             rates.push(
-                broker::publish_ceiling_over(url, queues, args.connections, args.length).await?,
+                broker::publish_ceiling_over(url, queues, args.connections, args.length)
+                    .await?
+                    .rate,
             );
             queue.purge().await?;
         }

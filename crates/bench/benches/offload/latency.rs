@@ -8,41 +8,104 @@ use std::{
 };
 
 use offload_bench::{
-    broker::BenchQueue,
+    broker::{self, BenchQueue},
     http,
     process::{self},
     stats::{Line, millis, percent, percentile, rate},
 };
 
-use crate::{Args, DRAIN_DEADLINE, WORKER, targets::errors};
+use crate::{Args, DRAIN_DEADLINE, GATEWAY, WORKER, targets::errors};
 
-/// Open-loop latency at `share` of the sustained rate.
-pub(crate) async fn latency(
+/// Open-loop latency at each of `shares` of the sustained rate, on a gateway (with `env`) and
+/// a queue of their own ([`latency`] says why), deleted afterwards.
+pub(crate) async fn latencies(
     args: &Args,
+    url: &str,
+    sustained: f64,
+    shares: &[f64],
+    env: &[(&str, &str)],
+) -> Result<Vec<Line>, lapin::Error> {
+    let queue = BenchQueue::declare(url, "latency").await?;
+    let port = offload_bench::free_port();
+    let gateway = process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env).await;
+    http::wait_until_live(
+        &format!("http://127.0.0.1:{port}"),
+        None,
+        Duration::from_secs(300),
+    )
+    .await;
+    let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+    let mut lines = Vec::new();
+    for share in shares {
+        lines.push(latency(args, url, &queue, &tasks_url, sustained, *share).await?);
+    }
+    drop(gateway);
+    queue.delete().await;
+    Ok(lines)
+}
+
+/// Open-loop latency at `share` of the sustained rate; at half of it, beside raw lapin
+/// publishing open loop at the same rate (what the broker and this machine allow). `queue`
+/// is the latency runs' own, never purged between them: a quorum queue just purged of a run's
+/// tasks keeps RabbitMQ busy for a while, and a measurement right after one read a p99 of
+/// 90-145 ms where the same gateway on a queue of its own read 5-7 ms (docs/PERFORMANCE.md).
+async fn latency(
+    args: &Args,
+    url: &str,
     queue: &BenchQueue,
     tasks_url: &str,
     sustained: f64,
     share: f64,
 ) -> Result<Line, lapin::Error> {
     let offered = sustained * share;
+    let at_half = (share - 0.5).abs() < f64::EPSILON;
+    let mut raw = if at_half {
+        eprintln!("raw publishing latency at {} ...", rate(offered));
+        broker::publish_open_loop(
+            url,
+            &queue.kind_queue("sleep"),
+            offered,
+            args.length,
+            args.connections,
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
     eprintln!("latency at {} ...", rate(offered));
     let mut run = http::open_loop(tasks_url, offered, args.length, args.connections).await;
-    queue.purge().await?;
+    let quantiles = |latencies: &mut [Duration], ps: &[f64]| {
+        ps.iter()
+            .map(|p| percentile(latencies, *p).map_or("-".into(), millis))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     let p99 = percentile(&mut run.latencies, 99.0);
-    let at_half = (share - 0.5).abs() < f64::EPSILON;
+    let p999 = percentile(&mut run.latencies, 99.9);
     Ok(Line {
         measure: format!(
-            "latency at {} ({} of sustained): p50 / p99 / p99.9",
+            "latency at {} ({} of sustained): p50 / p99 / p99.9{}",
             rate(offered),
-            percent(share)
+            percent(share),
+            if at_half {
+                "; ceiling: raw lapin publishing at that rate"
+            } else {
+                ""
+            }
         ),
-        offload: [50.0, 99.0, 99.9]
-            .map(|p| percentile(&mut run.latencies, p).map_or("-".into(), millis))
-            .join(" / "),
-        ceiling: String::new(),
+        offload: quantiles(&mut run.latencies, &[50.0, 99.0, 99.9]),
+        ceiling: quantiles(&mut raw, &[50.0, 99.0, 99.9]),
         ratio: errors(&run.errors),
-        target: if at_half { "p99 < 10 ms" } else { "" }.into(),
-        met: at_half.then(|| p99.is_some_and(|p| p < Duration::from_millis(10))),
+        target: if at_half {
+            "p99 < 10 ms, p99.9 < 25 ms"
+        } else {
+            ""
+        }
+        .into(),
+        met: at_half.then(|| {
+            p99.is_some_and(|p| p < Duration::from_millis(10))
+                && p999.is_some_and(|p| p < Duration::from_millis(25))
+        }),
     })
 }
 

@@ -32,7 +32,7 @@ use cancels::cancel_cost;
 use clients::{memory, slow_clients};
 use drain::drain;
 use kinds::{drain_over_kinds, posts_over_kinds};
-use latency::{end_to_end, latency, scheduled};
+use latency::{end_to_end, latencies, scheduled};
 use publish::{events_cost, hardening, metrics_cost, throughput};
 use replay::{replay, worst_case_memory};
 use schedules::schedules_cost;
@@ -70,7 +70,9 @@ struct Args {
     /// costs), `kinds` (four kinds against one), `cancels` (a drain with many cancels kept
     /// against none; with `--baseline`, this build's drain and POST against another's),
     /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
-    /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing).
+    /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing), `post`
+    /// (POST /tasks against raw publishing, rate and CPU, and its latency at half the
+    /// sustained rate: the front door alone).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -79,6 +81,11 @@ struct Args {
     /// --release -p offload-bench --bins` in a checkout of the other commit).
     #[arg(long)]
     baseline: Option<PathBuf>,
+
+    /// With `--only post`: a setting for its gateway, `NAME=value` (repeatable), to measure
+    /// the front door with something off (`EVENTS=off`) or on.
+    #[arg(long = "gateway-env", value_name = "NAME=value")]
+    gateway_env: Vec<String>,
 
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -98,6 +105,9 @@ enum Group {
     Batch,
     /// A gateway's memory per remembered task with the largest events a writer can write.
     WorstCase,
+    /// POST /tasks against raw publishing (rate, CPU per task) and its latency at half the
+    /// sustained rate.
+    Post,
 }
 
 fn default_report() -> PathBuf {
@@ -151,7 +161,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let port = free_port();
     let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
-    let sustained = throughput(&args, &url, &queue, &tasks_url, &mut lines).await?;
+    let sustained = throughput(&args, &url, &queue, &gateway, &tasks_url, &mut lines).await?;
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
     lines.extend(batch_cost(&args, &url, &queue).await?);
     lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
@@ -167,9 +177,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{}", stats::table(&lines));
         return Ok(());
     }
-    for share in [0.25, 0.5, 0.75] {
-        lines.push(latency(&args, &queue, &tasks_url, sustained, share).await?);
-    }
+    lines.extend(latencies(&args, &url, sustained, &[0.25, 0.5, 0.75], &[]).await?);
     // Moderate: a quarter of what one worker at the default prefetch drains alone (it
     // shares the two cores with the gateway and the load here).
     // drain_rates[1]: prefetch 1 with events on, as the worker runs by default.
@@ -220,6 +228,20 @@ async fn alone(
         Group::Schedules => lines.extend(schedules_cost(args, url).await?),
         Group::Batch => lines.extend(batch_cost(args, url, queue).await?),
         Group::WorstCase => lines.extend(worst_case_memory(url).await?),
+        Group::Post => {
+            let port = free_port();
+            let env: Vec<(&str, &str)> = args
+                .gateway_env
+                .iter()
+                .filter_map(|setting| setting.split_once('='))
+                .collect();
+            let gateway =
+                process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &env).await;
+            let tasks_url = format!("http://127.0.0.1:{port}/tasks");
+            let sustained = throughput(args, url, queue, &gateway, &tasks_url, &mut lines).await?;
+            drop(gateway);
+            lines.extend(latencies(args, url, sustained, &[0.5], &env).await?);
+        }
         Group::Drain | Group::Publish => {}
     }
     Ok(lines)

@@ -4,20 +4,23 @@
 use std::{path::Path, time::Duration};
 
 use offload_bench::{
-    broker::{self, BenchQueue},
+    broker::{self, BenchQueue, Measured},
     free_port, http,
-    process::{self},
+    process::{self, Process},
     stats::{self, Line, percent, rate},
 };
 
 use crate::{Args, GATEWAY};
 
 /// The raw publish ceiling and the gateway closed-loop, `args.rounds` times alternating;
-/// returns the gateway's median rate.
+/// returns the gateway's median rate. Beside the rates, the CPU each spends per task over
+/// the same windows: the raw client's per publish and confirm (this process), the gateway's
+/// per POST (from `/proc`), which the machine's noise moves far less than a rate.
 pub(crate) async fn throughput(
     args: &Args,
     url: &str,
     queue: &BenchQueue,
+    gateway: &Process,
     tasks_url: &str,
     lines: &mut Vec<Line>,
 ) -> Result<f64, lapin::Error> {
@@ -28,7 +31,7 @@ pub(crate) async fn throughput(
             args.connections, args.rounds
         );
         ceilings.push(
-            broker::publish_ceiling(
+            broker::publish_ceiling_measured(
                 url,
                 &queue.kind_queue("sleep"),
                 args.connections,
@@ -37,26 +40,58 @@ pub(crate) async fn throughput(
             .await?,
         );
         queue.purge().await?;
-        let (rate, failed) = http::throughput(tasks_url, None, args.connections, args.length).await;
-        sustained.push(rate);
+        let (measured, failed) = http::throughput_measured(
+            tasks_url,
+            None,
+            args.connections,
+            args.length,
+            &["sleep"],
+            || gateway.cpu_time(),
+        )
+        .await;
+        sustained.push(measured);
         errors += failed;
         queue.purge().await?;
     }
-    let (ceiling, sustained) = (stats::median(&mut ceilings), stats::median(&mut sustained));
-    let fraction = sustained / ceiling;
+    let micros = |measured: &Measured| {
+        measured
+            .cpu_per_op
+            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
+    };
+    let (ceiling, rate) = (
+        stats::median_by(&ceilings, |m| m.rate),
+        stats::median_by(&sustained, |m| m.rate),
+    );
+    let (raw_cpu, gateway_cpu) = (
+        stats::median_by(&ceilings, micros),
+        stats::median_by(&sustained, micros),
+    );
+    let fraction = rate / ceiling;
     lines.push(Line {
         measure: format!(
             "POST /tasks, {} connections (median of {})",
             args.connections, args.rounds
         ),
-        offload: rate(sustained),
-        ceiling: rate(ceiling),
+        offload: stats::rate(rate),
+        ceiling: stats::rate(ceiling),
         ratio: percent(fraction),
         target: ">= 60%".into(),
         met: Some(fraction >= 0.6),
     });
     lines.push(Line::info("  answers other than 202", errors.to_string()));
-    Ok(sustained)
+    let times = gateway_cpu / raw_cpu;
+    lines.push(Line {
+        measure: format!(
+            "CPU per task: the gateway's per POST /tasks against raw lapin's per publish and confirm (from /proc, the same windows, median of {})",
+            args.rounds
+        ),
+        offload: format!("{gateway_cpu:.1} µs"),
+        ceiling: format!("{raw_cpu:.1} µs"),
+        ratio: format!("{times:.2}x"),
+        target: "<= 2.5x".into(),
+        met: Some(times <= 2.5),
+    });
+    Ok(rate)
 }
 
 /// The cost of lifecycle events on POST /tasks: the default gateway (events on) against one
