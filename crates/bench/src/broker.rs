@@ -152,20 +152,7 @@ pub async fn publish_ceiling_over(
         let running = Arc::clone(&running);
         publishers.push(tokio::spawn(async move {
             while running.load(Ordering::Relaxed) {
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        properties.clone(),
-                    )
-                    .await?
-                    .await?;
-                if confirm.is_ack() {
+                if publish_acked(&channel, &queue, &body, &properties).await? {
                     confirmed.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -179,6 +166,30 @@ pub async fn publish_ceiling_over(
     }
     let _ = connection.close(200, "ceiling measured".into()).await;
     Ok(measured)
+}
+
+/// Publishes `body` to `queue` (mandatory, as the gateway publishes a task) and awaits its
+/// confirm: whether the broker acked it.
+async fn publish_acked(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: &BasicProperties,
+) -> Result<bool, lapin::Error> {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties.clone(),
+        )
+        .await?
+        .await?;
+    Ok(confirm.is_ack())
 }
 
 /// Raw lapin publishing open loop at `rate` for `length`: `in_flight` publishers on one
@@ -208,20 +219,7 @@ pub async fn publish_open_loop(
             let mut scheduled = start + offset;
             while scheduled < end {
                 tokio::time::sleep_until(scheduled).await;
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        properties.clone(),
-                    )
-                    .await?
-                    .await?;
-                if confirm.is_ack() {
+                if publish_acked(&channel, &queue, &body, &properties).await? {
                     latencies
                         .lock()
                         .expect("latencies lock")
