@@ -34,7 +34,8 @@ pub struct WorkerOptions {
     /// More environment variables, e.g. `("HEARTBEAT", "2")`.
     pub env: Vec<(&'static str, String)>,
     /// Follow the queue's events stream, for [`WorkerProcess::started`] and the like. The
-    /// fault campaign does not: it reads its workers' logs (docs/RELIABILITY.md says why).
+    /// fault campaign does not: it reads what its workers' handlers recorded
+    /// (docs/RELIABILITY.md says why).
     pub follow_events: bool,
 }
 
@@ -146,24 +147,6 @@ impl WorkerProcess {
     /// This worker's `started` event of task `id`, if any.
     pub fn start_event(&self, id: Uuid) -> Option<offload_common::Event> {
         self.events().start_of(id, &self.name)
-    }
-
-    /// Ids of the tasks it logged as started, in order: for the fault campaign.
-    pub fn logged_started(&self) -> Vec<Uuid> {
-        self.logged_ids("task started")
-    }
-
-    /// Ids of the tasks it logged as completed, in order: for the fault campaign.
-    pub fn logged_completed(&self) -> Vec<Uuid> {
-        self.logged_ids("task completed")
-    }
-
-    fn logged_ids(&self, message: &str) -> Vec<Uuid> {
-        self.log()
-            .iter()
-            .filter(|line| line["message"] == message)
-            .filter_map(|line| line["span"]["task_id"].as_str()?.parse().ok())
-            .collect()
     }
 
     /// Returns once every event on its queue's stream now has been read

@@ -44,13 +44,13 @@ impl Rig {
             }
             Fault::NetworkReset | Fault::TwoKinds => self.proxy().reset(),
             Fault::WorkerKill => {
-                let victim = &mut self.workers[0];
+                let victim = self.workers[0].pid();
                 eventually(STEP_DEADLINE, "a worker with tasks in hand", || {
-                    let in_hand = victim.logged_started().len() > victim.logged_completed().len();
+                    let in_hand = self.has_tasks_in_hand(victim);
                     async move { in_hand.then_some(()) }
                 })
                 .await;
-                victim.kill();
+                self.workers[0].kill();
                 let replacement =
                     WorkerProcess::start(&self.worker_url, &self.queue, &self.worker_options).await;
                 self.workers.push(replacement);

@@ -46,8 +46,11 @@ pub(super) struct Rig {
     pub(super) queue: String,
     /// When the gateway was down: killed, and ready again.
     pub(super) gateway_down: Vec<(std::time::SystemTime, std::time::SystemTime)>,
-    /// Holds the schedules file the gateway starts with (`super::ticks`).
-    _schedules: tempfile::TempDir,
+    /// The record the workers' handlers write (`offload-campaign-worker`'s
+    /// `CAMPAIGN_RECORD`).
+    record: std::path::PathBuf,
+    /// Holds the record and the schedules file the gateway starts with (`super::ticks`).
+    _files: tempfile::TempDir,
 }
 
 /// Proxies in front of `addresses`, and the comma-separated AMQP URL list that names them.
@@ -94,8 +97,9 @@ impl Rig {
         if fault.on_cluster() {
             common.push(("REPLICAS", CLUSTER_REPLICAS.to_owned()));
         }
-        let schedules = tempfile::tempdir().expect("a directory for the schedules file");
-        let schedules_file = super::ticks::write_file(schedules.path());
+        let files = tempfile::tempdir().expect("a directory for the scenario's files");
+        let schedules_file = super::ticks::write_file(files.path());
+        let record = files.path().join("record");
         let env: Vec<_> = [
             ("AMQP_URL", gateway_url),
             ("QUEUE", queue.clone()),
@@ -119,10 +123,10 @@ impl Rig {
                 // Poison tasks die after MAX_ATTEMPTS; retries go through the delay levels at
                 // once (RETRY_BASE 0s).
                 .chain([("MAX_ATTEMPTS", MAX_ATTEMPTS.to_string())])
+                .chain([("CAMPAIGN_RECORD", record.display().to_string())])
                 .chain(worker_env.iter().cloned())
                 .collect(),
-            // Completions come from the workers' logs: reading the events stream through a
-            // cluster's rolling restart once missed succeeded events (docs/RELIABILITY.md).
+            // What the workers did is read from their handlers' record (`Rig::completions`).
             follow_events: false,
         };
         let mut workers = Vec::new();
@@ -146,7 +150,8 @@ impl Rig {
             worker_url,
             queue,
             gateway_down: Vec::new(),
-            _schedules: schedules,
+            record,
+            _files: files,
         }
     }
 
@@ -197,22 +202,54 @@ impl Rig {
         None
     }
 
-    /// Every completion logged by every worker process this scenario started, killed or not.
+    /// The lines of the workers' record: (process id, `started` or `succeeded`, task id).
+    fn recorded(&self) -> Vec<(u32, String, Uuid)> {
+        // Absent until a handler first runs.
+        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.split(' ');
+                let pid = fields.next()?.parse().ok()?;
+                let what = fields.next()?.to_owned();
+                let id = fields.next()?.parse().ok()?;
+                Some((pid, what, id))
+            })
+            .collect()
+    }
+
+    /// How many attempts of each task succeeded, on every worker process this scenario
+    /// started, killed or not, as their handlers recorded it.
     pub(super) fn completions(&self) -> HashMap<Uuid, usize> {
         let mut counts = HashMap::new();
-        for worker in &self.workers {
-            for id in worker.logged_completed() {
+        for (_, what, id) in self.recorded() {
+            if what == "succeeded" {
                 *counts.entry(id).or_insert(0) += 1;
             }
         }
         counts
     }
-    /// Every task any worker process of this scenario logged as started.
+
+    /// Every task whose handler any worker process of this scenario started.
     pub(super) fn starts(&self) -> HashSet<Uuid> {
-        self.workers
-            .iter()
-            .flat_map(crate::WorkerProcess::logged_started)
+        self.recorded()
+            .into_iter()
+            .filter(|(_, what, _)| what == "started")
+            .map(|(_, _, id)| id)
             .collect()
+    }
+
+    /// Whether the worker process `pid` has started attempts it has not finished.
+    pub(super) fn has_tasks_in_hand(&self, pid: u32) -> bool {
+        let (mut started, mut succeeded) = (0, 0);
+        for (by, what, _) in self.recorded() {
+            if by == pid {
+                match what.as_str() {
+                    "started" => started += 1,
+                    _ => succeeded += 1,
+                }
+            }
+        }
+        started > succeeded
     }
 
     /// Returns once every kind's queue of the single node has a consumer of each worker.
