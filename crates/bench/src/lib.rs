@@ -4,8 +4,8 @@
 //!
 //! - [`broker`]: bench queues, raw lapin publishing (the publish ceiling) and consuming (the
 //!   drain ceiling);
-//! - [`process`]: the gateway and a worker as child processes, their peak memory, the
-//!   worker's log read as it is written;
+//! - [`process`]: the gateway and a worker as child processes, their CPU time and peak
+//!   memory, and the worker's progress read from its `/metrics`;
 //! - [`histogram`]: Prometheus histograms read from a process's `/metrics`;
 //! - [`http`]: `POST /tasks` closed-loop (throughput) and open-loop (latency at a rate);
 //! - [`slow`]: hostile clients (never-ending heads and bodies) for the memory bound;

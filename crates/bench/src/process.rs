@@ -1,17 +1,11 @@
 //! The gateway and a worker as child processes, as they run in production.
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime},
+    sync::OnceLock,
+    time::{Duration, Instant},
 };
-
-use uuid::Uuid;
 
 /// A child process, killed when dropped.
 pub struct Process {
@@ -89,87 +83,156 @@ pub async fn start_gateway(
     }
 }
 
-/// What a worker's log has said so far.
-#[derive(Default)]
-pub struct WorkerLog {
-    /// "task completed" lines.
-    pub completed: AtomicU64,
-    /// When the worker said it was consuming.
-    pub consuming: Mutex<Option<Instant>>,
-    /// When the last "task completed" line arrived.
-    pub last_completed: Mutex<Option<Instant>>,
-    /// (task id, when the worker started it), if asked for.
-    pub started: Mutex<Vec<(Uuid, SystemTime)>>,
+/// A worker process, watched through its `/metrics` (`HTTP_BIND`), as an operator would:
+/// whether it consumes, and how many tasks it has finished.
+pub struct Worker {
+    process: Process,
+    metrics: String,
+    client: reqwest::Client,
+    /// When it was first seen consuming.
+    consuming: OnceLock<Instant>,
 }
 
-/// Starts the worker binary with `prefetch`, lifecycle events on or off and `env` on top,
-/// reading its JSON log as it comes. With `record_starts`, every "task started" line is
-/// parsed for its task id and timestamp.
+/// Starts the worker binary with `prefetch`, lifecycle events on or off and `env` on top.
 pub fn start_worker(
     binary: &Path,
     url: &str,
     queue: &str,
     (prefetch, events): (u16, bool),
     env: &[(&str, &str)],
-    record_starts: bool,
-) -> (Process, Arc<WorkerLog>) {
+) -> Worker {
+    let port = crate::free_port();
     let mut child = Command::new(binary)
         .env("AMQP_URL", url)
         .env("QUEUE", queue)
         .env("PREFETCH", prefetch.to_string())
         .env("EVENTS", if events { "on" } else { "off" })
+        .env("HTTP_BIND", format!("127.0.0.1:{port}"))
         .env("LOG_FORMAT", "json")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the worker binary");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let log = Arc::new(WorkerLog::default());
-    let sink = Arc::clone(&log);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // Substring tests first: this thread shares two cores with everything measured.
-            if line.contains("\"task completed\"") {
-                sink.completed.fetch_add(1, Ordering::Relaxed);
-                *sink.last_completed.lock().expect("log lock") = Some(Instant::now());
-            } else if record_starts && line.contains("\"task started\"") {
-                if let Some(start) = parse_start(&line) {
-                    sink.started.lock().expect("log lock").push(start);
-                }
-            } else if line.contains("\"consuming\"") {
-                // The first kind's subscription: a worker of several kinds logs one each.
-                sink.consuming
-                    .lock()
-                    .expect("log lock")
-                    .get_or_insert_with(Instant::now);
+    // Its log goes down a pipe, as under a container engine, and is read and thrown away: a
+    // log to /dev/null would cost the worker less than it does in production.
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    Worker {
+        process: Process { child },
+        metrics: format!("http://127.0.0.1:{port}/metrics"),
+        client: reqwest::Client::new(),
+        consuming: OnceLock::new(),
+    }
+}
+
+/// What one read of a worker's `/metrics` says.
+struct Sample {
+    /// Whether any of its kinds is consuming.
+    consuming: bool,
+    /// Tasks that succeeded, every kind.
+    succeeded: u64,
+}
+
+impl Sample {
+    fn parse(text: &str) -> Self {
+        let mut sample = Self {
+            consuming: false,
+            succeeded: 0,
+        };
+        for line in text.lines() {
+            let value = |name: &str| {
+                let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+                rest.rsplit_once(' ')?.1.parse::<u64>().ok()
+            };
+            if let Some(n) = value("offload_worker_tasks_succeeded_total") {
+                sample.succeeded += n;
+            } else if let Some(n) = value("offload_worker_kind_consuming") {
+                sample.consuming |= n > 0;
             }
         }
-    });
-    (Process { child }, log)
+        sample
+    }
 }
 
-fn parse_start(line: &str) -> Option<(Uuid, SystemTime)> {
-    let event: serde_json::Value = serde_json::from_str(line).ok()?;
-    let id = event["span"]["task_id"].as_str()?.parse().ok()?;
-    let at = humantime::parse_rfc3339_weak(event["timestamp"].as_str()?).ok()?;
-    Some((id, at))
-}
+impl Worker {
+    /// Its peak resident memory so far, in bytes.
+    pub fn peak_rss(&self) -> Option<u64> {
+        self.process.peak_rss()
+    }
 
-impl WorkerLog {
-    /// Waits until the worker has completed `count` tasks; returns the time from its
-    /// "consuming" line to the last completion.
-    pub async fn drained(&self, count: u64, deadline: Duration) -> Option<Duration> {
+    /// The CPU time it has used so far, user and system.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.process.cpu_time()
+    }
+
+    async fn sample(&self) -> Option<Sample> {
+        let response = self.client.get(&self.metrics).send().await.ok()?;
+        Some(Sample::parse(&response.text().await.ok()?))
+    }
+
+    /// Waits until the worker consumes (the first of its kinds' subscriptions); when it was
+    /// first seen doing so, to within the 2 ms it is asked every.
+    pub async fn consuming(&self, deadline: Duration) -> Option<Instant> {
         let give_up = Instant::now() + deadline;
-        while self.completed.load(Ordering::Relaxed) < count {
+        while self.consuming.get().is_none() {
+            if self.sample().await.is_some_and(|sample| sample.consuming) {
+                let _ = self.consuming.set(Instant::now());
+            } else if Instant::now() > give_up {
+                return None;
+            } else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        self.consuming.get().copied()
+    }
+
+    /// Waits until the worker has completed `count` tasks; returns the time from its
+    /// subscription to the read that saw the last of them done. It is asked less often while
+    /// far from done, so that the asking costs the worker little (a read of `/metrics` is
+    /// some tens of microseconds): at most every 50 ms, and every 2 ms near the end.
+    pub async fn drained(&self, count: u64, deadline: Duration) -> Option<Duration> {
+        let since = self.consuming(deadline).await?;
+        let give_up = Instant::now() + deadline;
+        loop {
+            let done = self.sample().await.map_or(0, |sample| sample.succeeded);
+            if done >= count {
+                return Some(since.elapsed());
+            }
             if Instant::now() > give_up {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // A quarter of what is left at the rate so far.
+            #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
+            let left = if done == 0 {
+                Duration::from_millis(10)
+            } else {
+                since
+                    .elapsed()
+                    .mul_f64((count - done) as f64 / done as f64 / 4.0)
+            };
+            let wait = left.clamp(Duration::from_millis(2), Duration::from_millis(50));
+            tokio::time::sleep(wait).await;
         }
-        let consuming = (*self.consuming.lock().expect("log lock"))?;
-        let last = (*self.last_completed.lock().expect("log lock"))?;
-        Some(last.saturating_duration_since(consuming))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sample;
+
+    #[test]
+    fn a_sample_sums_kinds_and_sees_any_consuming() {
+        let text = "# HELP offload_worker_tasks_succeeded Tasks that succeeded, by kind\n\
+            # TYPE offload_worker_tasks_succeeded counter\n\
+            offload_worker_tasks_succeeded_total{kind=\"a\"} 3\n\
+            offload_worker_tasks_succeeded_total{kind=\"b\"} 4\n\
+            offload_worker_kind_consuming{kind=\"a\"} 0\n\
+            offload_worker_kind_consuming{kind=\"b\"} 1\n\
+            offload_worker_tasks_started_total{kind=\"a\"} 9\n";
+        let sample = Sample::parse(text);
+        assert_eq!(sample.succeeded, 7);
+        assert!(sample.consuming);
+        assert!(!Sample::parse("offload_worker_kind_consuming{kind=\"a\"} 0\n").consuming);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use offload_bench::{
@@ -33,19 +33,12 @@ async fn drain_once(
     (tasks, peak): (u64, &mut u64),
 ) -> Result<(f64, f64, f64), lapin::Error> {
     broker::fill(url, &queue.kind_queue("sleep"), "sleep", tasks).await?;
-    let (worker, log) =
-        process::start_worker(binary, url, queue.name(), (PREFETCH, true), &[], false);
-    let start = Instant::now();
-    let mut at_start = None;
-    while at_start.is_none() && start.elapsed() < DRAIN_DEADLINE {
-        if log.consuming.lock().expect("log lock").is_some() {
-            at_start = worker.cpu_time();
-        } else {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
-    let at_start = at_start.unwrap_or_default();
-    let drained = log.drained(tasks, DRAIN_DEADLINE).await;
+    let worker = process::start_worker(binary, url, queue.name(), (PREFETCH, true), &[]);
+    let at_start = match worker.consuming(DRAIN_DEADLINE).await {
+        Some(_) => worker.cpu_time().unwrap_or_default(),
+        None => Duration::ZERO,
+    };
+    let drained = worker.drained(tasks, DRAIN_DEADLINE).await;
     let cpu = worker
         .cpu_time()
         .unwrap_or_default()

@@ -4,7 +4,7 @@ use std::{path::Path, time::Duration};
 
 use offload_bench::{
     broker::{self, BenchQueue},
-    process::{self, Process},
+    process::{self, Worker},
     stats::{self, Line, percent, rate},
 };
 
@@ -104,15 +104,8 @@ pub(crate) async fn drain_with_worker(
     (prefetch, events): (u16, bool),
     env: &[(&str, &str)],
     tasks: u64,
-) -> (Process, Option<Duration>) {
-    let (worker, log) = process::start_worker(
-        Path::new(WORKER),
-        url,
-        queue,
-        (prefetch, events),
-        env,
-        false,
-    );
-    let drained = log.drained(tasks, DRAIN_DEADLINE).await;
+) -> (Worker, Option<Duration>) {
+    let worker = process::start_worker(Path::new(WORKER), url, queue, (prefetch, events), env);
+    let drained = worker.drained(tasks, DRAIN_DEADLINE).await;
     (worker, drained)
 }

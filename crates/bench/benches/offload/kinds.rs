@@ -136,16 +136,10 @@ pub(crate) async fn drain_over_kinds(
             }
             let mut env = vec![("TARGETS", targets.as_str())];
             env.extend(limits.map(|limits| ("CONCURRENCY", limits)));
-            let (worker, log) = process::start_worker(
-                Path::new(WORKER),
-                url,
-                queue.name(),
-                (IN_HAND, false),
-                &env,
-                false,
-            );
+            let worker =
+                process::start_worker(Path::new(WORKER), url, queue.name(), (IN_HAND, false), &env);
             let total = count * kinds.len() as u64;
-            let drained = log.drained(total, DRAIN_DEADLINE).await;
+            let drained = worker.drained(total, DRAIN_DEADLINE).await;
             drop(worker);
             queue.purge().await?;
             rates.push(drained.map_or(0.0, |took| broker::per_second(total, took)));

@@ -9,10 +9,11 @@ use std::{
 
 use offload_bench::{
     broker::{self, BenchQueue},
-    http,
-    process::{self},
+    http, process,
     stats::{Line, millis, percent, percentile, rate},
 };
+use offload_common::EventType;
+use offload_tests::EventLog;
 
 use crate::{Args, DRAIN_DEADLINE, GATEWAY, WORKER, targets::errors};
 
@@ -119,13 +120,14 @@ pub(crate) async fn end_to_end(
     offered: f64,
 ) -> (Option<Line>, u64) {
     eprintln!("end to end at {}: 202 to task started ...", rate(offered));
-    let (worker, log) =
-        process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[], true);
+    let worker = process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[]);
     let run = http::open_loop(tasks_url, offered, args.length, args.connections).await;
     let accepted = u64::try_from(run.accepted.len()).unwrap_or(u64::MAX);
-    let line = match log.drained(accepted, DRAIN_DEADLINE).await {
+    let line = match worker.drained(accepted, DRAIN_DEADLINE).await {
         Some(_) => {
-            let mut gaps = gaps(&run.accepted, &log.started.lock().expect("log lock"));
+            let events = EventLog::follow(url, queue.name());
+            events.sync().await;
+            let mut gaps = gaps(&run.accepted, &starts(&events));
             #[allow(clippy::cast_precision_loss)] // counts of a few thousand
             let early =
                 gaps.iter().filter(|gap| gap.is_zero()).count() as f64 / gaps.len().max(1) as f64;
@@ -159,8 +161,7 @@ pub(crate) async fn scheduled(
         humantime::format_duration(SCHEDULED_DELAY),
         rate(offered)
     );
-    let (_worker, log) =
-        process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[], true);
+    let _worker = process::start_worker(Path::new(WORKER), url, queue.name(), (1, true), &[]);
     // Plain tasks throughout, until the scheduled ones are due and a little after.
     let (load_url, connections) = (tasks_url.to_owned(), args.connections);
     let load = tokio::spawn(async move {
@@ -191,15 +192,10 @@ pub(crate) async fn scheduled(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = load.await;
+    let events = EventLog::follow(url, queue.name());
     let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
     let started = loop {
-        let started: HashMap<uuid::Uuid, SystemTime> = log
-            .started
-            .lock()
-            .expect("log lock")
-            .iter()
-            .copied()
-            .collect();
+        let started = starts(&events);
         if due.iter().all(|(id, _)| started.contains_key(id)) {
             break started;
         }
@@ -237,14 +233,25 @@ pub(crate) async fn scheduled(
 /// How far ahead the benchmark schedules tasks.
 pub(crate) const SCHEDULED_DELAY: Duration = Duration::from_secs(10);
 
+/// When each task's (last) attempt started, from the `started` events read so far off the
+/// queue's stream. The stream is read after a run, not during it: a reader would load the
+/// broker being measured.
+fn starts(events: &EventLog) -> HashMap<uuid::Uuid, SystemTime> {
+    events
+        .events()
+        .into_iter()
+        .filter(|event| event.event == EventType::Started)
+        .filter_map(|event| Some((event.id?, event.at)))
+        .collect()
+}
+
 /// For each accepted task the worker started, how long after its 202 it started (zero when
 /// the worker was first: the broker delivers as soon as the message is queued, and the
 /// confirm can reach the gateway after the delivery reaches the worker).
 pub(crate) fn gaps(
     accepted: &[(uuid::Uuid, SystemTime)],
-    started: &[(uuid::Uuid, SystemTime)],
+    started: &HashMap<uuid::Uuid, SystemTime>,
 ) -> Vec<Duration> {
-    let started: HashMap<_, _> = started.iter().copied().collect();
     accepted
         .iter()
         .filter_map(|(id, at)| {

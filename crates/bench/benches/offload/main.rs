@@ -77,8 +77,9 @@ struct Args {
     only: Option<Group>,
 
     /// Another build to measure this one against, side by side: a target directory holding
-    /// its release build of the benchmark's binaries (`CARGO_TARGET_DIR=/tmp/base cargo build
-    /// --release -p offload-bench --bins` in a checkout of the other commit).
+    /// its build of the benchmark's binaries, with the benchmark's profile
+    /// (`CARGO_TARGET_DIR=/tmp/base cargo build --profile bench -p offload-bench --bins` in a
+    /// checkout of the other commit).
     #[arg(long)]
     baseline: Option<PathBuf>,
 

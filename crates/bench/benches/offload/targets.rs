@@ -36,15 +36,14 @@ pub(crate) async fn http_targets(
         );
         alone.push(target.alone(usize::from(PREFETCH), args.length).await);
         broker::fill(url, &queue.kind_queue("http"), "http", args.tasks).await?;
-        let (worker, log) = process::start_worker(
+        let worker = process::start_worker(
             Path::new(WORKER),
             url,
             queue.name(),
             (PREFETCH, false),
             &env,
-            false,
         );
-        let drained = log.drained(args.tasks, DRAIN_DEADLINE).await;
+        let drained = worker.drained(args.tasks, DRAIN_DEADLINE).await;
         drop(worker);
         queue.purge().await?;
         offload.push(drained.map_or(0.0, |took| broker::per_second(args.tasks, took)));
@@ -85,14 +84,7 @@ pub(crate) async fn http_targets(
     eprintln!("HTTP targets: {HELD} calls in flight ...");
     target.hold(true);
     broker::fill(url, &queue.kind_queue("http"), "http", u64::from(HELD)).await?;
-    let (worker, log) = process::start_worker(
-        Path::new(WORKER),
-        url,
-        queue.name(),
-        (HELD, false),
-        &env,
-        false,
-    );
+    let worker = process::start_worker(Path::new(WORKER), url, queue.name(), (HELD, false), &env);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while target.in_flight() < u64::from(HELD) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -100,7 +92,7 @@ pub(crate) async fn http_targets(
     let in_flight = target.in_flight();
     let peak = worker.peak_rss().unwrap_or(0);
     target.hold(false);
-    let _ = log.drained(u64::from(HELD), DRAIN_DEADLINE).await;
+    let _ = worker.drained(u64::from(HELD), DRAIN_DEADLINE).await;
     drop(worker);
     queue.purge().await?;
     lines.push(Line {
