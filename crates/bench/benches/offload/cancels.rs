@@ -156,7 +156,7 @@ pub(crate) async fn cancel_cost(
 
 /// POST /tasks on this build's gateway and on the baseline's, alternating: CPU per 202 and
 /// rates.
-async fn posts_against(
+pub(crate) async fn posts_against(
     args: &Args,
     url: &str,
     queue: &BenchQueue,

@@ -72,7 +72,8 @@ struct Args {
     /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
     /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing), `post`
     /// (POST /tasks against raw publishing, rate and CPU, and its latency at half the
-    /// sustained rate: the front door alone).
+    /// sustained rate: the front door alone; with `--baseline`, also this build's gateway
+    /// CPU per POST against another's).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -242,6 +243,9 @@ async fn alone(
             let sustained = throughput(args, url, queue, &gateway, &tasks_url, &mut lines).await?;
             drop(gateway);
             lines.extend(latencies(args, url, sustained, &[0.5], &env).await?);
+            if let Some(baseline) = &args.baseline {
+                lines.extend(cancels::posts_against(args, url, queue, baseline).await?);
+            }
         }
         Group::Drain | Group::Publish => {}
     }

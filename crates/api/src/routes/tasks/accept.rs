@@ -27,8 +27,6 @@ use crate::{
 };
 
 /// What a client sends: a JSON object, nothing else.
-#[derive(Deserialize)]
-#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub(super) struct NewTask {
     kind: TaskKind,
     payload: serde_json::Value,
@@ -93,10 +91,8 @@ impl NewTask {
     }
 }
 
-impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
-    type Error = serde_json::Error;
-
-    fn try_from(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+impl From<NewTaskFields> for NewTask {
+    fn from(fields: NewTaskFields) -> Self {
         let NewTaskFields {
             kind,
             payload,
@@ -104,15 +100,38 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for NewTask {
             run_at,
             expires_in,
             expires_at,
-        } = serde_json::from_value(serde_json::Value::Object(object))?;
-        Ok(Self {
+        } = fields;
+        Self {
             kind,
             payload,
             delay,
             run_at,
             expires_in,
             expires_at,
-        })
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NewTask {
+    /// An object's fields read straight from the body, in one pass: asked for as a map, so an
+    /// array is refused, where serde's derive would take one for a struct.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = NewTaskFields;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a task, a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<NewTaskFields, A::Error> {
+                NewTaskFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Object).map(Self::from)
     }
 }
 

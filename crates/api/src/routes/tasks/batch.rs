@@ -157,9 +157,9 @@ fn read(task: serde_json::Value) -> Result<(NewTask, Option<String>)> {
         Some(serde_json::Value::String(key)) => Some(valid_key(&key)?),
         Some(_) => return Err(ApiError::InvalidIdempotencyKey),
     };
-    let new =
-        NewTask::try_from(fields).map_err(|error| ApiError::InvalidBatchTask(error.to_string()))?;
-    Ok((new, key))
+    let new = serde_json::from_value::<NewTaskFields>(serde_json::Value::Object(fields))
+        .map_err(|error| ApiError::InvalidBatchTask(error.to_string()))?;
+    Ok((new.into(), key))
 }
 
 /// A task's result, from what accepting it came to.
