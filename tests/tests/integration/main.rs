@@ -26,6 +26,7 @@ mod poison;
 mod redelivery;
 mod resilience;
 mod retries;
+mod rust_handlers;
 mod schedules;
 mod shutdown;
 mod status;

@@ -20,7 +20,7 @@ use serde::Serialize;
 use offload_common::PublishError as Broker;
 
 use crate::{publisher::PublishError, scope::Scope};
-use advice::{excerpt, json_advice, kinds_excerpt, unavailable_advice};
+use advice::excerpt;
 
 /// Everything a request can fail with. Each variant's message tells the client what to do.
 #[derive(Debug, thiserror::Error)]
@@ -317,103 +317,6 @@ impl ApiError {
             },
             Self::TooManyConnections { .. } => "too_many_connections",
             Self::Internal => "internal_error",
-        }
-    }
-
-    /// The message the client sees: what happened and what to do, nothing internal.
-    pub(crate) fn message(&self) -> String {
-        match self {
-            Self::Json(rejection) => json_advice(rejection),
-            Self::BodyTooLarge { .. } => format!(
-                "{self}; send a smaller payload, or store large inputs elsewhere and send a reference"
-            ),
-            Self::BodyTimeout(_) => format!("{self}; send the whole body at once"),
-            Self::NotFound { method, path } => format!(
-                "no route for {} {}; GET /openapi.json lists every route this gateway serves",
-                excerpt(method),
-                excerpt(path)
-            ),
-            Self::MethodNotAllowed { method, path } => format!(
-                "{} is not allowed on {}; see the Allow header for the methods that are",
-                excerpt(method),
-                excerpt(path)
-            ),
-            Self::Unauthorized(why) => {
-                format!("{why}; send the header Authorization: Bearer <API key>")
-            }
-            Self::Forbidden(scope) => format!(
-                "this API key lacks the '{scope}' scope this request needs; use a key that has it"
-            ),
-            Self::CrossSite => format!(
-                "{self}, so it may come from a form on another site; the dashboard sends it, other clients should send Authorization: Bearer <API key>"
-            ),
-            Self::ForeignOrigin(_) => format!(
-                "{self}, which the gateway refuses whether or not API keys are set; use the gateway's own dashboard, or a client that is not a browser page"
-            ),
-            Self::RateLimited { .. } => {
-                "this API key has used up its RATE_LIMIT; retry after the Retry-After delay".into()
-            }
-            Self::InvalidIdempotencyKey
-            | Self::InvalidWait
-            | Self::InvalidSchedule(_)
-            | Self::InvalidQuery(_) => {
-                format!("{self}; fix the request")
-            }
-            Self::InvalidExpiry(_) => format!("{self}; fix the request"),
-            Self::IdempotencyKeyReused(_) => format!(
-                "{self} (kind, payload, delay, run_at and expiry are compared); a retry must repeat the first request exactly, and a new task needs a new key"
-            ),
-            Self::InvalidBatchTask(_) => format!(
-                "{}. Expected {{\"kind\": \"<1-64 chars of a-z 0-9 _ . ->\", \"payload\": <any JSON, optional>}}, optionally with \"delay\" or \"run_at\", \"expires_in\" or \"expires_at\", and \"idempotency_key\"",
-                excerpt(&self.to_string())
-            ),
-            Self::BatchSize { .. } => format!("{self}; split it into batches of at most MAX_BATCH"),
-            Self::TaskFinished { status } => format!(
-                "the task has {status} already, so there is nothing to cancel; GET /tasks/{{id}} shows how it ended"
-            ),
-            Self::CancelUnconfirmed { kind, .. } => format!(
-                "the cancel is recorded, and every worker honours it once it reads it, but not every worker consuming kind '{kind}' confirmed it in time, so this gateway cannot yet promise the task will not start; repeat the request (it is safe to) after the Retry-After delay to learn the outcome"
-            ),
-            Self::NotRecorded(..) => "the change could not be recorded on the broker, so nothing changed; retry after the Retry-After delay".into(),
-            Self::InvalidScheduleSpec(_) => format!("{self}; fix the schedule"),
-            Self::UnknownSchedule(_) => format!("{self}; GET /schedules lists them"),
-            Self::TooManySchedules => format!("{self}; delete some first"),
-            Self::DelayTooLong { .. } => {
-                format!("{self}; schedule it nearer, or keep it in your app until nearer the time")
-            }
-            Self::IdempotencyOff => {
-                format!("{self}; send the task without the header, or turn EVENTS on")
-            }
-            Self::DeadTaskNotFound => "no task with that id is in the dead-letter queue: it was never dead, was retried or discarded already, or is being retried right now by another request".into(),
-            Self::UnknownTask => "no task with that id: it was never accepted, or it is older than the events stream keeps (EVENTS_MAX_AGE, EVENTS_MAX_BYTES) or than this gateway remembers (STATUS_CAPACITY)".into(),
-            Self::TrackingOff => "task tracking is off on this gateway (EVENTS=off): there is no status to read, and no Idempotency-Key can be honoured; turn EVENTS on".into(),
-            Self::Replaying { .. } => "this gateway is still reading the events stream and cannot yet tell where that task (or that Idempotency-Key) stands; retry after the Retry-After delay".into(),
-            Self::UnknownKind { kind, known } => {
-                let known = if known.is_empty() {
-                    "none announced yet".to_owned()
-                } else {
-                    kinds_excerpt(known)
-                };
-                format!(
-                    "no worker handles tasks of kind '{kind}', so it was not queued. Kinds handled: {known}. \
-                     A kind is accepted once a worker that handles it has started (or `offload-worker --declare-only` registered it)"
-                )
-            }
-            Self::KindNotFound { kind, known } => format!(
-                "there is no queue for kind '{kind}': no worker that runs it has started (a worker declares its kinds' queues). Kinds known here: {}",
-                if known.is_empty() {
-                    "none yet".to_owned()
-                } else {
-                    kinds_excerpt(known)
-                }
-            ),
-            Self::Unavailable { error, .. } => unavailable_advice(error).into(),
-            Self::TooManyConnections { .. } => {
-                format!("{self}; retry after the Retry-After delay")
-            }
-            Self::Internal => {
-                "internal error in the gateway; the task may not have been queued, retry it".into()
-            }
         }
     }
 
