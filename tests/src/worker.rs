@@ -60,12 +60,23 @@ pub struct WorkerProcess {
     name: String,
     events: Option<EventLog>,
     log: Arc<Mutex<Vec<Value>>>,
+    /// Its `/metrics`, on the `HTTP_BIND` given to it (a free port unless the test sets one).
+    metrics: String,
 }
 
 impl WorkerProcess {
     /// Starts a worker on `queue` at `url` and waits until it is consuming.
     pub async fn start(url: &str, queue: &str, options: &WorkerOptions) -> Self {
+        let bind = options
+            .env
+            .iter()
+            .find(|(key, _)| *key == "HTTP_BIND")
+            .map_or_else(
+                || format!("127.0.0.1:{}", crate::free_port()),
+                |(_, bind)| bind.clone(),
+            );
         let mut child = Command::new(crate::binary(options.binary))
+            .env("HTTP_BIND", &bind)
             .env("AMQP_URL", url)
             .env("QUEUE", queue)
             .env("PREFETCH", options.prefetch.to_string())
@@ -102,6 +113,7 @@ impl WorkerProcess {
             name,
             events,
             log,
+            metrics: format!("http://{bind}/metrics"),
         };
         // Its start-up line, not its `worker` event: a worker that dies on its first task
         // (a test of crashes) may never get that event out.
@@ -180,6 +192,14 @@ impl WorkerProcess {
             })
         })
         .await
+    }
+
+    /// The value of the series `series` (a metric's name and labels, as its `/metrics` writes
+    /// them: `offload_worker_kind_paused{kind="sleep"}`), if it answers and has it.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(&self.metrics).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     /// Sends SIGKILL: the process dies at once, acking nothing.

@@ -263,12 +263,17 @@ async fn a_paused_kind_starts_nothing_across_restarts_and_runs_everything_once_r
     // A worker restarted while paused consumes every kind but this one.
     drop(worker);
     let worker = WorkerProcess::start(&url, queue.name(), &options).await;
-    worker
-        .wait_for_message(
-            "the kind is paused: consuming none of its tasks until it is resumed",
-            DEADLINE,
-        )
-        .await;
+    eventually(
+        DEADLINE,
+        "the restarted worker to hold the kind paused",
+        || async {
+            let paused = worker
+                .metric(r#"offload_worker_kind_paused{kind="sleep"}"#)
+                .await;
+            (paused == Some(1.0)).then_some(())
+        },
+    )
+    .await;
     // And a gateway restarted still reads it paused.
     gateway.stop().await;
     let gateway = TestGateway::start(&url, queue.name()).await;
