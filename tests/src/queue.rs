@@ -23,6 +23,26 @@ pub const TEST_KINDS: &[&str] = &[
     "panic",
 ];
 
+/// Kinds that tests' own workers bind by themselves (their handlers, their targets, the Rust
+/// example's): not declared with a [`TestQueue`], but their queues and gates deleted with it.
+/// A test whose worker runs a kind of its own adds it here, or leaves queues behind.
+const WORKER_KINDS: &[&str] = &[
+    "work",
+    "limited",
+    "echo",
+    "closed",
+    "flaky",
+    "py-work",
+    "slow-call",
+    "reverse",
+    "rejects",
+    "resize",
+    "retries-later",
+    "fails-first-run",
+    "stops-when-told",
+    "ignores-cancel",
+];
+
 /// A uniquely named queue (and its dead-letter queue and exchange). Deleted on drop, so
 /// tests can run in parallel against the shared broker and leave nothing behind.
 pub struct TestQueue {
@@ -250,7 +270,10 @@ impl Drop for TestQueue {
         // Async clean-up from a synchronous drop: a thread of its own with its own runtime,
         // so it works whether or not the test's runtime is still running.
         let url = self.url.clone();
-        let topology = self.topology.clone();
+        let topology = self
+            .topology
+            .clone()
+            .with_kinds(TEST_KINDS.iter().chain(WORKER_KINDS).copied());
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
