@@ -210,6 +210,12 @@ impl GatewayProcess {
     /// Starts the gateway on `port` with the given environment (`AMQP_URL`, `QUEUE`, ...)
     /// and waits until it answers `/health` with 200.
     pub async fn start(port: u16, env: &[(&str, String)]) -> Self {
+        Self::start_binary(&crate::binary("offload-api-under-test"), port, env).await
+    }
+
+    /// [`GatewayProcess::start`] with the gateway binary at `binary`: the benchmark runs its
+    /// own build of it.
+    pub async fn start_binary(binary: &std::path::Path, port: u16, env: &[(&str, String)]) -> Self {
         // OFFLOAD_TEST_LOGS=<dir> keeps its log (at `info`) in <dir>/gateway-<port>.log, to
         // see what a scenario's gateway did.
         let (log_level, stdout) = match std::env::var_os("OFFLOAD_TEST_LOGS") {
@@ -224,7 +230,7 @@ impl GatewayProcess {
             }
             None => ("warn", std::process::Stdio::null()),
         };
-        let child = std::process::Command::new(crate::binary("offload-api-under-test"))
+        let child = std::process::Command::new(binary)
             .env("BIND", format!("127.0.0.1:{port}"))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", log_level)

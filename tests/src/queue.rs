@@ -116,6 +116,22 @@ impl TestQueue {
         &self.topology
     }
 
+    /// Removes every ready task from its kinds' queues, so that phases start from the same
+    /// empty queues.
+    pub async fn purge(&self) -> Result<(), lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        for kind in self.topology.kinds() {
+            channel
+                .queue_purge(
+                    self.topology.kind_queue(kind).as_str().into(),
+                    lapin::options::QueuePurgeOptions::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(())
+    }
+
     /// The test's own connection to the broker.
     pub fn connection(&self) -> &Connection {
         &self.connection
@@ -270,10 +286,11 @@ impl Drop for TestQueue {
         // Async clean-up from a synchronous drop: a thread of its own with its own runtime,
         // so it works whether or not the test's runtime is still running.
         let url = self.url.clone();
-        let topology = self
-            .topology
-            .clone()
-            .with_kinds(TEST_KINDS.iter().chain(WORKER_KINDS).copied());
+        let kinds: Vec<String> = (self.topology.kinds().iter().map(String::as_str))
+            .chain(TEST_KINDS.iter().chain(WORKER_KINDS).copied())
+            .map(str::to_owned)
+            .collect();
+        let topology = self.topology.clone().with_kinds(kinds);
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

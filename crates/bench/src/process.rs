@@ -7,15 +7,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A child process, killed when dropped.
-pub struct Process {
-    child: Child,
+use offload_tests::GatewayProcess;
+
+/// A process the benchmark measures, killed when dropped: a gateway started by the harness
+/// the tests and the campaign use, or a worker started here.
+pub enum Process {
+    /// The gateway ([`GatewayProcess`] kills it when dropped).
+    Gateway(GatewayProcess),
+    /// A worker.
+    Worker(Child),
 }
 
 impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Gateway(gateway) => gateway.pid(),
+            Self::Worker(child) => child.id(),
+        }
+    }
+
     /// Its peak resident memory so far, in bytes (`VmHWM`).
     pub fn peak_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
@@ -23,14 +36,16 @@ impl Process {
 
     /// The CPU time it has used so far, user and system ([`cpu_time_of`]).
     pub fn cpu_time(&self) -> Option<Duration> {
-        cpu_time_of(&self.child.id().to_string())
+        cpu_time_of(&self.pid().to_string())
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Self::Worker(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -47,7 +62,8 @@ pub fn cpu_time_of(pid: &str) -> Option<Duration> {
 }
 
 /// Starts the gateway binary on `port`, with `env` on top of the defaults, and waits until
-/// `/health` answers 200.
+/// `/health` answers 200: as the tests start one ([`GatewayProcess::start_binary`]), logging
+/// at the shipped default level, `info`.
 pub async fn start_gateway(
     binary: &Path,
     url: &str,
@@ -55,32 +71,12 @@ pub async fn start_gateway(
     port: u16,
     env: &[(&str, &str)],
 ) -> Process {
-    let child = Command::new(binary)
-        .env("AMQP_URL", url)
-        .env("QUEUE", queue)
-        .env("BIND", format!("127.0.0.1:{port}"))
-        .env("LOG_FORMAT", "json")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the gateway binary");
-    let process = Process { child };
-    let client = reqwest::Client::new();
-    let health = format!("http://127.0.0.1:{port}/health");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(response) = client.get(&health).send().await
-            && response.status().is_success()
-        {
-            return process;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not become healthy within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let env: Vec<(&str, String)> = [("AMQP_URL", url), ("QUEUE", queue), ("RUST_LOG", "info")]
+        .into_iter()
+        .chain(env.iter().copied())
+        .map(|(name, value)| (name, value.to_owned()))
+        .collect();
+    Process::Gateway(GatewayProcess::start_binary(binary, port, &env).await)
 }
 
 /// A worker process, watched through its `/metrics` (`HTTP_BIND`), as an operator would:
@@ -119,7 +115,7 @@ pub fn start_worker(
     let mut stdout = child.stdout.take().expect("stdout is piped");
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     Worker {
-        process: Process { child },
+        process: Process::Worker(child),
         metrics: format!("http://127.0.0.1:{port}/metrics"),
         client: reqwest::Client::new(),
         consuming: OnceLock::new(),
@@ -171,16 +167,19 @@ impl Worker {
         Some(Sample::parse(&response.text().await.ok()?))
     }
 
-    /// Waits until the worker consumes (the first of its kinds' subscriptions); when it was
-    /// first seen doing so, to within the 2 ms it is asked every.
+    /// Waits until the worker consumes (the first of its kinds' subscriptions); when it began
+    /// to: halfway between the last read that said it did not and the first that said it did,
+    /// read every 2 ms.
     pub async fn consuming(&self, deadline: Duration) -> Option<Instant> {
         let give_up = Instant::now() + deadline;
+        let mut before = Instant::now();
         while self.consuming.get().is_none() {
             if self.sample().await.is_some_and(|sample| sample.consuming) {
-                let _ = self.consuming.set(Instant::now());
+                let _ = self.consuming.set(halfway(before, Instant::now()));
             } else if Instant::now() > give_up {
                 return None;
             } else {
+                before = Instant::now();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
@@ -188,20 +187,23 @@ impl Worker {
     }
 
     /// Waits until the worker has completed `count` tasks; returns the time from its
-    /// subscription to the read that saw the last of them done. It is asked less often while
-    /// far from done, so that the asking costs the worker little (a read of `/metrics` is
-    /// some tens of microseconds): at most every 50 ms, and every 2 ms near the end.
+    /// subscription to when the last was done (halfway between the last read that said it
+    /// was not and the first that said it was). It is asked less often while far from done,
+    /// so that the asking costs the worker little (a read of `/metrics` is some tens of
+    /// microseconds): at most every 50 ms, and every 2 ms near the end.
     pub async fn drained(&self, count: u64, deadline: Duration) -> Option<Duration> {
         let since = self.consuming(deadline).await?;
         let give_up = Instant::now() + deadline;
+        let mut before = since;
         loop {
             let done = self.sample().await.map_or(0, |sample| sample.succeeded);
             if done >= count {
-                return Some(since.elapsed());
+                return Some(halfway(before, Instant::now()).saturating_duration_since(since));
             }
             if Instant::now() > give_up {
                 return None;
             }
+            before = Instant::now();
             // A quarter of what is left at the rate so far.
             #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
             let left = if done == 0 {
@@ -215,6 +217,11 @@ impl Worker {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// The instant halfway between `earlier` and `later`.
+fn halfway(earlier: Instant, later: Instant) -> Instant {
+    earlier + later.saturating_duration_since(earlier) / 2
 }
 
 #[cfg(test)]

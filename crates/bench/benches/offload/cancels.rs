@@ -58,8 +58,8 @@ pub(crate) async fn cancel_cost(
     url: &str,
     queue: &BenchQueue,
 ) -> Result<Vec<Line>, lapin::Error> {
-    let full = BenchQueue::declare(url, "cancels").await?;
-    broker::fill_control(url, &full.topology.control_stream(), CANCELS).await?;
+    let full = BenchQueue::declare(url, "cancels").await;
+    broker::fill_control(url, &full.topology().control_stream(), CANCELS).await?;
     let baseline_worker = args
         .baseline
         .as_ref()
@@ -78,7 +78,7 @@ pub(crate) async fn cancel_cost(
             runs[2].push(drain_once(baseline, url, queue, (args.tasks, base)).await?);
         }
     }
-    full.delete().await;
+    full.delete();
     let (empty_cpu, full_cpu) = (
         stats::median_by(&runs[0], |r| r.1),
         stats::median_by(&runs[1], |r| r.1),

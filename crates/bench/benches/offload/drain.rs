@@ -23,7 +23,7 @@ pub(crate) async fn drain(
 ) -> Result<(Vec<Line>, f64, u64), lapin::Error> {
     let (mut raw, mut offload, mut peak) = (Vec::new(), Vec::new(), 0);
     let stream = queue
-        .topology
+        .topology()
         .events_stream()
         .filter(|_| events && prefetch > 1);
     let mut raw_with_events = Vec::new();

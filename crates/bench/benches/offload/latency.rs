@@ -26,7 +26,7 @@ pub(crate) async fn latencies(
     shares: &[f64],
     env: &[(&str, &str)],
 ) -> Result<Vec<Line>, lapin::Error> {
-    let queue = BenchQueue::declare(url, "latency").await?;
+    let queue = BenchQueue::declare(url, "latency").await;
     let port = offload_bench::free_port();
     let gateway = process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, env).await;
     http::wait_until_live(
@@ -41,7 +41,7 @@ pub(crate) async fn latencies(
         lines.push(latency(args, url, &queue, &tasks_url, sustained, *share).await?);
     }
     drop(gateway);
-    queue.delete().await;
+    queue.delete();
     Ok(lines)
 }
 

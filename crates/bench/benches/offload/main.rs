@@ -130,12 +130,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let url = amqp_url();
-    let queue = BenchQueue::declare(&url, "run").await?;
+    let queue = BenchQueue::declare(&url, "run").await;
     let mut lines = Vec::new();
     let only = args.only;
     if let Some(group) = only.filter(|group| !matches!(group, Group::Drain | Group::Publish)) {
         let lines = alone(group, &args, &url, &queue).await?;
-        queue.delete().await;
+        queue.delete();
         println!("{}", stats::table(&lines));
         return Ok(());
     }
@@ -155,7 +155,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lines.push(drain_tracing_cost(&args, &url, &queue).await?);
     }
     if only == Some(Group::Drain) {
-        queue.delete().await;
+        queue.delete();
         println!("{}", stats::table(&lines));
         return Ok(());
     }
@@ -174,7 +174,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.push(tracing_cost(&args, &url, &queue).await?);
     lines.extend(slow_clients(&url, &queue).await);
     if only == Some(Group::Publish) {
-        queue.delete().await;
+        queue.delete();
         lines.extend(memory(gateway.peak_rss().unwrap_or(0), None));
         println!("{}", stats::table(&lines));
         return Ok(());
@@ -193,7 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.extend(schedules_cost(&args, &url).await?);
     let gateway_peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
-    queue.delete().await;
+    queue.delete();
     lines.extend(memory(gateway_peak, Some(worker_peak)));
 
     println!("{}", stats::table(&lines));

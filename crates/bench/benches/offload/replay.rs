@@ -20,23 +20,23 @@ pub(crate) async fn replay(
     post_rate: f64,
 ) -> Result<Vec<Line>, lapin::Error> {
     const TASKS: usize = 1_000_000;
-    let queue = BenchQueue::declare(url, "replay").await?;
+    let queue = BenchQueue::declare(url, "replay").await;
     let stream = queue
-        .topology
+        .topology()
         .events_stream()
         .expect("the bench queue has the events stream");
     eprintln!("writing {TASKS} events to {stream} ...");
     let ids = broker::write_events(url, &stream, TASKS, 500).await?;
 
     // A gateway on an empty stream, for its baseline memory.
-    let empty = BenchQueue::declare(url, "empty").await?;
+    let empty = BenchQueue::declare(url, "empty").await;
     let empty_port = free_port();
     let capacity = [("STATUS_CAPACITY", "1000000")];
     let baseline_gateway =
         process::start_gateway(Path::new(GATEWAY), url, empty.name(), empty_port, &capacity).await;
     let baseline = baseline_gateway.peak_rss().unwrap_or(0);
     drop(baseline_gateway);
-    empty.delete().await;
+    empty.delete();
 
     eprintln!("a fresh gateway reads {TASKS} events ...");
     let port = free_port();
@@ -55,7 +55,7 @@ pub(crate) async fn replay(
     let (get_rate, get_errors) =
         http::status_throughput(&base, Arc::new(ids), args.connections, args.length).await;
     drop(gateway);
-    queue.delete().await;
+    queue.delete();
     let ratio = get_rate / post_rate;
     Ok(vec![
         Line::info(
@@ -91,9 +91,9 @@ pub(crate) async fn replay(
 /// gateway cuts as it reads them.
 pub(crate) async fn worst_case_memory(url: &str) -> Result<Vec<Line>, lapin::Error> {
     const TASKS: usize = 50_000;
-    let queue = BenchQueue::declare(url, "worst").await?;
+    let queue = BenchQueue::declare(url, "worst").await;
     let stream = queue
-        .topology
+        .topology()
         .events_stream()
         .expect("the bench queue has the events stream");
     let kind = "k".repeat(64);
@@ -122,7 +122,7 @@ pub(crate) async fn worst_case_memory(url: &str) -> Result<Vec<Line>, lapin::Err
     })
     .await?;
 
-    let empty = BenchQueue::declare(url, "worst-empty").await?;
+    let empty = BenchQueue::declare(url, "worst-empty").await;
     let capacity = [("STATUS_CAPACITY", "100000")];
     let baseline_gateway = process::start_gateway(
         Path::new(GATEWAY),
@@ -134,7 +134,7 @@ pub(crate) async fn worst_case_memory(url: &str) -> Result<Vec<Line>, lapin::Err
     .await;
     let baseline = baseline_gateway.peak_rss().unwrap_or(0);
     drop(baseline_gateway);
-    empty.delete().await;
+    empty.delete();
 
     let port = free_port();
     let gateway =
@@ -144,7 +144,7 @@ pub(crate) async fn worst_case_memory(url: &str) -> Result<Vec<Line>, lapin::Err
     let caught_up = http::wait_for_status(&base, last, Duration::from_secs(300)).await;
     let peak = gateway.peak_rss().unwrap_or(0);
     drop(gateway);
-    queue.delete().await;
+    queue.delete();
     #[allow(clippy::cast_precision_loss)] // memory in bytes and tens of thousands of tasks
     let per_task = peak.saturating_sub(baseline) as f64 / TASKS as f64;
     Ok(vec![Line {

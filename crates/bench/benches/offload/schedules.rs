@@ -32,8 +32,8 @@ const LATE_TARGET: f64 = 0.1;
 /// from the gateway's `offload_schedule_tick_late_seconds` histogram.
 pub(crate) async fn schedules_cost(args: &Args, url: &str) -> Result<Vec<Line>, lapin::Error> {
     // Each gateway on a QUEUE of its own: schedules live on `<QUEUE>.schedules`.
-    let plain = BenchQueue::declare(url, "plain").await?;
-    let scheduled = BenchQueue::declare(url, "schedules").await?;
+    let plain = BenchQueue::declare(url, "plain").await;
+    let scheduled = BenchQueue::declare(url, "schedules").await;
     let file = std::env::temp_dir().join(format!("{}.toml", scheduled.name()));
     std::fs::write(&file, schedules_file()).expect("write the benchmark's schedules file");
     let file_env = file.display().to_string();
@@ -59,8 +59,8 @@ pub(crate) async fn schedules_cost(args: &Args, url: &str) -> Result<Vec<Line>, 
     }
     let idle = idle_lateness(url, &scheduled, &file_env).await;
     let _ = std::fs::remove_file(&file);
-    plain.delete().await;
-    scheduled.delete().await;
+    plain.delete();
+    scheduled.delete();
     Ok(lines(args, &with, &without, &idle, &loaded))
 }
 

@@ -15,73 +15,54 @@ pub use publish::{
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions},
+    options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use offload_common::{Event, EventType, TaskEnvelope, TaskKind, Topology};
+use offload_tests::TestQueue;
 
 /// The kinds a [`BenchQueue`] declares: the built-in `sleep`, the target benchmark's `http`,
 /// and the kinds the spread-over-kinds runs add.
 pub const BENCH_KINDS: [&str; 5] = ["sleep", "http", "http2", "http3", "http4"];
 
-/// A queue of the benchmark's own, with offload's topology; deleted by [`BenchQueue::delete`].
-pub struct BenchQueue {
-    /// Its topology (a quorum queue, as offload declares it).
-    pub topology: Topology,
-    connection: Connection,
-}
+/// A queue of the benchmark's own, with offload's topology: the harness's [`TestQueue`] with
+/// [`BENCH_KINDS`] bound, deleted by [`BenchQueue::delete`] (or when dropped).
+pub struct BenchQueue(TestQueue);
 
 impl BenchQueue {
-    /// Declares `bench-<label>-<random>` on the broker at `url`.
-    pub async fn declare(url: &str, label: &str) -> Result<Self, lapin::Error> {
-        let name = format!(
-            "bench-{label}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        // As the gateway declares it by default (events on), with the kind the benchmark's
-        // tasks use bound as a worker would bind it.
-        let topology = offload_common::BrokerArgs::new(url, name)
-            .topology()
-            .with_kinds(BENCH_KINDS);
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        topology
-            .declare(&connection)
-            .await
-            .expect("a fresh bench queue declares");
-        Ok(Self {
-            topology,
-            connection,
-        })
+    /// Declares `offload-test-bench-<label>-<random>` on the broker at `url`, as the gateway
+    /// declares it by default (events on), with the benchmark's kinds bound as a worker would
+    /// bind them.
+    pub async fn declare(url: &str, label: &str) -> Self {
+        let label = format!("bench-{label}");
+        Self(
+            TestQueue::declare_topology(url, &label, |topology| topology.with_kinds(BENCH_KINDS))
+                .await,
+        )
     }
 
     /// `QUEUE`: what its queues are named after.
     pub fn name(&self) -> &str {
-        self.topology.queue()
+        self.0.name()
+    }
+
+    /// Its topology (a quorum queue per kind, as offload declares them).
+    pub fn topology(&self) -> &Topology {
+        self.0.topology()
     }
 
     /// `kind`'s queue.
     pub fn kind_queue(&self, kind: &str) -> String {
-        self.topology.kind_queue(kind)
+        self.0.topology().kind_queue(kind)
     }
 
     /// Removes every ready message, so that phases start from the same empty queues.
     pub async fn purge(&self) -> Result<(), lapin::Error> {
-        let channel = self.connection.create_channel().await?;
-        for kind in BENCH_KINDS {
-            channel
-                .queue_purge(
-                    self.kind_queue(kind).as_str().into(),
-                    QueuePurgeOptions::default(),
-                )
-                .await?;
-        }
-        let _ = channel.close(200, "purged".into()).await;
-        Ok(())
+        self.0.purge().await
     }
 
-    /// Deletes the queues and the exchange.
-    pub async fn delete(self) {
-        let _ = self.topology.delete(&self.connection).await;
-        let _ = self.connection.close(200, "bench done".into()).await;
+    /// Deletes the queues and the exchanges.
+    pub fn delete(self) {
+        drop(self);
     }
 }
 
