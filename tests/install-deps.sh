@@ -14,7 +14,8 @@
 #    started again when either falls short. Skipped when AMQP_URL points elsewhere.
 # 3. From their own lock files: the example targets' Flask and waitress (a virtualenv) and
 #    Express (node_modules), which the tests run as real targets; the browser test's
-#    playwright-core and axe-core (no browser download); schemathesis (a virtualenv).
+#    playwright-core and axe-core (no browser download); schemathesis (a virtualenv); the
+#    benchmark's Express + amqplib stack, which `cargo bench` compares POST /tasks with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "install-deps: $*"; }
@@ -72,6 +73,7 @@ fi
 examples/python-target/.venv/bin/pip install --quiet --disable-pip-version-check -r examples/python-target/requirements.txt
 npm ci --prefix examples/node-target --silent --no-audit --no-fund
 npm ci --prefix tests/browser --silent --no-audit --no-fund
+npm ci --prefix crates/bench/express --silent --no-audit --no-fund
 [ -x tests/schemathesis/.venv/bin/python ] || python3 -m venv tests/schemathesis/.venv
 tests/schemathesis/.venv/bin/pip install --quiet --disable-pip-version-check -r tests/schemathesis/requirements.txt
 say "ready: cargo test --workspace"

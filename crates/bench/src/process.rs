@@ -10,19 +10,19 @@ use std::{
 use offload_tests::GatewayProcess;
 
 /// A process the benchmark measures, killed when dropped: a gateway started by the harness
-/// the tests and the campaign use, or a worker started here.
+/// the tests and the campaign use, or a worker (or the HTTP floor) started here.
 pub enum Process {
     /// The gateway ([`GatewayProcess`] kills it when dropped).
     Gateway(GatewayProcess),
-    /// A worker.
-    Worker(Child),
+    /// A worker, or a server of [`start_server`]'s.
+    Child(Child),
 }
 
 impl Process {
     fn pid(&self) -> u32 {
         match self {
             Self::Gateway(gateway) => gateway.pid(),
-            Self::Worker(child) => child.id(),
+            Self::Child(child) => child.id(),
         }
     }
 
@@ -42,7 +42,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Self::Worker(child) = self {
+        if let Self::Child(child) = self {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -77,6 +77,28 @@ pub async fn start_gateway(
         .map(|(name, value)| (name, value.to_owned()))
         .collect();
     Process::Gateway(GatewayProcess::start_binary(binary, port, &env).await)
+}
+
+/// Starts `command`, a server the benchmark loads beside the gateway (`http-floor`, the
+/// Express stack), and waits until `GET /health` on `port` answers (at most ten seconds).
+pub async fn start_server(mut command: Command, port: u16) -> std::io::Result<Process> {
+    let child = command.stdout(Stdio::null()).spawn()?;
+    let process = Process::Child(child);
+    let health = format!("http://127.0.0.1:{port}/health");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if reqwest::get(&health)
+            .await
+            .is_ok_and(|answer| answer.status().is_success())
+        {
+            return Ok(process);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(std::io::Error::other(format!(
+        "{} did not answer /health within 10 s",
+        command.get_program().display()
+    )))
 }
 
 /// A worker process, watched through its `/metrics` (`HTTP_BIND`), as an operator would:
@@ -115,7 +137,7 @@ pub fn start_worker(
     let mut stdout = child.stdout.take().expect("stdout is piped");
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     Worker {
-        process: Process::Worker(child),
+        process: Process::Child(child),
         metrics: format!("http://127.0.0.1:{port}/metrics"),
         client: reqwest::Client::new(),
         consuming: OnceLock::new(),

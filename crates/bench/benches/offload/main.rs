@@ -19,6 +19,7 @@ mod batch;
 mod cancels;
 mod clients;
 mod drain;
+mod express;
 mod kinds;
 mod latency;
 mod publish;
@@ -31,6 +32,7 @@ use batch::batch_cost;
 use cancels::cancel_cost;
 use clients::{memory, slow_clients};
 use drain::drain;
+use express::against_express;
 use kinds::{drain_over_kinds, posts_over_kinds};
 use latency::{end_to_end, latencies, scheduled};
 use publish::{events_cost, hardening, metrics_cost, throughput};
@@ -71,9 +73,9 @@ struct Args {
     /// against none; with `--baseline`, this build's drain and POST against another's),
     /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
     /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing), `post`
-    /// (POST /tasks against raw publishing, rate and CPU, and its latency at half the
-    /// sustained rate: the front door alone; with `--baseline`, also this build's gateway
-    /// CPU per POST against another's).
+    /// (POST /tasks against raw publishing, rate and CPU, beside the HTTP floor and the
+    /// Express stack, and its latency at half the sustained rate: the front door alone; with
+    /// `--baseline`, also this build's gateway CPU per POST against another's).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -124,6 +126,8 @@ const GATEWAY: &str = env!("CARGO_BIN_EXE_offload-api-bench");
 
 const WORKER: &str = env!("CARGO_BIN_EXE_offload-worker-bench");
 
+const HTTP_FLOOR: &str = env!("CARGO_BIN_EXE_http-floor");
+
 const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
 
 #[tokio::main]
@@ -164,6 +168,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gateway = process::start_gateway(Path::new(GATEWAY), &url, queue.name(), port, &[]).await;
     let tasks_url = format!("http://127.0.0.1:{port}/tasks");
     let sustained = throughput(&args, &url, &queue, &gateway, &tasks_url, &mut lines).await?;
+    lines.extend(against_express(&args, &url, &queue, &gateway, &tasks_url).await?);
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
     lines.extend(batch_cost(&args, &url, &queue).await?);
     lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
@@ -241,6 +246,7 @@ async fn alone(
                 process::start_gateway(Path::new(GATEWAY), url, queue.name(), port, &env).await;
             let tasks_url = format!("http://127.0.0.1:{port}/tasks");
             let sustained = throughput(args, url, queue, &gateway, &tasks_url, &mut lines).await?;
+            lines.extend(against_express(args, url, queue, &gateway, &tasks_url).await?);
             drop(gateway);
             lines.extend(latencies(args, url, sustained, &[0.5], &env).await?);
             if let Some(baseline) = &args.baseline {

@@ -10,12 +10,13 @@ use offload_bench::{
     stats::{self, Line, percent, rate},
 };
 
-use crate::{Args, GATEWAY};
+use crate::{Args, GATEWAY, HTTP_FLOOR};
 
-/// The raw publish ceiling and the gateway closed-loop, `args.rounds` times alternating;
-/// returns the gateway's median rate. Beside the rates, the CPU each spends per task over
-/// the same windows: the raw client's per publish and confirm (this process), the gateway's
-/// per POST (from `/proc`), which the machine's noise moves far less than a rate.
+/// The raw publish ceiling, the gateway closed-loop and the HTTP floor (`http-floor`: axum
+/// answering 202 without a broker), `args.rounds` times alternating; returns the gateway's
+/// median rate. Beside the rates, the CPU each spends per task over the same windows: the raw
+/// client's per publish and confirm (this process), the gateway's per POST and the floor's
+/// per request (from `/proc`), which the machine's noise moves far less than a rate.
 pub(crate) async fn throughput(
     args: &Args,
     url: &str,
@@ -23,8 +24,14 @@ pub(crate) async fn throughput(
     gateway: &Process,
     tasks_url: &str,
     lines: &mut Vec<Line>,
-) -> Result<f64, lapin::Error> {
-    let (mut ceilings, mut sustained, mut errors) = (Vec::new(), Vec::new(), 0);
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let (mut ceilings, mut sustained, mut floors, mut errors) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
+    let floor_port = free_port();
+    let mut command = std::process::Command::new(HTTP_FLOOR);
+    command.arg(floor_port.to_string());
+    let floor = process::start_server(command, floor_port).await?;
+    let floor_url = format!("http://127.0.0.1:{floor_port}/tasks");
     for round in 1..=args.rounds {
         eprintln!(
             "publish ceiling and POST /tasks, {} in flight, round {round} of {} ...",
@@ -52,7 +59,18 @@ pub(crate) async fn throughput(
         sustained.push(measured);
         errors += failed;
         queue.purge().await?;
+        let (measured, _) = http::throughput_measured(
+            &floor_url,
+            None,
+            args.connections,
+            args.length,
+            &["sleep"],
+            || floor.cpu_time(),
+        )
+        .await;
+        floors.push(measured);
     }
+    drop(floor);
     let micros = |measured: &Measured| {
         measured
             .cpu_per_op
@@ -91,6 +109,19 @@ pub(crate) async fn throughput(
         target: "<= 2.5x".into(),
         met: Some(times <= 2.5),
     });
+    let floor_cpu = stats::median_by(&floors, micros);
+    lines.push(Line::info(
+        "  the floor: axum answering 202 without a broker, CPU per request ((floor + raw) / raw: the least ratio a front door on axum and lapin can reach; its rate)",
+        format!(
+            "{floor_cpu:.1} µs ({:.2}x; {})",
+            (floor_cpu + raw_cpu) / raw_cpu,
+            stats::rate(stats::median_by(&floors, |m| m.rate))
+        ),
+    ));
+    lines.push(Line::info(
+        "  the gateway's CPU per POST against the floor's plus raw lapin's",
+        format!("{:.2}x", gateway_cpu / (floor_cpu + raw_cpu)),
+    ));
     Ok(rate)
 }
 
