@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use offload_common::EventType;
 use offload_tests::{
     EventLog, InProcessWorker, TestGateway, TestQueue, WorkerOptions, WorkerProcess, amqp_url,
-    declare_kinds, eventually, handlers::FailsFirstRun,
+    declare_kinds, eventually, eventually_ok, handlers::FailsFirstRun,
 };
 use offload_worker::{Handler, HandlerError, Registry, Task};
 use reqwest::StatusCode;
@@ -36,12 +36,15 @@ fn story(events: &EventLog, id: Uuid) -> Vec<EventType> {
 /// Waits until a worker has met task `id` and dropped it: its `cancelled` (or `expired`)
 /// event with a worker's name.
 async fn dropped_by_a_worker(events: &EventLog, id: Uuid, why: EventType) {
-    eventually(DEADLINE, "a worker to drop the task", || async {
-        events
+    eventually_ok(DEADLINE, "a worker to drop the task", || async {
+        let dropped = events
             .events()
             .iter()
-            .any(|event| event.id == Some(id) && event.event == why && event.worker.is_some())
+            .any(|event| event.id == Some(id) && event.event == why && event.worker.is_some());
+        // On a timeout, the task's events so far tell a run from a lost event.
+        dropped
             .then_some(())
+            .ok_or_else(|| format!("its events: {:?}", story(events, id)))
     })
     .await;
 }
