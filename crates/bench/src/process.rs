@@ -10,7 +10,7 @@ use std::{
 use offload_tests::GatewayProcess;
 
 /// A process the benchmark measures, killed when dropped: a gateway started by the harness
-/// the tests and the campaign use, or a worker (or the HTTP floor) started here.
+/// the tests and the campaign use, or a worker or another server started here.
 pub enum Process {
     /// The gateway ([`GatewayProcess`] kills it when dropped).
     Gateway(GatewayProcess),

@@ -24,8 +24,8 @@ async fn main() -> std::io::Result<()> {
     axum::serve(listener, app).await
 }
 
-/// Reads the task as the gateway reads one (a JSON object, parsed whole) and answers as it
-/// does: 202, the task's new id and its status.
+/// Reads the task (a JSON object, parsed whole) and answers as the gateway does: 202, a new
+/// id, the kind and the status.
 async fn accept(
     Json(task): Json<serde_json::Map<String, serde_json::Value>>,
 ) -> (StatusCode, Json<serde_json::Value>) {
