@@ -67,11 +67,6 @@ pub(crate) async fn against_express(
             queue.purge().await?;
         }
     }
-    let micros = |measured: &Measured| {
-        measured
-            .cpu_per_op
-            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
-    };
     let (rate, express_rate) = (
         stats::median_by(&ours, |m| m.rate),
         stats::median_by(&theirs, |m| m.rate),
@@ -93,8 +88,8 @@ pub(crate) async fn against_express(
             "  CPU per request: the gateway's, Express's (answers other than 202 in both)",
             format!(
                 "{:.1} µs, {:.1} µs ({errors})",
-                stats::median_by(&ours, micros),
-                stats::median_by(&theirs, micros)
+                stats::median_by(&ours, Measured::cpu_micros),
+                stats::median_by(&theirs, Measured::cpu_micros)
             ),
         ),
     ])

@@ -71,18 +71,13 @@ pub(crate) async fn throughput(
         floors.push(measured);
     }
     drop(floor);
-    let micros = |measured: &Measured| {
-        measured
-            .cpu_per_op
-            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
-    };
     let (ceiling, rate) = (
         stats::median_by(&ceilings, |m| m.rate),
         stats::median_by(&sustained, |m| m.rate),
     );
     let (raw_cpu, gateway_cpu) = (
-        stats::median_by(&ceilings, micros),
-        stats::median_by(&sustained, micros),
+        stats::median_by(&ceilings, Measured::cpu_micros),
+        stats::median_by(&sustained, Measured::cpu_micros),
     );
     let fraction = rate / ceiling;
     lines.push(Line {
@@ -109,7 +104,7 @@ pub(crate) async fn throughput(
         target: "<= 2.5x".into(),
         met: Some(times <= 2.5),
     });
-    let floor_cpu = stats::median_by(&floors, micros);
+    let floor_cpu = stats::median_by(&floors, Measured::cpu_micros);
     lines.push(Line::info(
         "  the floor: axum answering 202 without a broker, CPU per request ((floor + raw) / raw: the least ratio a front door on axum and lapin can reach; its rate)",
         format!(

@@ -20,6 +20,14 @@ pub struct Measured {
     pub cpu_per_op: Option<Duration>,
 }
 
+impl Measured {
+    /// The CPU time per operation in microseconds; NaN when it could not be read.
+    pub fn cpu_micros(&self) -> f64 {
+        self.cpu_per_op
+            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
+    }
+}
+
 /// Counts `counter` over `length` after a warm-up of a fifth of it, and the CPU time `cpu`
 /// reads (a process's, so far) over the same window.
 pub async fn measure(
