@@ -173,6 +173,32 @@ impl Sample {
     }
 }
 
+/// A drain, as [`Worker::drained_with_cpu`] measured it.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// From the worker's first subscription to its last task done; `None` past the deadline.
+    pub took: Option<Duration>,
+    /// The CPU time the worker spent before it subscribed.
+    pub cpu_before: Duration,
+    /// The CPU time it spent from then on.
+    pub cpu: Duration,
+}
+
+impl Drained {
+    /// Tasks per second, 0 when it did not finish.
+    pub fn rate(&self, tasks: u64) -> f64 {
+        self.took
+            .map_or(0.0, |took| crate::broker::per_second(tasks, took))
+    }
+
+    /// The worker's CPU per task over the drain, in microseconds.
+    pub fn cpu_micros_per_task(&self, tasks: u64) -> f64 {
+        #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
+        let tasks = tasks.max(1) as f64;
+        self.cpu.as_secs_f64() * 1e6 / tasks
+    }
+}
+
 impl Worker {
     /// Its peak resident memory so far, in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
@@ -206,6 +232,22 @@ impl Worker {
             }
         }
         self.consuming.get().copied()
+    }
+
+    /// [`Self::drained`], with the CPU time the worker spent before its first subscription
+    /// (its start, reading the control stream) and after it, over the drain.
+    pub async fn drained_with_cpu(&self, count: u64, deadline: Duration) -> Drained {
+        let before = match self.consuming(deadline).await {
+            Some(_) => self.cpu_time().unwrap_or_default(),
+            None => Duration::ZERO,
+        };
+        let took = self.drained(count, deadline).await;
+        let during = self.cpu_time().unwrap_or_default().saturating_sub(before);
+        Drained {
+            took,
+            cpu_before: before,
+            cpu: during,
+        }
     }
 
     /// Waits until the worker has completed `count` tasks; returns the time from its

@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use offload_bench::{
@@ -34,22 +34,15 @@ async fn drain_once(
 ) -> Result<(f64, f64, f64), lapin::Error> {
     broker::fill(url, &queue.kind_queue("sleep"), "sleep", tasks).await?;
     let worker = process::start_worker(binary, url, queue.name(), (PREFETCH, true), &[]);
-    let at_start = match worker.consuming(DRAIN_DEADLINE).await {
-        Some(_) => worker.cpu_time().unwrap_or_default(),
-        None => Duration::ZERO,
-    };
-    let drained = worker.drained(tasks, DRAIN_DEADLINE).await;
-    let cpu = worker
-        .cpu_time()
-        .unwrap_or_default()
-        .saturating_sub(at_start);
+    let drained = worker.drained_with_cpu(tasks, DRAIN_DEADLINE).await;
     *peak = (*peak).max(worker.peak_rss().unwrap_or(0));
     drop(worker);
     queue.purge().await?;
-    let per_second = drained.map_or(0.0, |took| broker::per_second(tasks, took));
-    #[allow(clippy::cast_precision_loss)] // task counts are far below 2^52
-    let per_task = cpu.as_secs_f64() * 1e6 / tasks.max(1) as f64;
-    Ok((per_second, per_task, at_start.as_secs_f64() * 1e3))
+    Ok((
+        drained.rate(tasks),
+        drained.cpu_micros_per_task(tasks),
+        drained.cpu_before.as_secs_f64() * 1e3,
+    ))
 }
 
 /// The drains, and with a baseline, POST /tasks of both builds.

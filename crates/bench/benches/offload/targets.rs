@@ -24,7 +24,8 @@ pub(crate) async fn http_targets(
     let target = Target::start().await;
     let targets = format!("http={}", target.url());
     let env = [("TARGETS", targets.as_str())];
-    let (mut raw, mut alone, mut offload) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut alone, mut offload, mut cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         eprintln!(
             "HTTP targets, round {round} of {}: {} tasks ...",
@@ -43,15 +44,17 @@ pub(crate) async fn http_targets(
             (PREFETCH, false),
             &env,
         );
-        let drained = worker.drained(args.tasks, DRAIN_DEADLINE).await;
+        let drained = worker.drained_with_cpu(args.tasks, DRAIN_DEADLINE).await;
         drop(worker);
         queue.purge().await?;
-        offload.push(drained.map_or(0.0, |took| broker::per_second(args.tasks, took)));
+        offload.push(drained.rate(args.tasks));
+        cpu.push(drained.cpu_micros_per_task(args.tasks));
     }
-    let (raw, alone, offload) = (
+    let (raw, alone, offload, cpu) = (
         stats::median(&mut raw),
         stats::median(&mut alone),
         stats::median(&mut offload),
+        stats::median(&mut cpu),
     );
     let ceiling = raw.min(alone);
     // What a worker that cost nothing would reach, with the broker's side and the target's
@@ -80,6 +83,14 @@ pub(crate) async fn http_targets(
             ratio: percent(offload / shared),
             target: ">= 85%".into(),
             met: Some(offload / shared >= 0.85),
+        },
+        Line {
+            measure: "  the worker's CPU per task over those drains (median)".into(),
+            offload: format!("{cpu:.1} µs"),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: String::new(),
+            met: None,
         },
     ];
 
