@@ -1,5 +1,7 @@
 //! Logging (and span export) setup shared by both binaries.
 
+mod stdout;
+
 use clap::{Args, ValueEnum};
 use tracing_subscriber::{
     EnvFilter, Layer,
@@ -37,18 +39,28 @@ impl LogArgs {
     /// When OTLP export is asked for but cannot be set up (a malformed endpoint, say); the
     /// logs work all the same, and the error is logged.
     pub fn init(&self, service: &'static str) -> Result<Telemetry, String> {
-        std::panic::set_hook(Box::new(|info| {
+        // Many lines to a `write` (stdout.rs says why).
+        let lines = stdout::Stdout::start();
+        let panicked = lines.writer();
+        std::panic::set_hook(Box::new(move |info| {
             let location = info.location().map(ToString::to_string);
             tracing::error!(location, "panic: {}", panic_message(info.payload()));
+            // Now: the process may not live to write it otherwise (a panic while unwinding
+            // aborts).
+            panicked.write_now();
         }));
         let directives = with_clients_quiet(std::env::var("RUST_LOG").ok().as_deref());
         let filter = EnvFilter::try_new(&directives)
             .unwrap_or_else(|_| EnvFilter::new(with_clients_quiet(None)))
             .and(filter_fn(no_frames));
         let logs = match self.log_format {
-            LogFormat::Text => fmt::layer().with_target(false).boxed(),
+            LogFormat::Text => fmt::layer()
+                .with_target(false)
+                .with_writer(lines.writer())
+                .boxed(),
             LogFormat::Json => fmt::layer()
                 .with_target(false)
+                .with_writer(lines.writer())
                 .json()
                 .flatten_event(true)
                 .with_span_list(false)
@@ -69,11 +81,12 @@ impl LogArgs {
             .map(|provider| crate::trace::layer(provider).with_filter(LevelFilter::INFO));
         tracing_subscriber::registry().with(logs).with(spans).init();
         match problem {
+            // Written when `lines` is dropped, on the way out.
             Some(problem) => {
                 tracing::error!("{problem}");
                 Err(problem)
             }
-            None => Ok(Telemetry { provider }),
+            None => Ok(Telemetry { provider, lines }),
         }
     }
 }
@@ -82,6 +95,9 @@ impl LogArgs {
 #[must_use = "call shutdown before exiting, or the last spans are lost"]
 pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    /// Dropped (here last, or by a panic unwinding through `main`), it writes the log lines
+    /// still buffered.
+    lines: stdout::Stdout,
 }
 
 impl Telemetry {
@@ -94,6 +110,7 @@ impl Telemetry {
                 tracing::warn!("the last spans may not have been exported: {error}");
             }
         }
+        drop(self.lines);
     }
 }
 
