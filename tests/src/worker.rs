@@ -115,11 +115,23 @@ impl WorkerProcess {
             log,
             metrics: format!("http://{bind}/metrics"),
         };
-        // Its start-up line, not its `worker` event: a worker that dies on its first task
-        // (a test of crashes) may never get that event out.
-        worker
-            .wait_for_message("consuming", Duration::from_secs(20))
-            .await;
+        // Its start-up line, not its `worker` event; or its death. A worker that dies on its
+        // first task (a test of crashes: it aborts) may never get that event out, nor the
+        // log lines of its last 5 ms (they are written together, docs/OPERATIONS.md).
+        let mut worker = worker;
+        eventually(
+            Duration::from_secs(20),
+            "worker to log \"consuming\", or to die on its first task",
+            || {
+                let done = worker.has_exited()
+                    || worker
+                        .log()
+                        .iter()
+                        .any(|line| line["message"] == "consuming");
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
         worker
     }
 

@@ -10,12 +10,14 @@
 //! every line, which cost more than the `write` it saved.
 //!
 //! Order is kept: whoever writes to stdout holds its lock from taking lines out of the buffer
-//! to having written them. A buffer past [`LIMIT`] is written by the logging thread itself,
-//! so memory stays bounded when stdout is slower than the logs (today's behaviour: the
-//! logging thread waits on the pipe). The lines still buffered are written when the
-//! [`Stdout`] handed out by [`Stdout::start`] is dropped: on the way out of `main`, and when
-//! a panic unwinds through it. Lines from a process killed outright (SIGKILL, an OOM kill) in
-//! its last [`LINGER`] are lost; so were those in a pipe's buffer before.
+//! to having written them. A line that would take the buffer past [`LIMIT`] is written, with
+//! the buffer, by the thread that logs it, so memory stays bounded when stdout is slower than
+//! the logs (that thread waits on the pipe, as every logging thread did when each line was a
+//! `write`). The lines still buffered are written when the [`Stdout`] from [`Stdout::start`]
+//! is dropped: on the way out of `main`, and when a panic unwinds through it; a panic's own
+//! line is written at once. A process killed outright (SIGKILL, an OOM kill) loses the lines
+//! of its last [`LINGER`], which a `write` each would have left in the pipe: a task's record
+//! is its events, confirmed before its ack, not its log lines.
 
 use std::{
     io::{self, Write},
