@@ -68,14 +68,15 @@ struct Args {
 
     /// Measure one group only, quick, when working on one part; writes no report: `drain`
     /// (the worker's drains), `publish` (POST /tasks against its ceiling, and what each
-    /// feature costs it), `targets` (HTTP-target tasks), `traces` (what exporting spans
-    /// costs), `kinds` (four kinds against one), `cancels` (a drain with many cancels kept
-    /// against none; with `--baseline`, this build's drain and POST against another's),
-    /// `schedules` (POST /tasks with 1,000 schedules firing against none, and their ticks'
-    /// lateness), `batch` (tasks through POST /tasks/batch against raw publishing), `post`
-    /// (POST /tasks against raw publishing, rate and CPU, beside the HTTP floor and the
-    /// Express stack, and its latency at half the sustained rate: the front door alone; with
-    /// `--baseline`, also this build's gateway CPU per POST against another's).
+    /// feature costs it), `targets` (HTTP-target tasks, beside their floor), `traces` (what
+    /// exporting spans costs), `kinds` (four kinds against one), `cancels` (a drain with many
+    /// cancels kept against none; with `--baseline`, this build's drain and POST against
+    /// another's), `schedules` (POST /tasks with 1,000 schedules firing against none, and
+    /// their ticks' lateness), `batch` (tasks through POST /tasks/batch against raw
+    /// publishing), `post` (POST /tasks against raw publishing, rate and CPU, beside the HTTP
+    /// floors and the Express stack, and its latency at half the sustained rate: the front
+    /// door alone; with `--baseline`, also this build's gateway CPU per POST against
+    /// another's).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -127,6 +128,8 @@ const GATEWAY: &str = env!("CARGO_BIN_EXE_offload-api-bench");
 const WORKER: &str = env!("CARGO_BIN_EXE_offload-worker-bench");
 
 const HTTP_FLOOR: &str = env!("CARGO_BIN_EXE_http-floor");
+
+const TARGET_FLOOR: &str = env!("CARGO_BIN_EXE_target-floor");
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
 

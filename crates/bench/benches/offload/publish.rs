@@ -12,11 +12,37 @@ use offload_bench::{
 
 use crate::{Args, GATEWAY, HTTP_FLOOR};
 
-/// The raw publish ceiling, the gateway closed-loop and the HTTP floor (`http-floor`: axum
-/// answering 202 without a broker), `args.rounds` times alternating; returns the gateway's
-/// median rate. Beside the rates, the CPU each spends per task over the same windows: the raw
-/// client's per publish and confirm (this process), the gateway's per POST and the floor's
-/// per request (from `/proc`), which the machine's noise moves far less than a rate.
+/// What the rounds of [`throughput`] measured, each a run per round.
+#[derive(Default)]
+struct Rounds {
+    /// Raw lapin publishing with confirms.
+    ceilings: Vec<Measured>,
+    /// The gateway, closed-loop.
+    sustained: Vec<Measured>,
+    /// `http-floor` without a broker.
+    floors: Vec<Measured>,
+    /// `http-floor` publishing with lapin.
+    publishing: Vec<Measured>,
+    /// The gateway's answers other than 202.
+    errors: u64,
+}
+
+/// Starts `http-floor` on a free port with `args` after the port: its process and its
+/// `/tasks` URL.
+async fn start_floor(args: &[String]) -> std::io::Result<(Process, String)> {
+    let port = free_port();
+    let mut command = std::process::Command::new(HTTP_FLOOR);
+    command.arg(port.to_string()).args(args);
+    let floor = process::start_server(command, port).await?;
+    Ok((floor, format!("http://127.0.0.1:{port}/tasks")))
+}
+
+/// The raw publish ceiling, the gateway closed-loop and the HTTP floors (`http-floor`: axum
+/// answering 202 without a broker, and axum publishing with lapin and nothing else),
+/// `args.rounds` times alternating; returns the gateway's median rate. Beside the rates, the
+/// CPU each spends per task over the same windows: the raw client's per publish and confirm
+/// (this process), the gateway's per POST and the floors' per request (from `/proc`), which
+/// the machine's noise moves far less than a rate.
 pub(crate) async fn throughput(
     args: &Args,
     url: &str,
@@ -25,19 +51,16 @@ pub(crate) async fn throughput(
     tasks_url: &str,
     lines: &mut Vec<Line>,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    let (mut ceilings, mut sustained, mut floors, mut errors) =
-        (Vec::new(), Vec::new(), Vec::new(), 0);
-    let floor_port = free_port();
-    let mut command = std::process::Command::new(HTTP_FLOOR);
-    command.arg(floor_port.to_string());
-    let floor = process::start_server(command, floor_port).await?;
-    let floor_url = format!("http://127.0.0.1:{floor_port}/tasks");
+    let mut rounds = Rounds::default();
+    let (floor, floor_url) = start_floor(&[]).await?;
+    let (publishing, publishing_url) =
+        start_floor(&[url.to_owned(), queue.kind_queue("sleep")]).await?;
     for round in 1..=args.rounds {
         eprintln!(
             "publish ceiling and POST /tasks, {} in flight, round {round} of {} ...",
             args.connections, args.rounds
         );
-        ceilings.push(
+        rounds.ceilings.push(
             broker::publish_ceiling_measured(
                 url,
                 &queue.kind_queue("sleep"),
@@ -47,77 +70,112 @@ pub(crate) async fn throughput(
             .await?,
         );
         queue.purge().await?;
-        let (measured, failed) = http::throughput_measured(
-            tasks_url,
-            None,
-            args.connections,
-            args.length,
-            &["sleep"],
-            || gateway.cpu_time(),
-        )
-        .await;
-        sustained.push(measured);
-        errors += failed;
+        let (measured, failed) = post(args, tasks_url, gateway).await;
+        rounds.sustained.push(measured);
+        rounds.errors += failed;
         queue.purge().await?;
-        let (measured, _) = http::throughput_measured(
-            &floor_url,
-            None,
-            args.connections,
-            args.length,
-            &["sleep"],
-            || floor.cpu_time(),
-        )
-        .await;
-        floors.push(measured);
+        rounds.floors.push(post(args, &floor_url, &floor).await.0);
+        rounds
+            .publishing
+            .push(post(args, &publishing_url, &publishing).await.0);
+        queue.purge().await?;
     }
-    drop(floor);
-    let (ceiling, rate) = (
-        stats::median_by(&ceilings, |m| m.rate),
-        stats::median_by(&sustained, |m| m.rate),
-    );
-    let (raw_cpu, gateway_cpu) = (
-        stats::median_by(&ceilings, Measured::cpu_micros),
-        stats::median_by(&sustained, Measured::cpu_micros),
-    );
-    let fraction = rate / ceiling;
-    lines.push(Line {
-        measure: format!(
-            "POST /tasks, {} connections (median of {})",
-            args.connections, args.rounds
-        ),
-        offload: stats::rate(rate),
-        ceiling: stats::rate(ceiling),
-        ratio: percent(fraction),
-        target: ">= 60%".into(),
-        met: Some(fraction >= 0.6),
-    });
-    lines.push(Line::info("  answers other than 202", errors.to_string()));
-    let times = gateway_cpu / raw_cpu;
-    lines.push(Line {
-        measure: format!(
-            "CPU per task: the gateway's per POST /tasks against raw lapin's per publish and confirm (from /proc, the same windows, median of {})",
-            args.rounds
-        ),
-        offload: format!("{gateway_cpu:.1} µs"),
-        ceiling: format!("{raw_cpu:.1} µs"),
-        ratio: format!("{times:.2}x"),
-        target: "<= 2.5x".into(),
-        met: Some(times <= 2.5),
-    });
-    let floor_cpu = stats::median_by(&floors, Measured::cpu_micros);
-    lines.push(Line::info(
-        "  the floor: axum answering 202 without a broker, CPU per request ((floor + raw) / raw: the least ratio a front door on axum and lapin can reach; its rate)",
-        format!(
-            "{floor_cpu:.1} µs ({:.2}x; {})",
-            (floor_cpu + raw_cpu) / raw_cpu,
-            stats::rate(stats::median_by(&floors, |m| m.rate))
-        ),
-    ));
-    lines.push(Line::info(
-        "  the gateway's CPU per POST against the floor's plus raw lapin's",
-        format!("{:.2}x", gateway_cpu / (floor_cpu + raw_cpu)),
-    ));
+    drop((floor, publishing));
+    let rate = stats::median_by(&rounds.sustained, |m| m.rate);
+    lines.extend(rounds.lines(args));
     Ok(rate)
+}
+
+/// POST /tasks closed-loop to `url`, served by `process`, for `args.length`.
+async fn post(args: &Args, url: &str, process: &Process) -> (Measured, u64) {
+    http::throughput_measured(url, None, args.connections, args.length, &["sleep"], || {
+        process.cpu_time()
+    })
+    .await
+}
+
+impl Rounds {
+    /// The report's lines about them.
+    fn lines(&self, args: &Args) -> Vec<Line> {
+        let by_rate = |runs: &[Measured]| stats::median_by(runs, |m| m.rate);
+        let by_cpu = |runs: &[Measured]| stats::median_by(runs, Measured::cpu_micros);
+        let (ceiling, rate, publishing) = (
+            by_rate(&self.ceilings),
+            by_rate(&self.sustained),
+            by_rate(&self.publishing),
+        );
+        let (raw_cpu, gateway_cpu, floor_cpu, publishing_cpu) = (
+            by_cpu(&self.ceilings),
+            by_cpu(&self.sustained),
+            by_cpu(&self.floors),
+            by_cpu(&self.publishing),
+        );
+        let info = |measure: &str, offload: String, ceiling: String, ratio: String| Line {
+            measure: measure.into(),
+            offload,
+            ceiling,
+            ratio,
+            target: String::new(),
+            met: None,
+        };
+        let fraction = rate / ceiling;
+        let times = gateway_cpu / raw_cpu;
+        vec![
+            Line {
+                measure: format!(
+                    "POST /tasks, {} connections (median of {})",
+                    args.connections, args.rounds
+                ),
+                offload: stats::rate(rate),
+                ceiling: stats::rate(ceiling),
+                ratio: percent(fraction),
+                target: ">= 60%".into(),
+                met: Some(fraction >= 0.6),
+            },
+            Line::info("  answers other than 202", self.errors.to_string()),
+            info(
+                "  the floor: axum publishing each task with lapin and answering on its confirm, nothing else (http-floor with a broker)",
+                stats::rate(publishing),
+                stats::rate(ceiling),
+                percent(publishing / ceiling),
+            ),
+            info(
+                "  POST /tasks against that floor",
+                stats::rate(rate),
+                stats::rate(publishing),
+                percent(rate / publishing),
+            ),
+            info(
+                "  CPU per request: the gateway's against that floor's",
+                format!("{gateway_cpu:.1} µs"),
+                format!("{publishing_cpu:.1} µs"),
+                format!("{:.2}x", gateway_cpu / publishing_cpu),
+            ),
+            Line {
+                measure: format!(
+                    "CPU per task: the gateway's per POST /tasks against raw lapin's per publish and confirm (from /proc, the same windows, median of {})",
+                    args.rounds
+                ),
+                offload: format!("{gateway_cpu:.1} µs"),
+                ceiling: format!("{raw_cpu:.1} µs"),
+                ratio: format!("{times:.2}x"),
+                target: "<= 2.5x".into(),
+                met: Some(times <= 2.5),
+            },
+            Line::info(
+                "  the floor: axum answering 202 without a broker, CPU per request ((floor + raw) / raw: the least ratio a front door on axum and lapin can reach; its rate)",
+                format!(
+                    "{floor_cpu:.1} µs ({:.2}x; {})",
+                    (floor_cpu + raw_cpu) / raw_cpu,
+                    stats::rate(by_rate(&self.floors))
+                ),
+            ),
+            Line::info(
+                "  the gateway's CPU per POST against the floor's plus raw lapin's",
+                format!("{:.2}x", gateway_cpu / (floor_cpu + raw_cpu)),
+            ),
+        ]
+    }
 }
 
 /// The cost of lifecycle events on POST /tasks: the default gateway (events on) against one
