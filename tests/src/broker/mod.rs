@@ -350,39 +350,38 @@ impl PrivateBroker {
         }
     }
 
-    /// Waits until the node has written its quorum queues' Raft metadata to disk since the
-    /// last quorum queue was made. Call it once every quorum queue of the test is made.
+    /// Waits until the node has written its Raft metadata to disk since the last Raft server
+    /// was made: its quorum queues' (Ra system `quorum`), and the stream coordinator's, which
+    /// runs the events and control streams (Ra system `coordination`). Call it once every
+    /// queue and stream of the test is made.
     ///
     /// RabbitMQ 3.10 writes that metadata (term, vote, last applied index) a few seconds
     /// after the fact: measured here, a queue made at t has its name in `names.dets` at t +
     /// 1 s and its metadata in `meta.dets` at t + 5 s. A quorum queue killed (`kill -9`) in
     /// that window comes back without a leader and never confirms a publish again (offload
-    /// answers 503, never 202) until an operator deletes and re-creates it. Crash tests wait
-    /// for this, so they model queues that have been alive for a moment rather than that
-    /// broker defect. When a queue was made is when its server directory's `config` was
+    /// answers 503, never 202) until an operator deletes and re-creates it. A node killed
+    /// seconds after its first streams were made was seen to keep the events stream "down or
+    /// inaccessible" for over a minute after it came back; the stream coordinator's metadata,
+    /// written the same way, is the suspect (not measured as the queues' was). Crash tests
+    /// wait for both, so they model queues that have been alive for a moment rather than
+    /// that broker defect. When a server was made is when its directory's `config` was
     /// written. See docs/RELIABILITY.md.
     pub async fn await_raft_metadata_synced(&self) {
-        let quorum = self
-            .path()
-            .join("mnesia")
-            .join(&self.node)
-            .join("quorum")
-            .join(&self.node);
-        let modified = |file: &std::path::Path| std::fs::metadata(file).and_then(|m| m.modified());
+        let system = |name: &str| {
+            self.path()
+                .join("mnesia")
+                .join(&self.node)
+                .join(name)
+                .join(&self.node)
+        };
+        let (quorum, coordination) = (system("quorum"), system("coordination"));
         eventually(
             Duration::from_secs(30),
             "RabbitMQ to sync its Raft metadata",
             || {
-                let last_made = std::fs::read_dir(&quorum)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|entry| modified(&entry.ok()?.path().join("config")).ok())
-                    .max();
-                let synced = last_made.is_some_and(|made| {
-                    ["meta.dets", "names.dets"]
-                        .iter()
-                        .all(|file| modified(&quorum.join(file)).is_ok_and(|at| at > made))
-                });
+                // Every test makes quorum queues; a stream only with events or cancels on.
+                let synced = synced_since(&quorum).unwrap_or(false)
+                    && synced_since(&coordination).unwrap_or(true);
                 async move { synced.then_some(()) }
             },
         )
@@ -459,4 +458,20 @@ impl Drop for PrivateBroker {
             }
         }
     }
+}
+
+/// Whether the Ra system in `dir` wrote its metadata (`meta.dets` and `names.dets`) after its
+/// newest server was made; `None` when it has no server yet.
+fn synced_since(dir: &Path) -> Option<bool> {
+    let modified = |file: &Path| std::fs::metadata(file).and_then(|m| m.modified());
+    let last_made = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| modified(&entry.ok()?.path().join("config")).ok())
+        .max()?;
+    Some(
+        ["meta.dets", "names.dets"]
+            .iter()
+            .all(|file| modified(&dir.join(file)).is_ok_and(|at| at > last_made)),
+    )
 }
