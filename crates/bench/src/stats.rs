@@ -60,6 +60,23 @@ impl Line {
             met: None,
         }
     }
+
+    /// A figure beside a ceiling, with their ratio, and no target.
+    pub fn beside(
+        measure: impl Into<String>,
+        offload: String,
+        ceiling: String,
+        ratio: String,
+    ) -> Self {
+        Self {
+            measure: measure.into(),
+            offload,
+            ceiling,
+            ratio,
+            target: String::new(),
+            met: None,
+        }
+    }
 }
 
 /// `n` per second, rounded.

@@ -110,14 +110,6 @@ impl Rounds {
             by_cpu(&self.floors),
             by_cpu(&self.publishing),
         );
-        let info = |measure: &str, offload: String, ceiling: String, ratio: String| Line {
-            measure: measure.into(),
-            offload,
-            ceiling,
-            ratio,
-            target: String::new(),
-            met: None,
-        };
         let fraction = rate / ceiling;
         let times = gateway_cpu / raw_cpu;
         vec![
@@ -133,19 +125,19 @@ impl Rounds {
                 met: Some(fraction >= 0.6),
             },
             Line::info("  answers other than 202", self.errors.to_string()),
-            info(
+            Line::beside(
                 "  the floor: axum publishing each task with lapin and answering on its confirm, nothing else (http-floor with a broker)",
                 stats::rate(publishing),
                 stats::rate(ceiling),
                 percent(publishing / ceiling),
             ),
-            info(
+            Line::beside(
                 "  POST /tasks against that floor",
                 stats::rate(rate),
                 stats::rate(publishing),
                 percent(rate / publishing),
             ),
-            info(
+            Line::beside(
                 "  CPU per request: the gateway's against that floor's",
                 format!("{gateway_cpu:.1} µs"),
                 format!("{publishing_cpu:.1} µs"),

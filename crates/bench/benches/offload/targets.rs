@@ -117,17 +117,9 @@ impl Drains {
         // target's side of each task sharing the machine's cores (on a 2-core machine they
         // do).
         let shared = 1.0 / (1.0 / raw + 1.0 / alone);
-        let info = |measure: &str, offload: String, ceiling: String, ratio: String| Line {
-            measure: measure.into(),
-            offload,
-            ceiling,
-            ratio,
-            target: String::new(),
-            met: None,
-        };
         vec![
-            info(
-                &format!(
+            Line::beside(
+                format!(
                     "HTTP-target tasks, one worker, prefetch {PREFETCH}, EVENTS=off (median of {rounds}; ceiling: the lower of raw consume-and-ack {} and the target alone {})",
                     rate(raw),
                     rate(alone)
@@ -147,19 +139,19 @@ impl Drains {
                 target: ">= 85%".into(),
                 met: Some(offload / shared >= 0.85),
             },
-            info(
+            Line::beside(
                 "  the same, against the floor: lapin consuming and reqwest calling, nothing else (target-floor)",
                 rate(offload),
                 rate(floor),
                 percent(offload / floor),
             ),
-            info(
+            Line::beside(
                 "  the floor against the bound: what lapin, reqwest and the kernel leave on a shared machine",
                 rate(floor),
                 rate(shared),
                 percent(floor / shared),
             ),
-            info(
+            Line::beside(
                 "  CPU per task over those drains (median): the worker's; the floor's",
                 format!("{cpu:.1} µs"),
                 format!("{floor_cpu:.1} µs"),
