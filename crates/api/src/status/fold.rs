@@ -21,6 +21,11 @@ pub(super) struct Entry {
     /// A gateway's `queued` event said it was accepted (always, when every writer is
     /// believed): until then it is not shown, so events of workers alone make no task.
     pub(super) vouched: bool,
+    /// A `queued` event of it was read: counted once in [`Totals::submitted`], whichever
+    /// event came first (a worker's `started` can reach the view before it).
+    ///
+    /// [`Totals::submitted`]: super::Totals::submitted
+    pub(super) queued: bool,
     pub(super) attempts: u32,
     pub(super) submitted_at: u64,
     pub(super) started_at: u64,

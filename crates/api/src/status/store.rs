@@ -234,6 +234,7 @@ impl Tracker {
                     reason: None,
                     accepted_here: false,
                     vouched: self.inner.writers.is_none() || event.event == EventType::Queued,
+                    queued: false,
                     attempts: 0,
                     submitted_at: 0,
                     started_at: 0,
@@ -246,9 +247,6 @@ impl Tracker {
                 },
             );
             view.order.push_back(id);
-            if event.event == EventType::Queued {
-                view.totals.submitted += 1;
-            }
             self.evict(&mut view);
         }
         view.totals.count(event.event);
@@ -261,9 +259,16 @@ impl Tracker {
         }
         let mut key_to_index = None;
         let mut moved = None;
+        let view = &mut *view;
         if let Some(task) = view.tasks.get_mut(&id) {
-            task.accepted_here |= offset.is_none() && event.event == EventType::Queued;
-            task.vouched |= event.event == EventType::Queued;
+            if event.event == EventType::Queued {
+                task.accepted_here |= offset.is_none();
+                task.vouched = true;
+                if !task.queued {
+                    task.queued = true;
+                    view.totals.submitted += 1;
+                }
+            }
             let before = task.status;
             // A failed attempt's event read after the next attempt's start (a retry with no
             // delay can start on another worker first) is history, not the present.

@@ -147,6 +147,24 @@ fn totals_count_a_task_once_recent_tasks_come_newest_first_and_local_ones_are_ma
 }
 
 #[test]
+fn a_task_whose_worker_is_read_before_its_queued_event_is_still_submitted_once() {
+    let tracker = Tracker::new(10);
+    let id = Uuid::new_v4();
+    // The worker ran it before the accepting gateway applied its `queued`: the broker
+    // delivered it before the confirm came back.
+    tracker.apply(&event(EventType::Started, id), Some(1));
+    tracker.apply(&event(EventType::Succeeded, id), Some(2));
+    assert_eq!(tracker.totals().submitted, 0, "no gateway has said so yet");
+    tracker.accepted(id, "sleep", SystemTime::now(), None);
+    // And its `queued` read back from the stream.
+    tracker.apply(&event(EventType::Queued, id), Some(3));
+    let totals = tracker.totals();
+    assert_eq!((totals.submitted, totals.succeeded), (1, 1));
+    assert_eq!(tracker.get(id).map(|t| t.status), Some(Status::Succeeded));
+    assert!(tracker.accepted_here(id));
+}
+
+#[test]
 fn an_entry_stays_small() {
     // The per-task memory figure in PERFORMANCE.md rests on it.
     assert!(std::mem::size_of::<Entry>() <= 80);
