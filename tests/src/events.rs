@@ -21,6 +21,10 @@ use uuid::Uuid;
 const PREFETCH: u16 = 500;
 /// Between two attempts to connect or subscribe (the stream may not be declared yet).
 const RETRY: Duration = Duration::from_millis(100);
+/// Longest wait for one answer of the broker before the connection is given up: lapin can
+/// leave a request pending for good when its connection dies meanwhile (amqp-rs/lapin#409),
+/// as the tests' proxies make connections do.
+const ANSWER: Duration = Duration::from_secs(5);
 
 /// Every event of `<queue>.events` so far, kept by a task that follows the stream until
 /// this is dropped.
@@ -146,18 +150,36 @@ async fn follow(urls: Vec<String>, stream: String, events: Arc<Mutex<Vec<Event>>
         } else {
             format!("{url}?heartbeat=2")
         };
-        let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
-        else {
+        let connecting = Connection::connect(&url, ConnectionProperties::default());
+        let Ok(connection) = answered(connecting).await else {
             tokio::time::sleep(RETRY).await;
             continue;
         };
-        // Until the connection fails: subscribe (again, if the stream is not there yet, or
-        // the broker cancelled the subscription).
+        // Until the connection fails or stalls: subscribe (again, if the stream is not there
+        // yet, or the broker cancelled the subscription).
         while connection.status().connected() {
-            let _ = read(&connection, &stream, &mut seen, &events).await;
+            if let Err(Failed::Stalled) = read(&connection, &stream, &mut seen, &events).await {
+                break;
+            }
             tokio::time::sleep(RETRY).await;
         }
-        let _ = connection.close(200, "following again".into()).await;
+        let _ = answered(connection.close(200, "following again".into())).await;
+    }
+}
+
+/// Why reading the stream stopped.
+enum Failed {
+    /// The broker refused or the channel failed.
+    Broker,
+    /// The broker did not answer within [`ANSWER`].
+    Stalled,
+}
+
+/// `request`'s answer, waiting at most [`ANSWER`].
+async fn answered<T>(request: impl Future<Output = Result<T, lapin::Error>>) -> Result<T, Failed> {
+    match tokio::time::timeout(ANSWER, request).await {
+        Ok(answer) => answer.map_err(|_| Failed::Broker),
+        Err(_) => Err(Failed::Stalled),
     }
 }
 
@@ -168,26 +190,23 @@ async fn read(
     stream: &str,
     seen: &mut HashSet<Vec<u8>>,
     events: &Mutex<Vec<Event>>,
-) -> Result<(), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
+) -> Result<(), Failed> {
+    let channel = answered(connection.create_channel()).await?;
+    answered(channel.basic_qos(PREFETCH, BasicQosOptions::default())).await?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-stream-offset".into(),
         AMQPValue::LongString(LongString::from("first")),
     );
-    let mut consumer = channel
-        .basic_consume(
-            stream.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await?;
+    let mut consumer = answered(channel.basic_consume(
+        stream.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        arguments,
+    ))
+    .await?;
     while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
+        let delivery = delivery.map_err(|_| Failed::Broker)?;
         let new: Vec<Event> = delivery
             .data
             .split(|byte| *byte == b'\n')
@@ -199,7 +218,7 @@ async fn read(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend(new);
-        delivery.ack(BasicAckOptions::default()).await?;
+        answered(delivery.ack(BasicAckOptions::default())).await?;
     }
     Ok(())
 }

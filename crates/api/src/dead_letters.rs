@@ -39,7 +39,8 @@ use crate::{publisher::PublishError, status::time_of};
 const SCAN_IDLE: Duration = Duration::from_millis(250);
 /// Longest a scan may take, from its channel to its last message.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest wait for the confirm of a task put back on the work queue.
+/// Longest wait for one answer of the broker: the confirm of a task put back on the work
+/// queue, a channel, an ack, a purge.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One dead task, as `GET /dead` lists it.
@@ -93,6 +94,18 @@ impl DeadTask {
     }
 }
 
+/// `request`'s answer, or a timeout's error past [`CONFIRM_TIMEOUT`]: lapin can leave a
+/// request pending for good when its connection dies meanwhile (amqp-rs/lapin#409), and a
+/// scan holds the gateway's one turn until it ends.
+async fn answered<T>(
+    request: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, PublishError> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(BrokerPublishError::Timeout(CONFIRM_TIMEOUT).into()),
+    }
+}
+
 fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties.headers().as_ref()?.inner().get(name)
 }
@@ -119,7 +132,7 @@ struct Scan {
 impl Scan {
     /// Ends the scan: what was not acked goes back to the queue.
     async fn close(self) {
-        let _ = self.channel.close(200, "scan done".into()).await;
+        let _ = answered(self.channel.close(200, "scan done".into())).await;
     }
 }
 
@@ -226,7 +239,7 @@ impl DeadLetters {
                 events.emit(dead);
             }
             published?;
-            delivery.ack(BasicAckOptions::default()).await?;
+            answered(delivery.ack(BasicAckOptions::default())).await?;
             retried += 1;
         }
         Ok(retried)
@@ -262,7 +275,7 @@ impl DeadLetters {
         let mut discarded = 0;
         let mut failed = None;
         for delivery in scan.deliveries.iter().filter(|delivery| pick(delivery)) {
-            match delivery.ack(BasicAckOptions::default()).await {
+            match answered(delivery.ack(BasicAckOptions::default())).await {
                 Ok(_) => discarded += 1,
                 Err(error) => {
                     failed = Some(error);
@@ -271,18 +284,19 @@ impl DeadLetters {
             }
         }
         scan.close().await;
-        failed.map_or(Ok(discarded), |error| Err(error.into()))
+        failed.map_or(Ok(discarded), Err)
     }
 
     /// Discards every dead task at once (`queue.purge`). Returns how many.
     pub async fn purge(&self) -> Result<u32, PublishError> {
         let link = self.broker.link().ok_or(BrokerPublishError::Disconnected)?;
-        let channel = link.connection().create_channel().await?;
-        let purged = channel
-            .queue_purge(self.queue().as_str().into(), QueuePurgeOptions::default())
-            .await;
-        let _ = channel.close(200, "purged".into()).await;
-        Ok(purged?)
+        let channel = answered(link.connection().create_channel()).await?;
+        let purged = answered(
+            channel.queue_purge(self.queue().as_str().into(), QueuePurgeOptions::default()),
+        )
+        .await;
+        let _ = answered(channel.close(200, "purged".into())).await;
+        purged
     }
 
     /// Reads up to `scan_max` messages of the dead-letter queue, holding them unacked, once
@@ -293,7 +307,7 @@ impl DeadLetters {
             .await
             .expect("the scans' semaphore is never closed");
         let link = self.broker.link().ok_or(BrokerPublishError::Disconnected)?;
-        let channel = link.connection().create_channel().await?;
+        let channel = answered(link.connection().create_channel()).await?;
         let read = tokio::time::timeout(SCAN_TIMEOUT, self.read(&channel)).await;
         match read {
             Ok(Ok((deliveries, truncated))) => Ok(Scan {
@@ -305,11 +319,11 @@ impl DeadLetters {
             // Close the channel on every failure: the messages it holds go back to the queue
             // at once instead of when the gateway's connection ends.
             Ok(Err(error)) => {
-                let _ = channel.close(200, "scan failed".into()).await;
+                let _ = answered(channel.close(200, "scan failed".into())).await;
                 Err(error)
             }
             Err(_) => {
-                let _ = channel.close(200, "scan timed out".into()).await;
+                let _ = answered(channel.close(200, "scan timed out".into())).await;
                 Err(BrokerPublishError::Timeout(SCAN_TIMEOUT).into())
             }
         }

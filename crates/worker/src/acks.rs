@@ -13,6 +13,10 @@
 //! set only once its own frame is sent (frames on a channel reach the broker in order), so no
 //! `multiple` can overtake it.
 //!
+//! Every frame's wait is bounded ([`SETTLE_TIMEOUT`]): lapin can leave the promise of a frame
+//! queued as its connection dies pending for good (amqp-rs/lapin#409), and a settle that never
+//! returns would hold its task's permit, and so its kind's subscription, forever.
+//!
 //! No ack waits for company. The first task to ack sends its own frame at once; the acks that
 //! arrive while a frame is on its way wait for it, and go together as the next group, sent by
 //! a task spawned for that. A worker that settles one task at a time (prefetch 1) thus pays
@@ -23,6 +27,7 @@ use std::{
     collections::BTreeSet,
     mem,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use futures_util::future::join_all;
@@ -57,6 +62,11 @@ struct Waiting {
     acker: Acker,
     then: Option<Then>,
 }
+
+/// Longest wait for a settling frame to be sent. A frame goes out at once on a live
+/// connection; one not sent by then is taken as lost with its channel (the broker delivers
+/// the task again).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Called with an ack's outcome once its frame is sent: `Ok(false)` if its channel is gone
 /// (the broker then delivers it again).
@@ -159,7 +169,7 @@ impl Settle {
     /// Rejects the delivery (requeued or dead-lettered, as `options` say). Sent at once, on
     /// its own; only then can a folded ack cover its tag.
     pub(crate) async fn reject(self, options: BasicRejectOptions) -> Result<bool, lapin::Error> {
-        let rejected = self.acker.reject(options).await;
+        let rejected = bounded(self.acker.reject(options)).await;
         // Whether or not it was sent: if it was not, the channel is gone and nothing else will
         // be sent on it either.
         lock(&self.acks.state).in_hand.remove(&self.tag);
@@ -237,18 +247,16 @@ async fn send_group(
         None => own = Some(outcome),
     };
     if let Some(last) = group.last() {
-        let outcome = last
-            .acker
-            .ack(BasicAckOptions {
-                multiple: folded > 1,
-            })
-            .await;
+        let outcome = bounded(last.acker.ack(BasicAckOptions {
+            multiple: folded > 1,
+        }))
+        .await;
         for waiting in group {
             answer(waiting, outcome.clone());
         }
     }
     let outcomes = join_all(rest.into_iter().map(|waiting| async move {
-        let outcome = waiting.acker.ack(BasicAckOptions::default()).await;
+        let outcome = bounded(waiting.acker.ack(BasicAckOptions::default())).await;
         (waiting, outcome)
     }))
     .await;
@@ -256,6 +264,22 @@ async fn send_group(
         answer(waiting, outcome);
     }
     own
+}
+
+/// `frame`'s outcome, or a timeout's error past [`SETTLE_TIMEOUT`].
+async fn bounded(
+    frame: impl Future<Output = Result<bool, lapin::Error>>,
+) -> Result<bool, lapin::Error> {
+    tokio::time::timeout(SETTLE_TIMEOUT, frame)
+        .await
+        .unwrap_or_else(|_| {
+            let waited = humantime::format_duration(SETTLE_TIMEOUT);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the frame was not sent within {waited}"),
+            )
+            .into())
+        })
 }
 
 /// How many of `acks` (ascending, all in `in_hand`) one `multiple` ack can settle: those below
@@ -293,6 +317,17 @@ mod tests {
         // 4 still runs: acking 5 with `multiple` would settle 4 too.
         assert_eq!(folds(&[3, 4, 5], &[3, 5]), 1);
         assert_eq!(folds(&[3, 4, 5], &[4, 5]), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_is_never_sent_ends_in_an_error() {
+        let never = std::future::pending::<Result<bool, lapin::Error>>();
+        let outcome = bounded(never).await;
+        assert!(
+            matches!(&outcome, Err(error) if error.to_string().contains("not sent within 10s")),
+            "{outcome:?}"
+        );
+        assert!(matches!(bounded(async { Ok(true) }).await, Ok(true)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use offload_common::{
-    Broker, Delivered, Message, PublishError, TaskEnvelope, TaskKind,
+    Broker, BrokerError, Delivered, Message, PublishError, TaskEnvelope, TaskKind,
     envelope::{ATTEMPT_HEADER, copy_properties, delivery_count, first_attempt},
 };
 use tokio_util::sync::CancellationToken;
@@ -89,7 +89,8 @@ impl Forwarder {
         let Some(kind) = kind_of(delivery) else {
             // Not a task: the broker dead-letters it to `<QUEUE>.dead` (as `rejected`).
             tracing::warn!("a message on the old shared queue is not a task; dead-lettering it");
-            settle(delivery.reject(BasicRejectOptions { requeue: false }).await);
+            let rejecting = delivery.reject(BasicRejectOptions { requeue: false });
+            settle(self.broker.within("a reject", rejecting).await);
             return;
         };
         // The attempt it would have started with there, its redeliveries counted: the new
@@ -120,17 +121,17 @@ impl Forwarder {
             }
         }
         match published {
-            Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
+            Ok(()) => {
+                let acking = delivery.ack(BasicAckOptions::default());
+                settle(self.broker.within("an ack", acking).await);
+            }
             Err(error) => {
                 tracing::warn!(%kind, "could not move a task to its kind's queue ({error}); it stays on the old queue");
-                settle(
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await,
-                );
+                let requeueing = delivery.nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                });
+                settle(self.broker.within("a requeue", requeueing).await);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -149,7 +150,7 @@ fn kind_of(delivery: &Delivery) -> Option<TaskKind> {
         .map(|envelope| envelope.kind)
 }
 
-fn settle(result: Result<bool, lapin::Error>) {
+fn settle(result: Result<bool, BrokerError>) {
     if let Err(error) = result {
         // The channel is gone; the broker redelivers the task by itself.
         tracing::warn!("could not settle a task of the old queue ({error})");
