@@ -326,3 +326,89 @@ async fn prefetch_bounds_concurrency_even_after_tasks_die() {
     worker.stop().await;
     gateway.stop().await;
 }
+
+/// Tear-down goes on past a refusal: a gate held as another connection's exclusive queue is
+/// refused (`RESOURCE_LOCKED` closes the channel), and what comes after it is deleted anyway.
+#[tokio::test]
+async fn deleting_a_topology_goes_on_past_a_refusal_and_reports_it() {
+    use lapin::{
+        Connection, ConnectionProperties,
+        options::{ExchangeDeclareOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    let url = amqp_url();
+    let topology = BrokerArgs::new(&url, private_queue_name("delete"))
+        .topology()
+        .with_kinds(["sleep"]);
+    let owner = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let other = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let (owner_channel, other_channel) = (
+        owner.create_channel().await.expect("channel"),
+        other.create_channel().await.expect("channel"),
+    );
+    // Deleted in this order: the dead-letter queue, the gate, then the exchanges.
+    let dead = topology.dead_letter_queue();
+    owner_channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the dead-letter queue");
+    let gate = topology.gate("sleep");
+    other_channel
+        .queue_declare(
+            gate.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the gate, exclusive to the other connection");
+    let due = topology.due_exchange();
+    owner_channel
+        .exchange_declare(
+            due.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the due exchange");
+
+    let deleted = topology.delete(&owner).await;
+    assert!(
+        matches!(&deleted, Err(error) if error.to_string().contains("RESOURCE_LOCKED")),
+        "{deleted:?}"
+    );
+    for (name, queue) in [(&dead, true), (&due, false)] {
+        let exists = if queue {
+            topology.exists_named(&owner, name).await
+        } else {
+            let channel = owner.create_channel().await.expect("channel");
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            let kind = lapin::ExchangeKind::Topic;
+            Ok(channel
+                .exchange_declare(name.as_str().into(), kind, passive, FieldTable::default())
+                .await
+                .is_ok())
+        };
+        assert!(
+            matches!(exists, Ok(false)),
+            "{name} is still there: {exists:?}"
+        );
+    }
+    // The gate goes with its owner's connection.
+    let _ = other.close(200, "done".into()).await;
+    let _ = owner.close(200, "done".into()).await;
+}

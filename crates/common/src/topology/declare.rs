@@ -365,12 +365,10 @@ impl Topology {
     }
 
     /// Deletes the queues and exchanges, messages included, and the old layout's shared
-    /// queue and level-0 queue if they exist. For tests and tear-down.
+    /// queue and level-0 queue if they exist. For tests and tear-down. A deletion the broker
+    /// refuses (which closes its channel) does not stop the rest: each goes on a channel that
+    /// is open, and the first refusal is returned at the end.
     pub async fn delete(&self, connection: &Connection) -> Result<(), TopologyError> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(TopologyError::Broker)?;
         let levels = (0..DELAY_LEVELS).map(|level| self.delay_level_queue(level));
         let gates = self.kinds.iter().map(|kind| self.gate(kind));
         let legacy = [
@@ -379,28 +377,49 @@ impl Topology {
             self.schedules_stream(),
             self.scheduler_queue(),
         ];
-        for queue in self.queues().chain(levels).chain(gates).chain(legacy) {
-            // Deleting a queue that does not exist is not an error.
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(TopologyError::Broker)?;
-        }
         let exchanges = [
             self.dead_letter_exchange(),
             self.kinds_exchange(),
             self.later_exchange(),
             self.due_exchange(),
         ];
-        let levels = (0..DELAY_LEVELS).map(|level| self.delay_level(level));
-        for exchange in exchanges.into_iter().chain(levels) {
-            channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .map_err(TopologyError::Broker)?;
+        let levels_exchanges = (0..DELAY_LEVELS).map(|level| self.delay_level(level));
+        let mut channel: Option<Channel> = None;
+        let mut first_error = None;
+        let queues = self.queues().chain(levels).chain(gates).chain(legacy);
+        let doomed = queues.map(|name| (name, true)).chain(
+            exchanges
+                .into_iter()
+                .chain(levels_exchanges)
+                .map(|name| (name, false)),
+        );
+        for (name, is_queue) in doomed {
+            let open = match channel.take() {
+                Some(open) if open.status().connected() => open,
+                _ => match connection.create_channel().await {
+                    Ok(open) => open,
+                    // No channel can be had: the connection is gone, and so is the rest.
+                    Err(error) => return Err(first_error.unwrap_or(TopologyError::Broker(error))),
+                },
+            };
+            // Deleting a queue or an exchange that does not exist is not an error.
+            let deleted = if is_queue {
+                open.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map(drop)
+            } else {
+                open.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                    .await
+            };
+            if let Err(error) = deleted {
+                first_error.get_or_insert(TopologyError::Broker(error));
+            }
+            channel = Some(open);
         }
-        let _ = channel.close(200, "topology deleted".into()).await;
-        Ok(())
+        if let Some(open) = channel.filter(|open| open.status().connected()) {
+            let _ = open.close(200, "topology deleted".into()).await;
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
