@@ -26,7 +26,7 @@ pub use auth::{Access, AccessError, Scope};
 pub use config::{
     Config, DEFAULT_CLIENT_TIMEOUT, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_RETRY_AFTER_SECS,
+    DEFAULT_RETRY_AFTER_SECS, DEFAULT_STATUS_CAPACITY,
 };
 pub use error::ApiError;
 pub use offload_common::BrokerState;

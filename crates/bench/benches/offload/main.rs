@@ -76,7 +76,8 @@ struct Args {
     /// publishing), `post` (POST /tasks against raw publishing, rate and CPU, beside the HTTP
     /// floors and the Express stack, and its latency at half the sustained rate: the front
     /// door alone; with `--baseline`, also this build's gateway CPU per POST against
-    /// another's).
+    /// another's), `replay` (a fresh gateway reading a million finished tasks, and its
+    /// memory).
     #[arg(long, value_enum)]
     only: Option<Group>,
 
@@ -110,6 +111,9 @@ enum Group {
     Batch,
     /// A gateway's memory per remembered task with the largest events a writer can write.
     WorstCase,
+    /// A fresh gateway reading a million finished tasks: how long, its memory per task, its
+    /// peak with the default STATUS_CAPACITY, and GET /tasks/{id} throughput.
+    Replay,
     /// POST /tasks against raw publishing (rate, CPU per task) and its latency at half the
     /// sustained rate.
     Post,
@@ -175,7 +179,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     lines.push(events_cost(&args, &url, &queue, &tasks_url).await?);
     lines.extend(batch_cost(&args, &url, &queue).await?);
     lines.extend(posts_over_kinds(&args, &url, &queue, &gateway, &tasks_url).await?);
-    lines.extend(replay(&args, &url, sustained).await?);
+    lines.extend(replay(&args, &url, Some(sustained)).await?);
     lines.extend(worst_case_memory(&url).await?);
     lines.push(hardening(&args, &url, &queue).await?);
     lines.push(metrics_cost(&args, &url, &queue).await?);
@@ -238,6 +242,7 @@ async fn alone(
         Group::Schedules => lines.extend(schedules_cost(args, url).await?),
         Group::Batch => lines.extend(batch_cost(args, url, queue).await?),
         Group::WorstCase => lines.extend(worst_case_memory(url).await?),
+        Group::Replay => lines.extend(replay(args, url, None).await?),
         Group::Post => {
             let port = free_port();
             let env: Vec<(&str, &str)> = args
