@@ -39,6 +39,28 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// A task of kind `kind` (its index) not yet folded any event into: queued, as far as
+    /// anyone knows.
+    pub(super) fn new(kind: u32, vouched: bool) -> Self {
+        Self {
+            kind,
+            status: Status::Queued,
+            reason: None,
+            handler_stopped: None,
+            accepted_here: false,
+            vouched,
+            queued: false,
+            attempts: 0,
+            submitted_at: 0,
+            started_at: 0,
+            finished_at: 0,
+            run_at: 0,
+            result_offset: -1,
+            error: None,
+            extra: None,
+        }
+    }
+
     /// Folds one event into the task; the Idempotency-Key to index, if the event brings one.
     pub(super) fn fold(&mut self, event: &Event, offset: Option<i64>) -> Option<String> {
         let mut key_to_index = None;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::Tracker;
 
 /// Deliveries the follower lets the broker send ahead (streams need a prefetch).
-const FOLLOW_PREFETCH: u16 = 1000;
+const FOLLOW_PREFETCH: u16 = 100;
 /// Longest a result may take to be read back from the stream.
 const RESULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 

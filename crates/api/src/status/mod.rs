@@ -16,6 +16,7 @@ mod claims;
 mod fold;
 mod follow;
 mod store;
+mod tasks;
 mod view;
 mod writers;
 

@@ -57,10 +57,11 @@ impl Tracker {
     /// An empty view holding at most `capacity` tasks, believing only `writers` (if given):
     /// then a task is known only once a gateway's `queued` event says so.
     pub fn believing(capacity: usize, writers: Option<super::Writers>) -> Self {
+        let capacity = capacity.max(1);
         Self {
             inner: Arc::new(Inner {
-                view: Mutex::new(View::default()),
-                capacity: capacity.max(1),
+                view: Mutex::new(View::with_room_for(capacity)),
+                capacity,
                 live: AtomicBool::new(false),
                 marker: Uuid::new_v4(),
                 claims: Mutex::new(HashMap::new()),
@@ -120,11 +121,10 @@ impl Tracker {
     /// The `count` tasks first seen last, newest first.
     pub fn recent(&self, count: usize) -> Vec<TaskView> {
         let view = self.view();
-        view.order
-            .iter()
-            .rev()
+        view.tasks
+            .newest_first()
             .take(count)
-            .filter_map(|id| view.task(*id))
+            .filter_map(|id| view.task(id))
             .collect()
     }
 
@@ -224,29 +224,10 @@ impl Tracker {
         };
         // Only an undecodable message's `dead` event may lack a kind.
         let kind = event.kind.as_deref().unwrap_or("unknown");
-        if !view.tasks.contains_key(&id) {
+        if !view.tasks.contains(&id) {
             let kind = view.intern(kind);
-            view.tasks.insert(
-                id,
-                Entry {
-                    kind,
-                    status: Status::Queued,
-                    reason: None,
-                    accepted_here: false,
-                    vouched: self.inner.writers.is_none() || event.event == EventType::Queued,
-                    queued: false,
-                    attempts: 0,
-                    submitted_at: 0,
-                    started_at: 0,
-                    finished_at: 0,
-                    run_at: 0,
-                    handler_stopped: None,
-                    result_offset: -1,
-                    error: None,
-                    extra: None,
-                },
-            );
-            view.order.push_back(id);
+            let vouched = self.inner.writers.is_none() || event.event == EventType::Queued;
+            view.tasks.push(id, Entry::new(kind, vouched));
             self.evict(&mut view);
         }
         view.totals.count(event.event);
@@ -335,7 +316,7 @@ impl Tracker {
         let (before, at) = (super::millis(before), super::millis(at));
         let mut cancelled = 0;
         let mut was_scheduled = 0;
-        for entry in view.tasks.values_mut() {
+        for entry in view.tasks.entries_mut() {
             if entry.kind != index || !entry.status.is_waiting() || entry.submitted_at > before {
                 continue;
             }
@@ -357,11 +338,8 @@ impl Tracker {
 
     fn evict(&self, view: &mut View) {
         while view.tasks.len() > self.inner.capacity {
-            let Some(oldest) = view.order.pop_front() else {
+            let Some((_, entry)) = view.tasks.pop_oldest() else {
                 break;
-            };
-            let Some(entry) = view.tasks.remove(&oldest) else {
-                continue;
             };
             view.counts(entry.kind).add(entry.status, -1);
             if let Some(extra) = entry.extra {

@@ -11,13 +11,12 @@ use offload_common::EventType;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Status, TaskView, fold::Entry, time_of};
+use super::{Status, TaskView, tasks::Tasks, time_of};
 
 #[derive(Default)]
 pub(super) struct View {
-    pub(super) tasks: HashMap<Uuid, Entry>,
-    /// Ids in the order they were first seen, to forget the oldest.
-    pub(super) order: VecDeque<Uuid>,
+    /// The tasks, in the order first seen, to forget the oldest.
+    pub(super) tasks: Tasks,
     pub(super) idempotency: HashMap<Box<str>, Uuid>,
     /// Interned kinds, so a million tasks of five kinds hold five strings.
     pub(super) kinds: Vec<Arc<str>>,
@@ -35,6 +34,16 @@ pub(super) struct View {
     pub(super) schedules: HashMap<Box<str>, (u64, VecDeque<Uuid>)>,
     /// When the gateway firing the schedules was last heard of (ms since the epoch).
     pub(super) scheduler_seen: u64,
+}
+
+impl View {
+    /// An empty view with room for `capacity` tasks ([`Tasks::with_room_for`]).
+    pub(super) fn with_room_for(capacity: usize) -> Self {
+        Self {
+            tasks: Tasks::with_room_for(capacity),
+            ..Self::default()
+        }
+    }
 }
 
 /// How many of the view's tasks of one kind wait in the delay levels and are running.
